@@ -1,0 +1,380 @@
+"""Vision Outlooker (VOLO, Yuan et al. 2021, arXiv 2106.13112) as MindSpore cells.
+
+The cell tree mirrors the official PyTorch module tree (`network.0` outlookers, `network.1` downsample,
+`network.2..4` transformers, `post_network` class blocks), so a parameter's MindSpore name is its
+official name with the LayerNorm/BatchNorm suffixes renamed (see `mindcv_volo.convert`).
+Activations are channels-last (B, H, W, C) between blocks, as in the official code.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import TruncatedNormal, initializer
+
+from mindcv.models.registry import register_model
+
+from ..errors import UserError
+from .layers import GELU, Conv2d, Mlp, batch_norm, dense, drop_path, layer_norm, softmax_float32
+
+PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
+POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
+TOKEN_STRIDE = PATCH_SIZE * POOLING_SCALE
+
+
+class OutlookAttention(nn.Cell):
+    """Outlook attention (kernel 3, padding 1, stride 2).
+
+    Each 2x2-pooled location predicts, from its own token, a (k*k x k*k) attention map per head that
+    mixes the values of its k x k window; the weighted windows are folded back with overlap-add.
+    """
+
+    def __init__(self, dim, num_heads, kernel_size=3, padding=1, stride=2, qkv_bias=False, attn_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.padding = padding
+        self.stride = stride
+        self.scale = self.head_dim ** -0.5
+        self.v = dense(dim, dim, has_bias=qkv_bias)
+        self.attn = dense(dim, kernel_size ** 4 * num_heads)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = dense(dim, dim)
+
+    def construct(self, x):
+        batch, height, width, dim = x.shape
+        kk = self.kernel_size * self.kernel_size
+        out_h, out_w = height // self.stride, width // self.stride
+        num_windows = out_h * out_w
+
+        v = self.v(x).transpose(0, 3, 1, 2)
+        # Unfold keeps torch's channel order: (C, k*k) along axis 1.
+        v = ops.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
+        v = v.reshape(batch, self.num_heads, self.head_dim, kk, num_windows).transpose(0, 1, 4, 3, 2)
+
+        # The window attention comes from the 2x2 average of the tokens (ceil mode: H, W are even here).
+        pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
+        attn = self.attn(pooled).reshape(batch, num_windows, self.num_heads, kk, kk).transpose(0, 2, 1, 3, 4)
+        attn = self.attn_drop(softmax_float32(attn * self.scale))
+
+        out = ops.matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
+        out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
+                       padding=self.padding, stride=self.stride)
+        return self.proj(out.transpose(0, 2, 3, 1))
+
+
+class Outlooker(nn.Cell):
+    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.drop_path = drop_path(drop_path_rate)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def construct(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention over the (H, W) token grid."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False, attn_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = dense(dim, dim)
+
+    def construct(self, x):
+        batch, height, width, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.attn_drop(softmax_float32(ops.matmul(q, k.swapaxes(-2, -1)) * self.scale))
+        out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
+        return self.proj(out)
+
+
+class Transformer(nn.Cell):
+    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.drop_path = drop_path(drop_path_rate)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def construct(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ClassAttention(nn.Cell):
+    """Class attention (CaiT): the class token attends to all tokens; returns the new class token."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False, attn_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kv = dense(dim, dim * 2, has_bias=qkv_bias)
+        self.q = dense(dim, dim, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = dense(dim, dim)
+
+    def construct(self, x):
+        batch, num_tokens, dim = x.shape
+        kv = self.kv(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        q = self.q(x[:, :1, :]).reshape(batch, self.num_heads, 1, self.head_dim)
+        attn = self.attn_drop(softmax_float32(ops.matmul(q * self.scale, k.swapaxes(-2, -1))))
+        cls_embed = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
+        return self.proj(cls_embed)
+
+
+class ClassBlock(nn.Cell):
+    """Class-attention block: updates only the class token (index 0) and passes the others through."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0):
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def construct(self, x):
+        cls_embed = x[:, :1] + self.attn(self.norm1(x))
+        cls_embed = cls_embed + self.mlp(self.norm2(cls_embed))
+        return ops.cat((cls_embed, x[:, 1:]), axis=1)
+
+
+class PatchEmbed(nn.Cell):
+    """The stem: conv7x7/2 + two conv3x3 (each with BatchNorm and ReLU), then a 4x4/4 projection."""
+
+    def __init__(self, in_channels, hidden_dim, embed_dim):
+        super().__init__()
+        self.conv = nn.SequentialCell(
+            Conv2d(in_channels, hidden_dim, 7, stride=2, padding=3, has_bias=False), batch_norm(hidden_dim),
+            nn.ReLU(),
+            Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False), batch_norm(hidden_dim),
+            nn.ReLU(),
+            Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False), batch_norm(hidden_dim),
+            nn.ReLU(),
+        )
+        self.proj = Conv2d(hidden_dim, embed_dim, PATCH_SIZE // 2, stride=PATCH_SIZE // 2)
+
+    def construct(self, x):
+        return self.proj(self.conv(x))
+
+
+class Downsample(nn.Cell):
+    """2x2/2 convolution between the outlooker and transformer stages, channels-last in and out."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.proj = Conv2d(in_dim, out_dim, POOLING_SCALE, stride=POOLING_SCALE)
+
+    def construct(self, x):
+        return self.proj(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+
+
+def block_drop_path_rates(layers, drop_path_rate):
+    """Official schedule: 0 in the outlooker stage; rate * i / (blocks - 1) for global block index i."""
+    total = sum(layers)
+    rates = [[0.0] * layers[0]]
+    for stage in range(1, len(layers)):
+        first = sum(layers[:stage])
+        rates.append([drop_path_rate * (first + i) / (total - 1) for i in range(layers[stage])])
+    return rates
+
+
+class VOLO(nn.Cell):
+    """VOLO: outlooker stage (img/8), downsample, three transformer stages (img/16), two class blocks.
+
+    `construct` gives the official eval output: head(class token) + 0.5 * max over tokens of
+    aux_head(tokens). `forward_train` gives the token-labeling outputs (class logits, per-token logits).
+    With `features_only=True`, `construct` returns the feature maps of the stages in `out_indices`
+    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16).
+    """
+
+    def __init__(self, layers, embed_dims, num_heads, mlp_ratio=3.0, stem_hidden_dim=64, img_size=224,
+                 in_channels=3, num_classes=1000, qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0,
+                 drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        if img_size % TOKEN_STRIDE:
+            raise ValueError(f"VOLO img_size must be divisible by {TOKEN_STRIDE}, got {img_size}")
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.num_features = embed_dims[-1]
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        self.feature_info = [dict(chs=embed_dims[0], reduction=PATCH_SIZE, name="network.0")] + [
+            dict(chs=embed_dims[i], reduction=TOKEN_STRIDE, name=f"network.{i + 1}") for i in range(1, 4)]
+
+        self.patch_embed = PatchEmbed(in_channels, stem_hidden_dim, embed_dims[0])
+        grid = img_size // TOKEN_STRIDE
+        self.pos_embed = Parameter(initializer(TruncatedNormal(0.02), (1, grid, grid, embed_dims[-1])),
+                                   name="pos_embed")
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        rates = block_drop_path_rates(layers, drop_path_rate)
+        block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
+        network = [nn.SequentialCell([Outlooker(embed_dims[0], num_heads[0], drop_path_rate=rate, **block_args)
+                                      for rate in rates[0]]),
+                   Downsample(embed_dims[0], embed_dims[1])]
+        for stage in range(1, 4):
+            network.append(nn.SequentialCell([
+                Transformer(embed_dims[stage], num_heads[stage], drop_path_rate=rate, **block_args)
+                for rate in rates[stage]]))
+        self.network = nn.CellList(network)
+
+        self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, embed_dims[-1])), name="cls_token")
+        self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
+                                         for _ in range(2)])
+        self.norm = layer_norm(embed_dims[-1])
+        self.head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self):
+        """Parameter names the official recipe trains without weight decay."""
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, x):
+        """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
+        return self.patch_embed(x).transpose(0, 2, 3, 1)
+
+    def forward_tokens(self, x):
+        """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
+        x = self.network[0](x)
+        x = self.network[1](x) + self.pos_embed
+        x = self.pos_drop(x)
+        for stage in self.network[2:]:
+            x = stage(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def forward_cls(self, tokens):
+        """Prepend the class token and run the class blocks, then the final norm: (B, 1 + N, C)."""
+        cls_tokens = ops.broadcast_to(self.cls_token, (tokens.shape[0], -1, -1)).astype(tokens.dtype)
+        x = ops.cat((cls_tokens, tokens), axis=1)
+        for block in self.post_network:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, x):
+        """Image -> normed tokens (B, 1 + N, C), class token first."""
+        return self.forward_cls(self.forward_tokens(self.embed(x)))
+
+    def forward_head(self, tokens):
+        cls_logits = self.head(tokens[:, 0])
+        if self.num_classes == 0:
+            return cls_logits
+        return cls_logits + 0.5 * self.aux_head(tokens[:, 1:]).max(axis=1)
+
+    def forward_stages(self, x):
+        """Image -> the four stage outputs as NCHW maps (stride 8, then three at stride 16)."""
+        x = self.network[0](self.embed(x))
+        maps = [x.transpose(0, 3, 1, 2)]
+        x = self.pos_drop(self.network[1](x) + self.pos_embed)
+        for stage in self.network[2:]:
+            x = stage(x)
+            maps.append(x.transpose(0, 3, 1, 2))
+        return tuple(maps[i] for i in self.out_indices)
+
+    def forward_train(self, x, mix_mask=None):
+        """Token-labeling outputs: (class logits (B, K), per-token logits (B, N, K)).
+
+        `mix_mask` (1 or B, H/16, W/16, 1), 1 inside the MixToken box: there the stride-8 tokens come
+        from the batch flipped along its first axis, and the per-token logits are flipped back, so
+        each token's logits line up with its own image's token labels.
+        """
+        x = self.embed(x)
+        if mix_mask is not None:
+            fine_mask = self._to_stride8(mix_mask).astype(x.dtype)
+            x = x * (1 - fine_mask) + x[::-1] * fine_mask
+        tokens = self.forward_cls(self.forward_tokens(x))
+        cls_logits = self.head(tokens[:, 0])
+        aux_logits = self.aux_head(tokens[:, 1:])
+        if mix_mask is not None:
+            batch, num_tokens, classes = aux_logits.shape
+            mask = mix_mask.reshape(mix_mask.shape[0], num_tokens, 1).astype(aux_logits.dtype)
+            aux_logits = aux_logits * (1 - mask) + aux_logits[::-1] * mask
+        return cls_logits, aux_logits
+
+    @staticmethod
+    def _to_stride8(mask):
+        batch, height, width, _ = mask.shape
+        mask = ops.broadcast_to(mask.reshape(batch, height, 1, width, 1, 1),
+                                (batch, height, POOLING_SCALE, width, POOLING_SCALE, 1))
+        return mask.reshape(batch, height * POOLING_SCALE, width * POOLING_SCALE, 1)
+
+    def construct(self, x):
+        if self.features_only:
+            return self.forward_stages(x)
+        return self.forward_head(self.forward_features(x))
+
+
+# The architectures of the official release (models/volo.py of sail-sg/volo).
+ARCHS = {
+    "d1": dict(layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12)),
+    "d2": dict(layers=(6, 4, 10, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
+    "d3": dict(layers=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), num_heads=(8, 16, 16, 16)),
+    "d4": dict(layers=(8, 8, 16, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16)),
+    "d5": dict(layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
+               mlp_ratio=4.0, stem_hidden_dim=128),
+}
+
+# The 11 official variants: arch, resolution, eval crop_pct, official top-1 and release file name.
+VARIANTS = {
+    "volo_d1_224": dict(arch="d1", img_size=224, crop_pct=0.96, top1=84.2, file="d1_224_84.2.pth.tar"),
+    "volo_d1_384": dict(arch="d1", img_size=384, crop_pct=1.0, top1=85.2, file="d1_384_85.2.pth.tar"),
+    "volo_d2_224": dict(arch="d2", img_size=224, crop_pct=0.96, top1=85.2, file="d2_224_85.2.pth.tar"),
+    "volo_d2_384": dict(arch="d2", img_size=384, crop_pct=1.0, top1=86.0, file="d2_384_86.0.pth.tar"),
+    "volo_d3_224": dict(arch="d3", img_size=224, crop_pct=0.96, top1=85.4, file="d3_224_85.4.pth.tar"),
+    "volo_d3_448": dict(arch="d3", img_size=448, crop_pct=1.0, top1=86.3, file="d3_448_86.3.pth.tar"),
+    "volo_d4_224": dict(arch="d4", img_size=224, crop_pct=0.96, top1=85.7, file="d4_224_85.7.pth.tar"),
+    "volo_d4_448": dict(arch="d4", img_size=448, crop_pct=1.15, top1=86.8, file="d4_448_86.79.pth.tar"),
+    "volo_d5_224": dict(arch="d5", img_size=224, crop_pct=0.96, top1=86.1, file="d5_224_86.10.pth.tar"),
+    "volo_d5_448": dict(arch="d5", img_size=448, crop_pct=1.15, top1=87.0, file="d5_448_87.0.pth.tar"),
+    "volo_d5_512": dict(arch="d5", img_size=512, crop_pct=1.15, top1=87.1, file="d5_512_87.07.pth.tar"),
+}
+# MindCV's short names stand for the 224 px models (and replace MindCV's own VOLO entries).
+ALIASES = {f"volo_{arch}": f"volo_{arch}_224" for arch in ARCHS}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def data_config(name):
+    """Evaluation preprocessing of a registered model: resize to size / crop_pct (bicubic), center crop."""
+    variant = VARIANTS[ALIASES.get(name, name)]
+    size = variant["img_size"]
+    return dict(url="", input_size=(3, size, size), crop_pct=variant["crop_pct"], interpolation="bicubic",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="patch_embed.conv.0", classifier="head")
+
+
+# Read by MindCV's registry (`get_pretrained_cfg`); no url: the weights come from `mindcv_volo.convert`.
+default_cfgs = {name: data_config(name) for name in (*VARIANTS, *ALIASES)}
+
+
+def build_volo(name, pretrained=False, **kwargs):
+    """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...)."""
+    if pretrained:
+        raise UserError(f"{name}: pretrained=True would need a download; convert the official weights with "
+                        "`python -m mindcv_volo.convert` and pass checkpoint_path=... instead")
+    variant = VARIANTS[ALIASES.get(name, name)]
+    return VOLO(**{**ARCHS[variant["arch"]], "img_size": variant["img_size"], **kwargs})
+
+
+def _register(name):
+    def entrypoint(pretrained=False, **kwargs):
+        return build_volo(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{name}: VOLO, as in the official release (see VARIANTS)."
+    globals()[name] = register_model(entrypoint)
+
+
+for _name in (*VARIANTS, *ALIASES):
+    _register(_name)

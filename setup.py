@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindcv-volo",
+    version="0.1.0",
+    description="The official VOLO (Vision Outlooker) in MindSpore, registered in MindCV's model zoo",
+    packages=find_packages(include=["mindcv_volo", "mindcv_volo.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore==2.10.0",
+        "mindcv==0.3.0",
+        # MindSpore 2.10's compiled paths (ops.unfold among them) crash under numpy 2.
+        "numpy>=1.22,<2",
+        "pyyaml",
+        "safetensors",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest", "scikit-learn"], "quickstart": ["scikit-learn"]},
+)
