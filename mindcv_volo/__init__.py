@@ -1,7 +1,23 @@
 """mindcv-volo: the official VOLO in MindSpore, registered in MindCV's model zoo on import."""
-import mindcv.models  # noqa: F401  (MindCV's own VOLO entries register first, ours replace them)
+import mindcv.models  # noqa: F401  (MindCV's own VOLO entries register first; ours replace them)
+import mindcv.models.model_factory as _mindcv_factory
 
-from .models import ALIASES, ARCHS, VARIANTS, VOLO, build_volo, data_config
+from .models import ALIASES, ARCHS, MODEL_NAMES, VARIANTS, VOLO, build_volo, create, data_config
+from .weights import load_checkpoint_into
 
 __version__ = "0.1.0"
-__all__ = ["ALIASES", "ARCHS", "VARIANTS", "VOLO", "build_volo", "data_config"]
+__all__ = ["ALIASES", "ARCHS", "MODEL_NAMES", "VARIANTS", "VOLO", "build_volo", "create", "data_config",
+           "load_checkpoint_into"]
+
+_mindcv_load_model_checkpoint = _mindcv_factory.load_model_checkpoint
+
+
+def _load_model_checkpoint(model, checkpoint_path="", ema=False, auto_mapping=False):
+    # MindCV's loader silently skips a missing file and loads mismatched names partially;
+    # for VOLO models create_model(checkpoint_path=...) loads strictly or fails with one line.
+    if isinstance(model, VOLO):
+        return load_checkpoint_into(model, checkpoint_path, ema=ema)
+    return _mindcv_load_model_checkpoint(model, checkpoint_path, ema, auto_mapping)
+
+
+_mindcv_factory.load_model_checkpoint = _load_model_checkpoint

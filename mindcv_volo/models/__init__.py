@@ -1,4 +1,4 @@
 """VOLO cells and the registered variants."""
-from .volo import ALIASES, ARCHS, VARIANTS, VOLO, build_volo, data_config
+from .volo import ALIASES, ARCHS, MODEL_NAMES, VARIANTS, VOLO, build_volo, create, data_config
 
-__all__ = ["ALIASES", "ARCHS", "VARIANTS", "VOLO", "build_volo", "data_config"]
+__all__ = ["ALIASES", "ARCHS", "MODEL_NAMES", "VARIANTS", "VOLO", "build_volo", "create", "data_config"]

@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
+from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
@@ -378,3 +379,16 @@ def _register(name):
 
 for _name in (*VARIANTS, *ALIASES):
     _register(_name)
+
+
+MODEL_NAMES = (*VARIANTS, *ALIASES)
+
+
+def create(name, **kwargs):
+    """`mindcv.models.create_model` for this project's names, with a one-line error for any other name.
+
+    Arguments set to None are left at the variant's values.
+    """
+    if name not in MODEL_NAMES:
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
+    return create_model(name, **{k: v for k, v in kwargs.items() if v is not None})
