@@ -22,8 +22,10 @@ same with a 1 x 1 output: the average over the crop. Two deliberate differences 
   * the official passes the crop box to roi_align as (top, left, bottom, right) where roi_align wants
     (x1, y1, x2, y2), i.e. it crops the transposed box unless the crop is square and on the diagonal;
     here rows follow rows, so the token labels line up with the image (tested exactly);
-  * after resampling, each token keeps its `topk` largest logits (a fixed width for the pipeline);
-    the rest count as 0, where the official keeps the whole resampled map.
+  * after resampling, each token keeps its `topk` largest logits (a fixed width for the pipeline,
+    default k); the rest count as 0, where the official keeps the whole resampled map;
+  * label smoothing gives t * (1 - eps) + eps / K (sums to 1); the official adds eps / K to
+    t * (1 - eps + eps / K), which sums to 1 + eps / K.
 RandAugment's geometric ops are not applied to the map (the official applies them to its label map).
 """
 import json
@@ -166,7 +168,8 @@ def crop_label_map(indices, scores, box, image_size, out_size, flip=False, topk=
     indices/scores (G_h, G_w, k): a map covering the whole image. box (top, left, height, width) in
     pixels of the image of size image_size (height, width). out_size (out_h, out_w). Returns
     (indices int32, scores float32), both (out_h, out_w, topk): per token the `topk` (default k)
-    largest resampled logits, best first; positions beyond the classes present hold score 0.
+    largest resampled logits of the classes the map mentions, best first (the others count as 0;
+    if fewer classes than topk are mentioned, the rest is padding with score 0).
     """
     grid_h, grid_w, k = indices.shape
     topk = topk or k
