@@ -9,8 +9,8 @@ heads dropped when --num-classes differs) and written atomically. Nothing is wri
 import argparse
 import logging
 
+from .model_args import add_model_arguments, create_from_args
 from .errors import run_cli
-from .models import create
 from .torch_zip import load_state_dict_file
 from .weights import adapt_state, assign_state, check_state, from_official_names, save_checkpoint
 
@@ -22,7 +22,7 @@ def convert_into(model, src, dst=None):
     check_state(model, state, src)
     assign_state(model, state)
     if dst:
-        save_checkpoint(state, dst)
+        save_checkpoint({param.name: param for param in model.get_parameters()}, dst)
     return model
 
 
@@ -30,15 +30,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mindcv_volo.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="official .pth.tar/.pth or timm .safetensors file")
     parser.add_argument("--dst", required=True, help="MindSpore checkpoint to write (.ckpt)")
-    parser.add_argument("--model", required=True, help="registered model name, e.g. volo_d1_224")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="class count of the new model; when it differs, head and aux_head are dropped")
+    add_model_arguments(parser, "class count of the new model; when it differs, head and aux_head are dropped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    model = create(args.model, num_classes=args.num_classes)
+    model = create_from_args(args)
     convert_into(model, args.src, args.dst)
     print(f"wrote {args.dst} ({args.model})")
-
 
 
 if __name__ == "__main__":
