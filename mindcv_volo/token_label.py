@@ -148,7 +148,8 @@ class TokenLabelCrossEntropy(nn.Cell):
     def construct(self, cls_logits, aux_logits, cls_target, dense_target, lam):
         lam = lam.astype(ms.float32).reshape(())
         cls_target = cls_target.astype(ms.float32)
-        cls_target = lam * cls_target + (1.0 - lam) * cls_target[::-1]
+        # ops.flip rather than [::-1]: MindSpore 2.10 has no gradient for a negative-stride slice.
+        cls_target = lam * cls_target + (1.0 - lam) * ops.flip(cls_target, (0,))
         cls_loss = _soft_cross_entropy(cls_logits.astype(ms.float32), self._smooth(cls_target))
         dense_loss = _soft_cross_entropy(aux_logits.astype(ms.float32),
                                          self._smooth(dense_target.astype(ms.float32)))
