@@ -98,9 +98,6 @@ class WeightedOutputs(nn.Cell):
         return (cls_logits * self.wc).sum() + (aux_logits * self.wa).sum()
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="models/volo.py forward_train flips with x[::-1], which MindSpore 2.10 cannot differentiate "
-                          "('The int value(-1) is less than 0'); ops.flip(x, (0,)) can. Remove this mark once fixed.")
 def test_forward_train_with_mix_mask_is_trainable():
     ms.set_seed(0)
     model = VOLO(img_size=32, **TINY)  # token grid 2 x 2

@@ -293,14 +293,15 @@ class VOLO(nn.Cell):
         x = self.embed(x)
         if mix_mask is not None:
             fine_mask = self._to_stride8(mix_mask).astype(x.dtype)
-            x = x * (1 - fine_mask) + x[::-1] * fine_mask
+            # ops.flip, not x[::-1]: MindSpore 2.10 has no gradient for a negative-stride slice.
+            x = x * (1 - fine_mask) + ops.flip(x, (0,)) * fine_mask
         tokens = self.forward_cls(self.forward_tokens(x))
         cls_logits = self.head(tokens[:, 0])
         aux_logits = self.aux_head(tokens[:, 1:])
         if mix_mask is not None:
             batch, num_tokens, classes = aux_logits.shape
             mask = mix_mask.reshape(mix_mask.shape[0], num_tokens, 1).astype(aux_logits.dtype)
-            aux_logits = aux_logits * (1 - mask) + aux_logits[::-1] * mask
+            aux_logits = aux_logits * (1 - mask) + ops.flip(aux_logits, (0,)) * mask
         return cls_logits, aux_logits
 
     @staticmethod
