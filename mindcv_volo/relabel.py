@@ -16,7 +16,6 @@ is restarted with the same command. Under msrun (or with RANK_ID/RANK_SIZE set) 
 r, r + n, ...; no communication is needed.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from PIL import Image
 
 from .errors import UserError, run_cli
 from .label_maps import label_map_path, list_images, write_label_map, write_meta
+from .model_args import arch_overrides
 
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
@@ -43,18 +43,13 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=None,
                         help="teacher input size (default: the model's; a VOLO gets its pos_embed resized)")
-    parser.add_argument("--arch-overrides", default="{}", help="JSON of constructor arguments over the model's")
+    parser.add_argument("--arch-overrides", type=arch_overrides, default={},
+                        help="JSON of constructor arguments over the model's")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
     parser.add_argument("--device-target", default="auto", choices=("auto", "Ascend", "GPU", "CPU"))
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
     parser.add_argument("--log-interval", type=int, default=10, help="batches between progress lines")
     args = parser.parse_args(argv)
-    try:
-        args.arch_overrides = json.loads(args.arch_overrides)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--arch-overrides is not valid JSON ({err.msg}): {args.arch_overrides}") from None
-    if not isinstance(args.arch_overrides, dict):
-        raise UserError(f"--arch-overrides must be a JSON object, got: {args.arch_overrides}")
     for name in ("top_k", "batch_size", "log_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
