@@ -5,9 +5,12 @@ so every block here is built through these helpers and the official weights give
 """
 import math
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, TruncatedNormal, Uniform, initializer
+from mindspore.ops import constexpr
 
 LAYER_NORM_EPS = 1e-5
 
@@ -27,19 +30,27 @@ def dense(in_features, out_features, has_bias=True):
                     has_bias=has_bias)
 
 
-def uses_matmul_convolution():
-    """MindSpore's CPU Conv2D kernel runs at ~0.6 GFLOP/s; unfold + matmul is ~50x faster there.
+def uses_cpu_paths():
+    """The one device seam: True when cells are built for MindSpore's CPU backend.
 
-    On GPU and Ascend `ops.conv2d` is the fast path (cuDNN, the Cube units), so only CPU switches.
+    Where MindSpore's CPU kernels are slow the cells take another formulation with the same numbers:
+    convolutions as unfold/patchify + matmul (CPU Conv2D runs at ~0.6 GFLOP/s, ~50x slower) and
+    outlook attention's unfold/fold as index gathers on channels-last maps (`unfold_channels_last`,
+    `ChannelsLastFold`) instead of Im2Col/Col2Im between NCHW transposes. On GPU and Ascend the plain
+    ops (`ops.conv2d` on cuDNN / the Cube units, `ops.unfold`, `ops.fold`) are the fast path and are kept.
     The choice is made when a cell is built, from the device set at that time.
     """
     return ms.get_context("device_target") == "CPU"
 
 
+# The name the convolution seam had first; the same switch.
+uses_matmul_convolution = uses_cpu_paths
+
+
 class Conv2d(nn.Cell):
     """Conv2d with torch's parameter layout and init: `weight` (out, in, k, k), optional `bias`.
 
-    One cell, two computations behind the seam `uses_matmul_convolution()`: `ops.conv2d` on
+    One cell, two computations behind the seam `uses_cpu_paths()`: `ops.conv2d` on
     accelerators; on CPU a patchify reshape (kernel == stride, no padding) or `ops.unfold`, then a
     matmul. Both give the same numbers to float rounding.
     """
@@ -57,7 +68,7 @@ class Conv2d(nn.Cell):
         fan_in = in_channels * kernel_size * kernel_size
         self.bias = (Parameter(initializer(Uniform(1 / math.sqrt(fan_in)), (out_channels,)), name="bias")
                      if has_bias else None)
-        self.use_matmul = uses_matmul_convolution()
+        self.use_matmul = uses_cpu_paths()
         self.is_patchify = kernel_size == stride and padding == 0
 
     def construct(self, x):
@@ -80,12 +91,40 @@ class Conv2d(nn.Cell):
             out = out + self.bias.reshape(1, -1, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
 
+    def channels_last(self, x):
+        """The same convolution on channels-last maps: (B, H, W, C) -> (B, H', W', out_channels).
+
+        On CPU a kernel == stride convolution patchifies straight from channels-last (one transpose whose
+        inner runs are k * C contiguous values) and runs as one 2-D matmul; elsewhere it is the NCHW path
+        between two transposes.
+        """
+        if not (self.use_matmul and self.is_patchify):
+            return self.construct(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        batch, height, width, channels = x.shape
+        k = self.kernel_size
+        out_h, out_w = height // k, width // k
+        patches = x.reshape(batch * out_h, k, out_w, k * channels).transpose(0, 2, 1, 3)
+        # (out, in, ky, kx) -> (out, ky, kx, in): the patches' (ky, kx, c) order
+        weight = self.weight.transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+        out = ops.matmul(patches.reshape(batch * out_h * out_w, k * k * channels), weight.T)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(batch, out_h, out_w, self.out_channels)
+
+
+SQRT1_2 = 0.7071067811865476
+
 
 class GELU(nn.Cell):
-    """Exact (erf) GELU, as torch's nn.GELU(); MindSpore's nn.GELU defaults to the tanh approximation."""
+    """Exact (erf) GELU, as torch's nn.GELU(); MindSpore's nn.GELU defaults to the tanh approximation.
+
+    Written as torch computes it, x * 0.5 * (1 + erf(x / sqrt 2)), with the division as a multiplication:
+    `ops.gelu(approximate="none")` expands to Div + Erf + Add + Mul + Mul, and on CPU the Div pass costs
+    as much as three Mul passes. Same numbers to float rounding, in any float dtype, on any device.
+    """
 
     def construct(self, x):
-        return ops.gelu(x, approximate="none")
+        return x * 0.5 * (1.0 + ops.erf(x * SQRT1_2))
 
 
 class DropPath(nn.Cell):
@@ -119,6 +158,114 @@ class Mlp(nn.Cell):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def split_class_token(x):
+    """(B, 1 + N, C) -> class token (B, 1, C), other tokens (B, N, C), as x[:, :1], x[:, 1:].
+
+    One Split op: MindSpore's CPU StridedSlice (what indexing compiles to) copies ~10x slower per element.
+    """
+    return ops.split(x, (1, x.shape[1] - 1), axis=1)
+
+
 def softmax_float32(x):
     """Softmax computed in float32 whatever the AMP level, cast back to the input's dtype."""
     return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
+
+
+# Sliding windows on channels-last maps, by index gathers. What `ops.unfold` / `ops.fold` compute (torch's
+# nn.Unfold / F.fold), with the kernel offset as its own axis and the channels last, so outlook attention
+# needs no NCHW transposes. A flat map gets one zero token appended; padding taps point at it. The index
+# tables depend on static shapes only and are compile-time constants in graph mode.
+
+def _out_size(size, kernel_size, padding, stride):
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _window_sources(height, width, kernel_size, padding, stride):
+    """(out_h, out_w, k, k) flat source index of each window tap; height * width marks a padding tap."""
+    offsets = np.arange(kernel_size) - padding
+    rows = np.arange(_out_size(height, kernel_size, padding, stride))[:, None] * stride + offsets
+    cols = np.arange(_out_size(width, kernel_size, padding, stride))[:, None] * stride + offsets
+    rows, cols = rows[:, None, :, None], cols[None, :, None, :]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    return np.where(inside, rows * width + cols, height * width)
+
+
+@constexpr
+def _unfold_index(height, width, kernel_size, padding, stride):
+    return Tensor(_window_sources(height, width, kernel_size, padding, stride).reshape(-1).astype(np.int32))
+
+
+@constexpr
+def _fold_index(height, width, kernel_size, padding, stride):
+    """(m, height * width): for each pixel the window taps that cover it, padded with the zero slot.
+
+    m = ceil(k / stride)^2 (4 for VOLO's k=3, stride 2): overlap-add becomes m gathers and m - 1 adds.
+    """
+    sources = _window_sources(height, width, kernel_size, padding, stride).reshape(-1)
+    covering = [[] for _ in range(height * width)]
+    for tap, pixel in enumerate(sources):
+        if pixel < height * width:
+            covering[pixel].append(tap)
+    table = np.full((max(map(len, covering)), height * width), len(sources), np.int32)
+    for pixel, taps in enumerate(covering):
+        table[:len(taps), pixel] = taps
+    return Tensor(table)
+
+
+def _with_zero_token(x):
+    """(B, L, C) -> (B, L + 1, C), the last token zero."""
+    return ops.cat((x, ops.zeros((x.shape[0], 1, x.shape[2]), x.dtype)), axis=1)
+
+
+def unfold_channels_last(x, kernel_size, padding, stride):
+    """(B, H, W, C) -> (B, out_h, out_w, k * k, C): the k x k window of every output position.
+
+    Equals `ops.unfold` of the NCHW map, reshaped (B, C, k*k, L) -> (B, L, k*k, C).
+    """
+    batch, height, width, channels = x.shape
+    index = _unfold_index(height, width, kernel_size, padding, stride)
+    taps = ops.gather(_with_zero_token(x.reshape(batch, height * width, channels)), index, 1)
+    return taps.reshape(batch, _out_size(height, kernel_size, padding, stride),
+                        _out_size(width, kernel_size, padding, stride), kernel_size * kernel_size, channels)
+
+
+def fold_channels_last(cols, height, width, kernel_size, padding, stride):
+    """(B, out_h, out_w, k * k, C) -> (B, height, width, C): overlap-add of the windows (`ops.fold`)."""
+    batch, channels = cols.shape[0], cols.shape[-1]
+    flat = _with_zero_token(cols.reshape(batch, -1, channels))
+    table = _fold_index(height, width, kernel_size, padding, stride)
+    out = ops.gather(flat, table[0], 1)
+    for i in range(1, table.shape[0]):
+        out = out + ops.gather(flat, table[i], 1)
+    return out.reshape(batch, height, width, channels)
+
+
+class ChannelsLastUnfold(nn.Cell):
+    """`unfold_channels_last` as a cell whose gradient is the fold (its adjoint), not a scatter of the
+    gathers: MindSpore differentiates Gather with UnsortedSegmentSum, which is slower on CPU."""
+
+    def __init__(self, kernel_size, padding, stride):
+        super().__init__()
+        self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
+
+    def construct(self, x):
+        return unfold_channels_last(x, self.kernel_size, self.padding, self.stride)
+
+    def bprop(self, x, out, dout):
+        return (fold_channels_last(dout, x.shape[1], x.shape[2], self.kernel_size, self.padding, self.stride),)
+
+
+class ChannelsLastFold(nn.Cell):
+    """`fold_channels_last` onto the (out_h * stride, out_w * stride) map (VOLO's maps are stride-aligned);
+    its gradient is the unfold."""
+
+    def __init__(self, kernel_size, padding, stride):
+        super().__init__()
+        self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
+
+    def construct(self, cols):
+        return fold_channels_last(cols, cols.shape[1] * self.stride, cols.shape[2] * self.stride,
+                                  self.kernel_size, self.padding, self.stride)
+
+    def bprop(self, cols, out, dout):
+        return (unfold_channels_last(dout, self.kernel_size, self.padding, self.stride),)

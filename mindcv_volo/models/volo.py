@@ -13,7 +13,8 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import GELU, Conv2d, Mlp, batch_norm, dense, drop_path, layer_norm, softmax_float32
+from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, batch_norm, dense, drop_path,
+                     layer_norm, softmax_float32, split_class_token, uses_cpu_paths)
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -39,6 +40,11 @@ class OutlookAttention(nn.Cell):
         self.attn = dense(dim, kernel_size ** 4 * num_heads)
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
+        # CPU: unfold/fold as index gathers on channels-last maps (no parameters; names unchanged)
+        self.channels_last = uses_cpu_paths()
+        if self.channels_last:
+            self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)
+            self.fold = ChannelsLastFold(kernel_size, padding, stride)
 
     def construct(self, x):
         batch, height, width, dim = x.shape
@@ -46,16 +52,22 @@ class OutlookAttention(nn.Cell):
         out_h, out_w = height // self.stride, width // self.stride
         num_windows = out_h * out_w
 
+        # The window attention comes from the 2x2 average of the tokens (ceil mode: H, W are even here).
+        pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
+        attn = self.attn(pooled).reshape(batch, num_windows, self.num_heads, kk, kk)
+
+        if self.channels_last:
+            # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
+            v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
+            attn = self.attn_drop(softmax_float32(attn * self.scale))
+            out = ops.matmul(attn, v.transpose(0, 1, 3, 2, 4)).transpose(0, 1, 3, 2, 4)
+            return self.proj(self.fold(out.reshape(batch, out_h, out_w, kk, dim)))
+
         v = self.v(x).transpose(0, 3, 1, 2)
         # Unfold keeps torch's channel order: (C, k*k) along axis 1.
         v = ops.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
         v = v.reshape(batch, self.num_heads, self.head_dim, kk, num_windows).transpose(0, 1, 4, 3, 2)
-
-        # The window attention comes from the 2x2 average of the tokens (ceil mode: H, W are even here).
-        pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
-        attn = self.attn(pooled).reshape(batch, num_windows, self.num_heads, kk, kk).transpose(0, 2, 1, 3, 4)
-        attn = self.attn_drop(softmax_float32(attn * self.scale))
-
+        attn = self.attn_drop(softmax_float32(attn.transpose(0, 2, 1, 3, 4) * self.scale))
         out = ops.matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
         out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
                        padding=self.padding, stride=self.stride)
@@ -90,10 +102,14 @@ class Attention(nn.Cell):
 
     def construct(self, x):
         batch, height, width, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = self.attn_drop(softmax_float32(ops.matmul(q, k.swapaxes(-2, -1)) * self.scale))
+        num_tokens = height * width
+        # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
+        # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
+        q, k, v = ops.split(self.qkv(x).reshape(batch, num_tokens, 3, dim), 1, axis=2)
+        q = q.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+        v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        attn = self.attn_drop(softmax_float32(ops.matmul(q, k_t) * self.scale))
         out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
         return self.proj(out)
 
@@ -127,10 +143,11 @@ class ClassAttention(nn.Cell):
 
     def construct(self, x):
         batch, num_tokens, dim = x.shape
-        kv = self.kv(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
-        q = self.q(x[:, :1, :]).reshape(batch, self.num_heads, 1, self.head_dim)
-        attn = self.attn_drop(softmax_float32(ops.matmul(q * self.scale, k.swapaxes(-2, -1))))
+        k, v = ops.split(self.kv(x).reshape(batch, num_tokens, 2, dim), 1, axis=2)
+        k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+        v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.q(split_class_token(x)[0]).reshape(batch, self.num_heads, 1, self.head_dim)
+        attn = self.attn_drop(softmax_float32(ops.matmul(q * self.scale, k_t)))
         cls_embed = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
         return self.proj(cls_embed)
 
@@ -146,9 +163,10 @@ class ClassBlock(nn.Cell):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def construct(self, x):
-        cls_embed = x[:, :1] + self.attn(self.norm1(x))
+        cls_embed, tokens = split_class_token(x)
+        cls_embed = cls_embed + self.attn(self.norm1(x))
         cls_embed = cls_embed + self.mlp(self.norm2(cls_embed))
-        return ops.cat((cls_embed, x[:, 1:]), axis=1)
+        return ops.cat((cls_embed, tokens), axis=1)
 
 
 class PatchEmbed(nn.Cell):
@@ -178,7 +196,7 @@ class Downsample(nn.Cell):
         self.proj = Conv2d(in_dim, out_dim, POOLING_SCALE, stride=POOLING_SCALE)
 
     def construct(self, x):
-        return self.proj(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        return self.proj.channels_last(x)
 
 
 def block_drop_path_rates(layers, drop_path_rate):
@@ -268,10 +286,11 @@ class VOLO(nn.Cell):
         return self.forward_cls(self.forward_tokens(self.embed(x)))
 
     def forward_head(self, tokens):
-        cls_logits = self.head(tokens[:, 0])
+        cls_token, patch_tokens = split_class_token(tokens)
+        cls_logits = self.head(cls_token.squeeze(1))
         if self.num_classes == 0:
             return cls_logits
-        return cls_logits + 0.5 * self.aux_head(tokens[:, 1:]).max(axis=1)
+        return cls_logits + 0.5 * self.aux_head(patch_tokens).max(axis=1)
 
     def forward_stages(self, x):
         """Image -> the four stage outputs as NCHW maps (stride 8, then three at stride 16)."""
@@ -295,9 +314,9 @@ class VOLO(nn.Cell):
             fine_mask = self._to_stride8(mix_mask).astype(x.dtype)
             # ops.flip, not x[::-1]: MindSpore 2.10 has no gradient for a negative-stride slice.
             x = x * (1 - fine_mask) + ops.flip(x, (0,)) * fine_mask
-        tokens = self.forward_cls(self.forward_tokens(x))
-        cls_logits = self.head(tokens[:, 0])
-        aux_logits = self.aux_head(tokens[:, 1:])
+        cls_token, patch_tokens = split_class_token(self.forward_cls(self.forward_tokens(x)))
+        cls_logits = self.head(cls_token.squeeze(1))
+        aux_logits = self.aux_head(patch_tokens)
         if mix_mask is not None:
             batch, num_tokens, classes = aux_logits.shape
             mask = mix_mask.reshape(mix_mask.shape[0], num_tokens, 1).astype(aux_logits.dtype)

@@ -1,0 +1,169 @@
+"""The CPU formulations of the building blocks against the straightforward MindSpore ops they replace."""
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from mindcv_volo.models.layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, fold_channels_last,
+                                       split_class_token, unfold_channels_last)
+from mindcv_volo.models.volo import OutlookAttention
+
+RNG = np.random.default_rng(0)
+WINDOWS = [(3, 1, 2), (3, 1, 1), (2, 0, 2), (3, 0, 2)]  # (kernel, padding, stride)
+
+
+def tensor(*shape, dtype=np.float32):
+    return Tensor(RNG.standard_normal(shape).astype(dtype))
+
+
+class Fn(nn.Cell):
+    """Wrap a function in a cell, so it compiles as a graph in GRAPH_MODE."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def construct(self, *args):
+        return self.fn(*args)
+
+
+class Unfold(nn.Cell):
+    """unfold_channels_last, differentiated by autodiff (gathers)."""
+
+    def __init__(self, kernel, padding, stride):
+        super().__init__()
+        self.window = (kernel, padding, stride)
+
+    def construct(self, x):
+        return unfold_channels_last(x, *self.window)
+
+
+class Fold(nn.Cell):
+    """fold_channels_last onto a given size, differentiated by autodiff (gathers)."""
+
+    def __init__(self, height, width, kernel, padding, stride):
+        super().__init__()
+        self.size = (height, width)
+        self.window = (kernel, padding, stride)
+
+    def construct(self, cols):
+        return fold_channels_last(cols, *self.size, *self.window)
+
+
+class SumOfSquares(nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x):
+        return (self.cell(x) ** 2).sum()
+
+
+def grads(cell, *inputs):
+    """Gradients of sum(cell(*inputs) * weights) with respect to every input, for fixed random weights."""
+    out_shape = cell(*inputs).shape
+    weights = Tensor(np.random.default_rng(1).standard_normal(out_shape).astype(np.float32))
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def construct(self, *args):
+            return (self.cell(*args) * weights).sum()
+
+    result = ms.grad(Loss(), tuple(range(len(inputs))))(*inputs)
+    return [g.asnumpy() for g in (result if isinstance(result, tuple) else (result,))]
+
+
+def test_gelu_is_exact_erf_gelu(mode):
+    x = np.concatenate([np.linspace(-10, 10, 4001), RNG.standard_normal(4000) * 3]).astype(np.float32)
+    out = Fn(GELU())(Tensor(x)).asnumpy()
+    expected = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=5e-7)
+    np.testing.assert_allclose(out, ops.gelu(Tensor(x), approximate="none").asnumpy(), rtol=1e-6, atol=5e-7)
+
+
+def test_gelu_keeps_float16(mode):
+    out = Fn(GELU())(Tensor(np.linspace(-4, 4, 33).astype(np.float16)))
+    assert out.dtype == ms.float16
+    expected = ops.gelu(Tensor(np.linspace(-4, 4, 33).astype(np.float32)), approximate="none").asnumpy()
+    np.testing.assert_allclose(out.asnumpy().astype(np.float32), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("kernel,padding,stride", WINDOWS)
+def test_unfold_channels_last_equals_ops_unfold(mode, kernel, padding, stride):
+    x = tensor(2, 6, 8, 5)
+    out = Unfold(kernel, padding, stride)(x).asnumpy()
+    cols = ops.unfold(x.transpose(0, 3, 1, 2), kernel, padding=padding, stride=stride).asnumpy()
+    expected = cols.reshape(2, 5, kernel * kernel, -1).transpose(0, 3, 2, 1)
+    assert out.shape[:3] == (2, (6 + 2 * padding - kernel) // stride + 1, (8 + 2 * padding - kernel) // stride + 1)
+    np.testing.assert_array_equal(out.reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("kernel,padding,stride", WINDOWS)
+def test_fold_channels_last_equals_ops_fold(mode, kernel, padding, stride):
+    height, width = 6, 8
+    out_h, out_w = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+    cols = tensor(2, out_h, out_w, kernel * kernel, 5)
+    out = Fold(height, width, kernel, padding, stride)(cols).asnumpy()
+    # ops.fold's input: (B, C * k*k, L), channel-major
+    torch_layout = cols.reshape(2, out_h * out_w, kernel * kernel, 5).transpose(0, 3, 2, 1)
+    expected = ops.fold(torch_layout.reshape(2, 5 * kernel * kernel, out_h * out_w),
+                        Tensor((height, width), ms.int32), kernel, padding=padding, stride=stride).asnumpy()
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_unfold_and_fold_cells_have_the_gradients_of_autodiff(mode):
+    x = tensor(2, 8, 6, 4)
+    cols = tensor(2, 4, 3, 9, 4)
+    plain_unfold = Unfold(3, 1, 2)
+    plain_fold = Fold(8, 6, 3, 1, 2)
+    np.testing.assert_allclose(grads(ChannelsLastUnfold(3, 1, 2), x)[0], grads(plain_unfold, x)[0], atol=1e-5)
+    np.testing.assert_allclose(grads(ChannelsLastFold(3, 1, 2), cols)[0], grads(plain_fold, cols)[0], atol=1e-5)
+
+
+def test_split_class_token(mode):
+    x = tensor(3, 5, 4)
+    cls_token, tokens = Fn(split_class_token)(x)
+    np.testing.assert_array_equal(cls_token.asnumpy(), x.asnumpy()[:, :1])
+    np.testing.assert_array_equal(tokens.asnumpy(), x.asnumpy()[:, 1:])
+
+
+class ChannelsLastConv(nn.Cell):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def construct(self, x):
+        return self.conv.channels_last(x)
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_conv_channels_last_patchify(mode, has_bias):
+    conv = Conv2d(6, 10, 2, stride=2, has_bias=has_bias)
+    x = tensor(2, 8, 4, 6)
+    out = ChannelsLastConv(conv)(x).asnumpy()
+    expected = ops.conv2d(x.transpose(0, 3, 1, 2), conv.weight, conv.bias, stride=2).asnumpy()
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
+    """The gather formulation (CPU) and the ops.unfold/ops.fold one (accelerators): values and gradients."""
+    cpu = OutlookAttention(12, 3)
+    assert cpu.channels_last  # the tests run on CPU
+    reference = OutlookAttention(12, 3)
+    reference.channels_last = False
+    for target, source in zip(reference.get_parameters(), cpu.get_parameters()):
+        assert target.name == source.name
+        target.set_data(source.data.copy())
+    x = tensor(2, 8, 6, 12)
+    np.testing.assert_allclose(Fn(cpu)(x).asnumpy(), Fn(reference)(x).asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads(cpu, x)[0], grads(reference, x)[0], rtol=1e-5, atol=1e-5)
+    weights = cpu.trainable_params()
+    weight_grads = [ms.grad(SumOfSquares(c), None, c.trainable_params())(x) for c in (cpu, reference)]
+    assert len(weight_grads[0]) == len(weights)
+    for a, b in zip(*weight_grads):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
