@@ -1,0 +1,103 @@
+"""Framework-free plumbing shared by `benchmark.py` (MindSpore) and `reference_torch.py` (PyTorch).
+
+Imports neither MindSpore nor torch: the reference runs in its own virtualenv with its own python and
+imports this file from the script's folder. Each measured run happens in a fresh child process (the
+script re-runs itself with `--child`), so the peak RSS of one run never includes another run's.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CHILD_FLAG = "--child"
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def add_common_args(parser, default_device="CPU"):
+    parser.add_argument("--model", default="volo_d1_224", help="registered model name")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=None, help="default: the variant's own resolution")
+    parser.add_argument("--task", choices=("infer", "train"), default="infer",
+                        help="infer: forward in eval mode; train: one AdamW + cross-entropy step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (compiling) call")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls; img/s is their median")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=default_device)
+    return parser
+
+
+def peak_rss_mb():
+    """High-water mark of this process's resident set (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_calls(step, batch_size, warmup, iters):
+    """Call `step()` (which must block until its result is ready) once, `warmup` more times, then `iters`
+    timed times. Returns the first call's seconds (graph compile + first run) and the timing summary."""
+    start = time.perf_counter()
+    step()
+    first_call_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return dict(
+        img_per_s=round(batch_size / median, 3),
+        step_ms_median=round(median * 1000, 1),
+        step_ms_min=round(min(times) * 1000, 1),
+        step_ms_max=round(max(times) * 1000, 1),
+        first_call_s=round(first_call_s, 2),
+        # what the first call cost beyond an ordinary call: graph build + compile (+ allocator warm-up)
+        compile_s=round(max(first_call_s - median, 0.0), 2),
+    )
+
+
+def measure(step, settings):
+    """Time `step` (see `time_calls`) and return the run's record: settings, timings, peak RSS."""
+    rss_before_mb = peak_rss_mb()
+    timing = time_calls(step, settings["batch_size"], settings["warmup"], settings["iters"])
+    return dict(settings, **timing, peak_rss_mb=round(peak_rss_mb()), rss_before_run_mb=round(rss_before_mb))
+
+
+def emit(record):
+    """The child's single result line, found by the parent among the framework's own output."""
+    print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+def run_child(script, child_args, timeout=None, python=None):
+    """Run `script --child <json>` in a fresh process; return its result record (or an error record)."""
+    cmd = [python or sys.executable, script, CHILD_FLAG, json.dumps(child_args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(child_args, error=f"timed out after {timeout} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return dict(child_args, error=f"exit code {proc.returncode}: " + " | ".join(tail))
+
+
+def main(script, build_parser, child_main, expand_runs):
+    """Entry point shared by both benchmarks: a child measures one run, the parent spawns one child per run."""
+    if len(sys.argv) >= 3 and sys.argv[1] == CHILD_FLAG:
+        emit(child_main(json.loads(sys.argv[2])))
+        return 0
+    parser = build_parser(argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one run")
+    args = parser.parse_args()
+    failed = 0
+    for child_args in expand_runs(args):
+        record = run_child(script, child_args, timeout=args.timeout)
+        failed += "error" in record
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0
