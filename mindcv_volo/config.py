@@ -22,7 +22,7 @@ from mindcv_volo.errors import UserError
 
 class Option(NamedTuple):
     name: str
-    type: str  # "str", "int", "float", "bool" or "floats" (a list); a trailing "?" also allows null
+    type: str  # "str", "int", "float", "bool", "floats" (a list) or "mapping"; a trailing "?" also allows null
     default: object
     choices: Optional[tuple]
     help: str
@@ -47,6 +47,7 @@ SECTIONS = {
         O("data_dir", "str", "", None, "dataset root folder, holding the train_split and val_split folders"),
         O("train_split", "str", "train", None, "sub-folder of data_dir used for training"),
         O("val_split", "str", "val", None, "sub-folder of data_dir used for validation"),
+        O("split", "str?", None, None, "validate.py: sub-folder of data_dir to evaluate; null: val_split"),
         O("num_parallel_workers", "int", 4, None, "data loading workers per device"),
         O("shuffle", "bool", True, None, "shuffle the training set"),
         O("batch_size", "int", 128, None, "images per device per step"),
@@ -75,6 +76,9 @@ SECTIONS = {
         O("model", "str", "volo_d1_224", None, "model name"),
         O("num_classes", "int", 1000, None, "number of classes"),
         O("in_channels", "int", 3, None, "input image channels"),
+        O("arch_overrides", "mapping", {}, None,
+          "VOLO constructor arguments replacing the variant's (layers, embed_dims, num_heads, mlp_ratio, "
+          "stem_hidden_dim, img_size), e.g. '{layers: [1, 1, 1, 1], img_size: 32}' for a small model"),
         O("pretrained", "bool", False, None, "start from the released pretrained weights"),
         O("ckpt_path", "str", "", None, "checkpoint to load (and to resume from with resume)"),
         O("drop_rate", "float", 0.0, None, "dropout rate before the classifier"),
@@ -132,8 +136,9 @@ OPTIONS = {opt.name: opt for options in SECTIONS.values() for opt in options}
 
 _TRUE, _FALSE, _NULL = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"null", "none"}
 _EXPECTED = {"str": "a string", "int": "an integer", "float": "a number",
-             "bool": "a boolean (true/false, yes/no, on/off, 1/0)", "floats": "a list of numbers"}
-_METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "floats": "FLOAT"}
+             "bool": "a boolean (true/false, yes/no, on/off, 1/0)", "floats": "a list of numbers",
+             "mapping": "a mapping of names to values, e.g. '{a: 1, b: [2, 3]}'"}
+_METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "floats": "FLOAT", "mapping": "YAML"}
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
@@ -253,6 +258,8 @@ def _convert(opt, value, source):
             result = [_scalar("float", item) for item in _items(value)]
             if not result:
                 raise ValueError
+        elif base == "mapping":
+            result = _mapping(value)
         else:
             result = _scalar(base, value)
     except ValueError:
@@ -291,3 +298,15 @@ def _items(value):
         else:
             items.append(item)
     return items
+
+
+def _mapping(value):
+    """A YAML mapping, or its text (`{layers: [1, 1, 1, 1]}` on the command line), as a dict with str keys."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ValueError(value) from None
+    if not isinstance(value, dict):
+        raise ValueError(value)
+    return {str(key): item for key, item in value.items()}

@@ -167,3 +167,19 @@ def test_save_config_round_trips(tmp_path):
     expected = {k: v for k, v in vars(args).items() if k != "rank_id"}
     assert again.pop("config") == saved and expected.pop("config") == recipe
     assert again == expected
+
+
+def test_mapping_option(tmp_path):
+    path = write(tmp_path, "arch_overrides:\n  layers: [1, 1, 1, 1]\n  img_size: 32\n")
+    assert parse_config(["-c", path]).arch_overrides == {"layers": [1, 1, 1, 1], "img_size": 32}
+    assert parse_config([]).arch_overrides == {}
+    # On the command line as JSON or YAML flow text.
+    assert parse_config(["--arch_overrides", '{"layers": [2, 2, 2, 2]}']).arch_overrides == {"layers": [2, 2, 2, 2]}
+    assert parse_config(["--arch_overrides", "{mlp_ratio: 2.0}"]).arch_overrides == {"mlp_ratio": 2.0}
+    expected = "a mapping of names to values, e.g. '{a: 1, b: [2, 3]}'"
+    assert error_of(["--arch_overrides", "[1, 2]"]) == (
+        f"--arch_overrides on the command line must be {expected}, got '[1, 2]'")
+    assert error_of(["--arch_overrides", "{a: [1"]) == (
+        f"--arch_overrides on the command line must be {expected}, got '{{a: [1'")
+    path = write(tmp_path, "arch_overrides: 3\n")
+    assert error_of(["-c", path]) == f"arch_overrides in {path} must be {expected}, got 3"
