@@ -1,0 +1,103 @@
+"""The data side: split checks, the (seed, epoch)-keyed order and its sharding, eval preprocessing, digits."""
+import os
+
+import numpy as np
+import pytest
+
+from mindcv_volo.config import parse_config
+from mindcv_volo.data import (SplitInfo, create_eval_loader, create_train_loader, epoch_order, eval_transforms,
+                              iterate, pipeline_error, rank_slice, train_steps)
+from mindcv_volo.digits import stratified_split, write_digits
+from mindcv_volo.errors import UserError
+from train_helpers import CLASSES, make_image_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("shapes"), {"train": 8, "val": 3})
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    first = epoch_order(50, 8, 6, seed=3, epoch=0)
+    assert np.array_equal(first, epoch_order(50, 8, 6, seed=3, epoch=0))
+    assert not np.array_equal(first, epoch_order(50, 8, 6, seed=3, epoch=1))
+    assert not np.array_equal(first, epoch_order(50, 8, 6, seed=4, epoch=0))
+    assert len(first) == 48 and len(set(first)) == 48  # drop_remainder: 6 whole batches, no repeats
+    assert np.array_equal(epoch_order(5, 2, 3, 0, 0, shuffle=False), [0, 1, 2, 3, 4, 0])  # wraps when short
+
+
+def test_ranks_split_each_global_batch():
+    order = epoch_order(40, 8, 5, seed=1, epoch=2)
+    shards = [rank_slice(order, 4, rank, 2) for rank in range(2)]
+    for step in range(5):  # step s of rank 0 and rank 1 together = global batch s of one process
+        together = np.concatenate([shard[step * 4:(step + 1) * 4] for shard in shards])
+        assert np.array_equal(together, order[step * 8:(step + 1) * 8])
+
+
+def test_train_steps():
+    assert train_steps(100, 8, 1, drop_remainder=True) == 12
+    assert train_steps(100, 8, 1, drop_remainder=False) == 13
+    assert train_steps(100, 8, 5, drop_remainder=True) == 10  # whole accumulation groups only
+
+
+def test_split_checks(tmp_path, folder):
+    split = SplitInfo(folder, "train")
+    assert split.classes == sorted(CLASSES) and split.count == 24
+    split.check_same_classes(SplitInfo(folder, "val"))
+    with pytest.raises(UserError, match="has 3 classes but num_classes is 2; set --num_classes 3"):
+        split.check_num_classes(2)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError) as info:
+        SplitInfo(str(tmp_path), "train")
+    assert str(info.value) == (f"split {tmp_path}/train is empty: it needs one sub-folder per class holding "
+                               "the images")
+
+
+def test_train_loader_follows_the_order(folder):
+    args = parse_config(["--data_dir", folder, "--batch_size", "4", "--image_resize", "32", "--hflip", "0",
+                         "--color_jitter", "null", "--scale", "1,1", "--ratio", "1,1", "--num_parallel_workers", "1"])
+    split = SplitInfo(folder, "train")
+    batches = list(iterate(create_train_loader(args, split, epoch=1, steps=3, rank=1, world=2)))
+    assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == np.float32
+    expected = rank_slice(epoch_order(24, 8, 3, args.seed, 1), 4, 1, 2) // 8  # images are sorted by class
+    assert np.array_equal(np.concatenate([labels for _, labels in batches]), expected)
+
+
+def test_eval_preprocessing(folder):
+    # 32 px at crop_pct 0.8: resize to 40, center crop 32; ImageNet mean/std on the 0-255 scale.
+    transforms = eval_transforms(32, 0.8, "bicubic", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+    names = [type(t).__name__ for t in transforms]
+    assert names == ["Decode", "Resize", "CenterCrop", "Normalize", "HWC2CHW"]
+    assert transforms[1].py_size == 40 and transforms[1].interpolation.name == "BICUBIC"
+    assert transforms[2].size == (32, 32)
+    loader = create_eval_loader(SplitInfo(folder, "val"), 4, transforms, rank=0, world=1, workers=1)
+    batches = list(iterate(loader))
+    assert [len(labels) for _, labels in batches] == [4, 4, 1]  # every image once, the last batch short
+    assert np.array_equal(np.concatenate([labels for _, labels in batches]), [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert -2.2 < batches[0][0].min() < 0 < batches[0][0].max() < 2.7
+
+
+def test_pipeline_error_names_the_file():
+    text = ("Exception thrown from dataset pipeline. Refer to 'Dataset Pipeline Error Message'. \n\n[ERROR] map "
+            "operation: [Decode] failed. The corresponding data file is: /d/val/a/x.png. Decode: image decode "
+            "failed.\n\n")
+    assert str(pipeline_error(RuntimeError(text))) == (
+        "cannot read image /d/val/a/x.png: Decode: image decode failed (corrupt or not an image; remove or "
+        "replace it)")
+    assert pipeline_error(RuntimeError("something else")) is None
+
+
+def test_digits_split_is_stratified_and_fixed(tmp_path):
+    labels = np.repeat(np.arange(10), 20)
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert len(val) == 40 and np.array_equal(np.bincount(labels[val]), [4] * 10)
+    assert not set(train) & set(val)
+    assert np.array_equal(val, stratified_split(labels, 0.2, seed=0)[1])
+    counts = write_digits(str(tmp_path), size=16)
+    assert counts == {"train": 1438, "val": 359}
+    assert sorted(os.listdir(tmp_path)) == ["train", "val"]  # no temporary folder left
+    assert SplitInfo(str(tmp_path), "val").count == 359
+    from PIL import Image
+
+    image = Image.open(next((tmp_path / "val" / "3").iterdir()))
+    assert image.size == (16, 16) and image.mode == "RGB"
