@@ -1,0 +1,162 @@
+"""Training checkpoints: model weights under their own names, the rest under prefixes, pruned, resumable.
+
+A file `<model>-<epoch>_<steps>.ckpt` in ckpt_save_dir holds
+  * the model's parameters and BatchNorm statistics under their plain names (validate.py and
+    create_model(checkpoint_path=...) read it as any weights file),
+  * `ema.<name>`: the EMA weights (when ema is on),
+  * `optimizer.<name>`: the optimizer's state (moments, step counter),
+  * `train_state.<name>`: epoch (completed), global update step, loss scale and its good-step counter,
+    steps per epoch, and the validation top-1 when known.
+Each file is written to a temporary name and renamed (`weights.save_checkpoint`), so a kill during a save
+leaves the previous files intact and never a partial latest one.
+"""
+import hashlib
+import logging
+import os
+import re
+
+import mindspore as ms
+import numpy as np
+
+from ..errors import UserError
+from ..weights import EMA_PREFIX, check_state, model_entries, read_checkpoint, save_checkpoint
+
+logger = logging.getLogger("mindcv_volo")
+
+OPTIMIZER_PREFIX = "optimizer."
+STATE_PREFIX = "train_state."
+_NAME = re.compile(r"^(?P<model>.+)-(?P<epoch>\d+)_(?P<steps>\d+)\.ckpt$")
+
+
+def checkpoint_name(model_name, epoch, steps):
+    return f"{model_name}-{epoch}_{steps}.ckpt"
+
+
+def list_checkpoints(folder, model_name):
+    """[(epoch, path)] of this model's checkpoints in `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for entry in os.listdir(folder):
+        match = _NAME.match(entry)
+        if match and match.group("model") == model_name:
+            found.append((int(match.group("epoch")), os.path.join(folder, entry)))
+    return sorted(found)
+
+
+def optimizer_state(optimizer, model_params):
+    """{name: Parameter} of the optimizer's own state (not the model's weights it updates)."""
+    own = {id(p) for p in model_params}
+    state = {}
+    for param in optimizer.get_parameters():
+        if id(param) not in own:
+            state[param.name] = param
+    return state
+
+
+class CheckpointKeeper:
+    """Writes, prunes and restores training checkpoints for one run."""
+
+    def __init__(self, folder, model_name, model_params, optimizer, state_cell, ema, keep_max, policy="latest_k"):
+        """`model_params`: (name, Parameter) pairs of the model; `ema.ema` in the same order."""
+        self.folder = folder
+        self.model_name = model_name
+        self.model_params = dict(model_params)  # (name, Parameter) pairs named before any wrapping
+        self.optimizer_params = optimizer_state(optimizer, self.model_params.values())
+        self.state_cell = state_cell
+        self.ema_params = dict(zip(self.model_params, ema.ema)) if ema is not None else {}
+        self.keep_max = keep_max
+        self.policy = policy
+        self.scores = {}  # path -> validation top-1, for the top_k policy
+
+    def entries(self, epoch, global_step, steps_per_epoch, val_top1=None):
+        entries = {name: p.value() for name, p in self.model_params.items()}
+        entries.update({EMA_PREFIX + name: p.value() for name, p in self.ema_params.items()})
+        entries.update({OPTIMIZER_PREFIX + name: p.value() for name, p in self.optimizer_params.items()})
+        train_state = {"epoch": np.int64(epoch), "global_step": np.int64(global_step),
+                       "steps_per_epoch": np.int64(steps_per_epoch),
+                       "loss_scale": self.state_cell.loss_scale.value(),
+                       "good_steps": self.state_cell.good_steps.value()}
+        if val_top1 is not None:
+            train_state["val_top1"] = np.float32(val_top1)
+        entries.update({STATE_PREFIX + name: value for name, value in train_state.items()})
+        return entries
+
+    def fingerprint(self):
+        """sha256 (16 hex digits) of the model's parameters and statistics, in name order."""
+        digest = hashlib.sha256()
+        for name in sorted(self.model_params):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self.model_params[name].asnumpy()).tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, epoch, global_step, steps_per_epoch, val_top1=None):
+        path = os.path.join(self.folder, checkpoint_name(self.model_name, epoch, steps_per_epoch))
+        save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1), path)
+        self.scores[path] = val_top1
+        logger.info("saved %s", path)
+        self.prune()
+        return path
+
+    def prune(self):
+        saved = [path for _, path in list_checkpoints(self.folder, self.model_name)]
+        if len(saved) <= self.keep_max:
+            return
+        latest = saved[-1]
+        if self.policy == "top_k":
+            # The latest always stays (resume needs it); the others by validation top-1, best first.
+            others = sorted(saved[:-1], key=lambda p: -(self.scores.get(p) or _saved_top1(p)))
+            keep = set(others[:self.keep_max - 1]) | {latest}
+        else:
+            keep = set(saved[-self.keep_max:])
+        for path in saved:
+            if path not in keep:
+                os.remove(path)
+                logger.info("removed %s (keep_checkpoint_max %d)", path, self.keep_max)
+
+    def restore(self, path):
+        """Load a training checkpoint into model, optimizer, EMA and step state; returns its train_state."""
+        state = read_checkpoint(path)
+        train_state = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        if "epoch" not in train_state:
+            raise UserError(f"{path} holds no training state (train_state.*): it is a weights-only checkpoint; "
+                            "start from its weights with --ckpt_path and without --resume")
+        _assign(self.model_params, model_entries(state), path, check_names=self.model_params)
+        sections = [(EMA_PREFIX, self.ema_params, "ema"), (OPTIMIZER_PREFIX, self.optimizer_params, "optimizer")]
+        for prefix, params, what in sections:
+            values = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if params and set(values) != set(params):
+                raise UserError(f"{path} does not hold the {what} state of this run (another optimizer, ema "
+                                f"setting or model?); resume with the same recipe, or start afresh without --resume")
+            _assign(params, values, path)
+        ms_state = self.state_cell
+        ms_state.loss_scale.set_data(ms.Tensor(train_state["loss_scale"], ms.float32))
+        ms_state.good_steps.set_data(ms.Tensor(train_state["good_steps"], ms.int32))
+        return {k: v.item() for k, v in train_state.items()}
+
+
+def _saved_top1(path):
+    try:
+        return float(read_checkpoint(path).get(STATE_PREFIX + "val_top1", -1.0))
+    except UserError:
+        return -1.0
+
+
+class _ModelView:
+    """What `check_state` needs of a model: its parameters' names and shapes."""
+
+    def __init__(self, params):
+        self.params = list(params.values())
+
+    def get_parameters(self):
+        return iter(self.params)
+
+
+def _assign(params, values, path, check_names=None):
+    if check_names is not None:
+        check_state(_ModelView(check_names), values, path)
+    for name, param in params.items():
+        value = values[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise UserError(f"{path}: {name} has shape {tuple(value.shape)}, the run needs {tuple(param.shape)}")
+        param.set_data(ms.Tensor(value, param.dtype))

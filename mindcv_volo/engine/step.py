@@ -1,0 +1,264 @@
+"""The compiled train step: loss network, mixed precision, loss scale, clipping, accumulation, EMA.
+
+The seam for the loss is `build_loss_network(model, args)`: it returns a Cell whose `construct(*inputs)`
+returns the scalar loss, and whose host-side `step_inputs(batch, epoch, step)` turns one loader batch into
+those inputs. The train step differentiates whatever that Cell computes and passes `*inputs` through, so a
+loss that needs more inputs (token labeling: dense targets and a MixToken mask drawn on the host per
+step) only brings its own Cell and its own `step_inputs`; nothing else changes.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.communication import get_group_size
+from mindcv.loss import create_loss
+
+from ..errors import UserError
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses
+
+
+class ClassificationLoss(nn.Cell):
+    """`loss: ce`: MindCV's cross entropy (label smoothing; soft targets from mixup/cutmix) on `model(images)`.
+
+    Inputs (images float (B, C, H, W), labels int (B,) or float (B, K)); the logits are cast to float32
+    first, so the loss is computed in float32 at every AMP level.
+    """
+
+    def __init__(self, model, label_smoothing=0.0):
+        super().__init__(auto_prefix=False)  # the model's parameters keep their own names
+        self.model = model
+        self.loss_fn = create_loss("CE", label_smoothing=label_smoothing)
+
+    def construct(self, images, labels):
+        return self.loss_fn(self.model(images).astype(ms.float32), labels)
+
+    def step_inputs(self, batch, epoch, step):
+        """The loader batch (image, label) as the inputs of `construct`; nothing is drawn per step."""
+        images, labels = batch[0], batch[1]
+        return Tensor(images), Tensor(labels)
+
+
+def build_loss_network(model, args):
+    """The Cell the train step differentiates: `construct(*inputs)` -> scalar float32 loss.
+
+    Contract for every loss (what the train step relies on):
+      * `construct(*inputs)` returns the mean loss of this device's batch as a float32 scalar;
+      * `step_inputs(batch, epoch, step)` (host side, called once per micro-step) returns the tuple of
+        Tensors passed to `construct`, built from the loader's batch (a tuple of numpy arrays in the
+        loader's column order) and anything drawn for this step. Randomness drawn here must come from a
+        numpy generator seeded with (args.seed, epoch, step), so a resumed run draws the same values;
+      * shapes and dtypes of the inputs stay the same at every step (one compiled graph).
+
+    `loss: token_label` (issue 4) plugs in here: a Cell holding the model and the TokenLabel loss whose
+    construct is `(images, labels, dense_targets, mix_mask) -> loss` calling
+    `model.forward_train(images, mix_mask)` -> (cls_logits, aux_logits), and whose `step_inputs` samples the
+    MixToken box from `np.random.default_rng([args.seed, epoch, step])` and passes it as the mask tensor
+    (B or 1, H/16, W/16, 1). Register its builder with `register_loss("token_label", builder)`.
+    """
+    builder = LOSS_BUILDERS.get(args.loss)
+    if builder is None:
+        raise UserError(f"loss {args.loss} is not available in this version; choose one of: "
+                        f"{', '.join(sorted(LOSS_BUILDERS))}")
+    return builder(model, args)
+
+
+LOSS_BUILDERS = {"ce": lambda model, args: ClassificationLoss(model, args.label_smoothing)}
+
+
+def register_loss(name, builder):
+    """Make `loss: name` build `builder(model, args)` (a Cell following build_loss_network's contract)."""
+    LOSS_BUILDERS[name] = builder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+class _Float32(nn.Cell):
+    """Runs a cell in float32 (its parameters are float32) and hands float16 on, as MindSpore's O2 does."""
+
+    def __init__(self, cell, dtype):
+        super().__init__(auto_prefix=False)
+        self.cell = cell.to_float(ms.float32)
+        self.dtype = dtype
+
+    def construct(self, x):
+        return self.cell(x).astype(self.dtype)
+
+
+def _keep_float32(cell, kinds, dtype):
+    for name, sub in list(cell.name_cells().items()):
+        if isinstance(sub, kinds):
+            cell._cells[name] = _Float32(sub, dtype)  # pylint: disable=protected-access
+        else:
+            _keep_float32(sub, kinds, dtype)
+    if isinstance(cell, nn.SequentialCell):
+        cell.cell_list = list(cell.cells())
+
+
+def apply_amp(model, level, dtype=ms.float16):
+    """Mixed precision in place; the model stays the same object (forward_train keeps working).
+
+    O0: float32. O1: MindSpore's white list (matmul, conv, ... in float16). O2: everything in float16 but
+    BatchNorm and LayerNorm. O3: everything in float16 but LayerNorm. Softmax is float32 at every level
+    (the model casts around it), and the loss networks cast the logits to float32.
+    """
+    if level == "O0":
+        return model
+    if level == "O1":
+        return ms.amp.auto_mixed_precision(model, "O1", dtype=dtype)
+    model.to_float(dtype)
+    kinds = (nn.LayerNorm, nn.BatchNorm2d) if level == "O2" else (nn.LayerNorm,)
+    _keep_float32(model, kinds, dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step
+
+
+class TrainState(nn.Cell):
+    """Step state kept in the graph and saved in checkpoints: the loss scale and its good-step counter."""
+
+    def __init__(self, loss_scale):
+        super().__init__()
+        self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name="loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="good_steps", requires_grad=False)
+
+
+class EMA(nn.Cell):
+    """Exponential moving average of every model parameter (BatchNorm statistics included)."""
+
+    def __init__(self, params, decay):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.ema = self.params.clone(prefix="ema")
+        self.decay = decay
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self):
+        return self.hyper_map(ops.partial(_ema_update, self.decay), self.ema, self.params)
+
+
+def _ema_update(decay, ema, param):
+    return ops.assign(ema, ema * decay + param.astype(ema.dtype) * (1.0 - decay))
+
+
+def _square_sum(grad):
+    return ops.reduce_sum(ops.square(grad.astype(ms.float32)))
+
+
+def _scale_grad(factor, grad):
+    return grad * factor.astype(grad.dtype)
+
+
+def _add_into(buffer, grad):
+    return ops.assign_add(buffer, grad.astype(buffer.dtype))
+
+
+def _average_into(all_reduce, inverse_world, buffer):
+    return ops.assign(buffer, all_reduce(buffer) * inverse_world)
+
+
+def _zero(buffer):
+    return ops.assign(buffer, ops.zeros_like(buffer))
+
+
+class TrainStep(nn.Cell):
+    """One micro-step of training, compiled as one graph.
+
+    `construct(*inputs)` -> (loss, grad_norm, overflow, loss_scale): forward and backward of
+    `loss_network(*inputs)` at the current loss scale. With `accumulation` > 1 the gradients are added to
+    buffers; the instance built with `apply_update=True` (called on the last micro-step of each group)
+    then averages them over devices and micro-steps, unscales, measures the global norm, clips it to
+    `clip_value` (0: off) and applies the optimizer and the EMA, unless a gradient is not finite: then
+    the update is skipped and, under a dynamic scale, the scale halves (it doubles after
+    `scale_window` good updates). The loss returned is unscaled.
+    """
+
+    def __init__(self, loss_network, optimizer, state, apply_update=True, accumulation=1, clip_value=0.0,
+                 ema=None, dynamic_scale=False, scale_window=1000, buffers=None):
+        super().__init__(auto_prefix=False)
+        self.network = loss_network
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.state = state
+        self.apply_update = apply_update
+        self.accumulation = accumulation
+        self.buffers = buffers
+        self.clip_value = clip_value
+        self.ema = ema
+        self.dynamic_scale = dynamic_scale
+        self.scale_window = scale_window
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.hyper_map = ops.HyperMap()
+        parallel = ms.get_auto_parallel_context("parallel_mode")
+        self.reducer = nn.Identity()
+        self.buffers_to_sync = None
+        if parallel == ms.ParallelMode.DATA_PARALLEL:
+            world = get_group_size()
+            self.reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=world)
+            # BatchNorm statistics come from each device's own batch: average them at every update, so
+            # the devices stay identical (torch's DDP broadcasts them from rank 0 instead).
+            self.buffers_to_sync = ParameterTuple([p for p in loss_network.get_parameters() if not p.requires_grad])
+            self.all_reduce = ops.AllReduce()
+            self.inverse_world = 1.0 / world
+
+    def construct(self, *inputs):
+        scale = self.state.loss_scale + 0.0  # the scale of this step, before any update below
+        loss = self.network(*inputs)
+        sens = ops.ones_like(loss) * scale.astype(loss.dtype)
+        grads = self.grad(self.network, self.weights)(*inputs, sens)
+        zero = ops.zeros((), ms.float32)
+        if self.accumulation > 1:
+            grads = ops.depend(self.buffers, self.hyper_map(_add_into, self.buffers, grads))
+            if not self.apply_update:
+                return loss, zero, ops.zeros((), ms.bool_), scale
+        grads = self.reducer(grads)
+        grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / (scale * self.accumulation)), grads)
+        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        overflow = ops.logical_not(ops.isfinite(norm))
+        if self.clip_value > 0:
+            factor = ops.minimum(self.clip_value / (norm + 1e-6), 1.0)
+            grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)
+        if not overflow:
+            self.optimizer(grads)
+            if self.ema is not None:
+                self.ema()
+        if self.buffers_to_sync is not None:
+            self.hyper_map(ops.partial(_average_into, self.all_reduce, self.inverse_world), self.buffers_to_sync)
+        if self.dynamic_scale:
+            self._update_scale(overflow)
+        if self.accumulation > 1:
+            self.hyper_map(_zero, self.buffers)
+        return loss, norm, overflow, scale
+
+    def _update_scale(self, overflow):
+        good = self.state.good_steps + 1
+        grow = good >= self.scale_window
+        scale = self.state.loss_scale
+        new_scale = ops.select(overflow, ops.maximum(scale * 0.5, 1.0), ops.select(grow, scale * 2.0, scale))
+        new_good = ops.select(ops.logical_or(overflow, grow), ops.zeros_like(good), good)
+        ops.assign(self.state.loss_scale, new_scale)
+        ops.assign(self.state.good_steps, new_good)
+
+
+def build_train_steps(loss_network, optimizer, model, args):
+    """(micro-step cell, update-step cell, TrainState, EMA or None); the two cells are one when not accumulating."""
+    state = TrainState(args.loss_scale)
+    ema = EMA(list(model.get_parameters()), args.ema_decay) if args.ema else None
+    accumulation = args.gradient_accumulation_steps
+    common = dict(accumulation=accumulation, clip_value=args.clip_value if args.clip_grad else 0.0, ema=ema,
+                  dynamic_scale=args.loss_scale_type == "dynamic")
+    if accumulation > 1:
+        common["buffers"] = optimizer.parameters.clone(prefix="accum", init="zeros")
+    update = TrainStep(loss_network, optimizer, state, apply_update=True, **common)
+    micro = TrainStep(loss_network, optimizer, state, apply_update=False, **common) if accumulation > 1 else update
+    for cell in {id(update): update, id(micro): micro}.values():
+        cell.set_train(True)
+    return micro, update, state, ema
+
+
+def as_numpy(value):
+    return value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)

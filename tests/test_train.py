@@ -1,0 +1,162 @@
+"""train.py end to end on tiny data: outputs, checkpoints, and a SIGKILLed run resumed to the same weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from train_helpers import (ROOT, TINY_ARCH, last_json, make_image_folder, max_difference, read_ckpt, run_script, script_env,
+                           tiny_config)
+
+EPOCHS = 3
+STEPS = 24  # 72 train images / batch 3 per step
+RECIPE = dict(epoch_size=EPOCHS, batch_size=3, ema=True, ema_decay=0.9, clip_grad=True, clip_value=1.0,
+              gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("shapes"), {"train": 24, "val": 6})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The compile cache shared by the runs of RECIPE (reference, killed, resumed)."""
+    return tmp_path_factory.mktemp("compile_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data, cache):
+    """One uninterrupted run: EMA, clipping and gradient accumulation on."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = tiny_config(folder / "recipe.yaml", data, folder / "ckpt", **RECIPE)
+    proc = run_script("train.py", "-c", config, cache=cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, folder / "ckpt", config
+
+
+def test_run_outputs(reference):
+    proc, save_dir, _ = reference
+    result = last_json(proc.stdout)
+    assert list(result) == ["model", "top1", "top5", "loss", "num_samples", "img_per_s"]
+    assert result["model"] == "volo_d1_224" and result["num_samples"] == 18
+    assert 0 <= result["top1"] <= result["top5"] == 1.0  # three classes: top-5 always hits
+    assert 0 < result["loss"] < 5 and result["img_per_s"] > 0
+    for epoch in range(1, EPOCHS + 1):
+        assert f"epoch {epoch}/{EPOCHS} done: train loss " in proc.stdout
+        assert f"epoch {epoch}/{EPOCHS} step {STEPS}/{STEPS} loss " in proc.stdout
+    assert " lr " in proc.stdout and " img/s " in proc.stdout and " eta " in proc.stdout
+    # keep_checkpoint_max 2: the first epoch's file was removed; nothing temporary is left.
+    assert sorted(os.listdir(save_dir)) == ["config.yaml", "train.log", f"volo_d1_224-2_{STEPS}.ckpt",
+                                            f"volo_d1_224-3_{STEPS}.ckpt"]
+    log = (save_dir / "train.log").read_text()
+    assert f"epoch {EPOCHS}/{EPOCHS} done" in log and "saved " in log
+    saved = yaml.safe_load((save_dir / "config.yaml").read_text())
+    assert saved["ema"] is True and saved["arch_overrides"]["embed_dims"] == [16, 32, 32, 32]
+
+
+def test_checkpoint_holds_the_training_state(reference):
+    _, save_dir, _ = reference
+    state = read_ckpt(save_dir / f"volo_d1_224-3_{STEPS}.ckpt")
+    plain = {k for k in state if not k.startswith(("ema.", "optimizer.", "train_state."))}
+    assert {"pos_embed", "cls_token", "head.weight", "patch_embed.conv.1.moving_mean"} <= plain
+    assert {f"ema.{k}" for k in plain} == {k for k in state if k.startswith("ema.")}
+    assert {"optimizer.adam_m.pos_embed", "optimizer.adam_v.head.weight", "optimizer.global_step"} <= set(state)
+    assert int(state["train_state.epoch"]) == EPOCHS
+    assert int(state["train_state.global_step"]) == EPOCHS * STEPS // 2  # accumulation 2
+    assert int(state["optimizer.global_step"].reshape(-1)[0]) == EPOCHS * STEPS // 2
+    assert float(state["train_state.loss_scale"]) == 1024.0
+    # The EMA (decay 0.9) trails the weights: close, not equal.
+    assert 0 < np.abs(state["ema.head.weight"] - state["head.weight"]).max() < 0.1
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data, reference, cache):
+    _, reference_dir, _ = reference
+    config = tiny_config(tmp_path / "recipe.yaml", data, tmp_path / "ckpt", **RECIPE)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
+                            env=script_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in proc.stdout:  # kill in the middle of epoch 2, after the epoch-1 checkpoint
+        seen.append(line)
+        if f"epoch 2/{EPOCHS} step 4/{STEPS} " in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    assert sorted(f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".ckpt")) == [f"volo_d1_224-1_{STEPS}.ckpt"]
+
+    resumed = run_script("train.py", "-c", config, "--resume", "True", cache=cache)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'ckpt'}/volo_d1_224-1_{STEPS}.ckpt: 1 of {EPOCHS} epochs done" in resumed.stdout
+    assert "epoch 1/" not in resumed.stdout  # only the remaining epochs are trained
+    assert f"epoch 2/{EPOCHS} done" in resumed.stdout and f"epoch 3/{EPOCHS} done" in resumed.stdout
+
+    final = f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(reference_dir / final)) <= 1e-5
+    assert last_json(resumed.stdout)["top1"] == last_json(reference[0].stdout)["top1"]
+
+
+def tiny_args(*argv):
+    from mindcv_volo.config import parse_config
+
+    return parse_config(["--model", "volo_d1_224", "--num_classes", "3", "--image_resize", "32",
+                         "--arch_overrides", json.dumps(TINY_ARCH), *argv])
+
+
+def test_no_weight_decay_on_pos_embed_cls_token_norms_and_biases():
+    from mindcv_volo.engine.loop import build_optimizer
+    from mindcv_volo.engine.runtime import build_model
+
+    args = tiny_args("--weight_decay", "0.05")
+    model = build_model(args)
+    optimizer = build_optimizer(args, model, [1e-3] * 4)
+    params = list(model.trainable_params())
+    expected = {p.name for p in params if p.ndim == 1} | {"pos_embed", "cls_token"}
+    # One weight decay per parameter, in the optimizer's order.
+    decays = {p.name: round(float(np.asarray(wd)), 6) for p, wd in zip(optimizer.parameters, optimizer.weight_decay)}
+    assert {name for name, wd in decays.items() if wd == 0.0} == expected
+    assert {name for name, wd in decays.items() if wd == 0.05} == {p.name for p in params} - expected
+
+
+def test_learning_rate_schedule():
+    from mindcv_volo.engine.loop import learning_rates
+
+    args = tiny_args("--lr", "1e-3", "--warmup_lr", "1e-5", "--min_lr", "1e-6", "--warmup_epochs", "2",
+                     "--epoch_size", "10", "--cooldown_epochs", "2")
+    lrs = learning_rates(args, updates_per_epoch=5)
+    assert len(lrs) == 50
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.5 * (1e-5 + 1e-3))  # linear warmup
+    assert lrs[10] == pytest.approx(1e-3)  # the peak, then cosine over 6 epochs
+    assert lrs[25] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))  # half way down
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-10:] == [1e-6] * 10  # cooldown
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_amp_keeps_layer_norm_in_float32(level):
+    import mindspore as ms
+    from mindspore import nn
+
+    from mindcv_volo.engine.step import _Float32, apply_amp
+    from mindcv_volo.evaluate import EvalNetwork
+    from mindcv_volo.models import create
+
+    images = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    outputs = {}
+    for amp in ("O0", level):
+        ms.set_seed(0)
+        model = create("volo_d1_224", num_classes=3, **TINY_ARCH)
+        network = EvalNetwork(apply_amp(model, amp))
+        network.set_train(False)
+        outputs[amp] = network(images).asnumpy()
+    cells = dict(model.cells_and_names())
+    assert isinstance(cells["network.0.0.norm1"], _Float32) and isinstance(cells["norm"], _Float32)
+    assert isinstance(cells["patch_embed.conv.1"], _Float32) == (level == "O2")  # BatchNorm: float32 under O2
+    assert all(p.dtype == ms.float32 for p in model.get_parameters())  # the weights stay float32
+    assert 0 < np.abs(outputs[level] - outputs["O0"]).max() < 5e-3  # float16 compute, float32 logits
+    assert outputs[level].dtype == np.float32 and not isinstance(cells["norm"].cell, _Float32)
+    assert isinstance(cells["norm"].cell, nn.LayerNorm)
