@@ -14,7 +14,7 @@ from mindcv.models.registry import register_model
 
 from ..errors import UserError
 from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, batch_norm, dense, drop_path,
-                     layer_norm, softmax_float32, split_class_token, uses_cpu_paths)
+                     batch_norm_relu_channels_last, layer_norm, softmax_float32, split_class_token, uses_cpu_paths)
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -106,10 +106,11 @@ class Attention(nn.Cell):
         # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
         # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
         q, k, v = ops.split(self.qkv(x).reshape(batch, num_tokens, 3, dim), 1, axis=2)
-        q = q.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # the scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding
+        q = (q * self.scale).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
         v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        attn = self.attn_drop(softmax_float32(ops.matmul(q, k_t) * self.scale))
+        attn = self.attn_drop(softmax_float32(ops.matmul(q, k_t)))
         out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
         return self.proj(out)
 
@@ -187,6 +188,20 @@ class PatchEmbed(nn.Cell):
     def construct(self, x):
         return self.proj(self.conv(x))
 
+    def channels_last(self, x):
+        """Image (B, C, H, W) -> (B, H/8, W/8, embed_dim), the same numbers as `construct` transposed.
+
+        On CPU only the 7x7/2 convolution (3 input channels) runs on NCHW; the 3x3 convolutions and the
+        projection work channels-last (Conv2d.channels_last), with no transpose between them.
+        """
+        if not self.proj.use_matmul:
+            return self.construct(x).transpose(0, 2, 3, 1)
+        conv = self.conv
+        x = conv[2](conv[1](conv[0](x))).transpose(0, 2, 3, 1)
+        x = batch_norm_relu_channels_last(conv[4], conv[3].channels_last(x))
+        x = batch_norm_relu_channels_last(conv[7], conv[6].channels_last(x))
+        return self.proj.channels_last(x)
+
 
 class Downsample(nn.Cell):
     """2x2/2 convolution between the outlooker and transformer stages, channels-last in and out."""
@@ -262,7 +277,7 @@ class VOLO(nn.Cell):
 
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
-        return self.patch_embed(x).transpose(0, 2, 3, 1)
+        return self.patch_embed.channels_last(x)
 
     def forward_tokens(self, x):
         """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
