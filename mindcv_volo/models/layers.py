@@ -16,7 +16,49 @@ LAYER_NORM_EPS = 1e-5
 
 
 def layer_norm(dim):
-    return nn.LayerNorm((dim,), epsilon=LAYER_NORM_EPS)
+    return LayerNorm(dim, LAYER_NORM_EPS)
+
+
+class _LayerNormWithGradient(nn.Cell):
+    """ops.LayerNorm over the last axis, differentiated by hand: the standard formula as a few elementwise
+    ops and reductions, ~3x faster than MindSpore's CPU LayerNormGrad kernel (~9% of a CPU training step)."""
+
+    def __init__(self, epsilon):
+        super().__init__()
+        self.epsilon = epsilon
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=epsilon)
+
+    def construct(self, x, gamma, beta):
+        return self.layer_norm(x, gamma, beta)
+
+    def bprop(self, x, gamma, beta, out, dout):
+        dy = dout[0]
+        stats_shape = x.shape[:-1] + (1,)
+        rstd = ops.rsqrt(out[2].reshape(stats_shape) + self.epsilon)
+        x_hat = (x - out[1].reshape(stats_shape)) * rstd
+        g = dy * gamma
+        dx = rstd * (g - g.mean(-1, keep_dims=True) - x_hat * (g * x_hat).mean(-1, keep_dims=True))
+        channels = x.shape[-1]
+        dgamma = (dy * x_hat).reshape(-1, channels).sum(0)
+        dbeta = dy.reshape(-1, channels).sum(0)
+        return dx, dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis (parameters `gamma`, `beta`); on CPU with the hand-written gradient
+    of `_LayerNormWithGradient`, elsewhere nn.LayerNorm itself (LayerNormGrad is fused on accelerators)."""
+
+    def __init__(self, dim, epsilon):
+        super().__init__((dim,), epsilon=epsilon)
+        self.cpu_gradient = uses_cpu_paths()
+        if self.cpu_gradient:
+            self.with_gradient = _LayerNormWithGradient(epsilon)
+
+    def construct(self, input_x):
+        gamma, beta = self.gamma.astype(input_x.dtype), self.beta.astype(input_x.dtype)
+        if self.cpu_gradient:
+            return self.with_gradient(input_x, gamma, beta)[0]
+        return self.layer_norm(input_x, gamma, beta)[0]
 
 
 def batch_norm(channels):
@@ -28,6 +70,12 @@ def dense(in_features, out_features, has_bias=True):
     """Linear layer initialised as the official VOLO: truncated normal(0.02) weights, zero bias."""
     return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init="zeros",
                     has_bias=has_bias)
+
+
+# The matmul primitives: their gradients are matmuls with transpose flags. `ops.matmul` (MatMulExt)
+# differentiates through explicit Transpose copies of its inputs, which took ~20% of a CPU training step.
+matmul_nt = ops.MatMul(transpose_b=True)  # (M, K) x (N, K) -> (M, N)
+batch_matmul = ops.BatchMatMul()  # (..., M, K) x (..., K, N) -> (..., M, N), equal leading axes
 
 
 def uses_cpu_paths():
@@ -83,12 +131,13 @@ class Conv2d(nn.Cell):
         if self.is_patchify:
             out_h, out_w = height // k, width // k
             patches = x.reshape(batch, channels, out_h, k, out_w, k).transpose(0, 2, 4, 1, 3, 5)
-            out = ops.matmul(patches.reshape(batch, out_h * out_w, -1), weight.T).transpose(0, 2, 1)
+            out = matmul_nt(patches.reshape(batch * out_h * out_w, -1), weight)
+            out = out.reshape(batch, out_h * out_w, -1).transpose(0, 2, 1)
         else:
             out_h = (height + 2 * self.padding - k) // self.stride + 1
             out_w = (width + 2 * self.padding - k) // self.stride + 1
             columns = ops.unfold(x, k, padding=self.padding, stride=self.stride)
-            out = ops.matmul(weight, columns)
+            out = batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
@@ -113,7 +162,7 @@ class Conv2d(nn.Cell):
             out_h, out_w = patches.shape[1], patches.shape[2]
         # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
         weight = self.weight.transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
-        out = ops.matmul(patches.reshape(batch * out_h * out_w, k * k * channels), weight.T)
+        out = matmul_nt(patches.reshape(batch * out_h * out_w, k * k * channels), weight)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(batch, out_h, out_w, self.out_channels)

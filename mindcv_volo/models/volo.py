@@ -13,8 +13,9 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, batch_norm, dense, drop_path,
-                     batch_norm_relu_channels_last, layer_norm, softmax_float32, split_class_token, uses_cpu_paths)
+from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, batch_matmul, batch_norm,
+                     batch_norm_relu_channels_last, dense, drop_path, layer_norm, softmax_float32, split_class_token,
+                     uses_cpu_paths)
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -60,7 +61,7 @@ class OutlookAttention(nn.Cell):
             # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
             v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
             attn = self.attn_drop(softmax_float32(attn * self.scale))
-            out = ops.matmul(attn, v.transpose(0, 1, 3, 2, 4)).transpose(0, 1, 3, 2, 4)
+            out = batch_matmul(attn, v.transpose(0, 1, 3, 2, 4)).transpose(0, 1, 3, 2, 4)
             return self.proj(self.fold(out.reshape(batch, out_h, out_w, kk, dim)))
 
         v = self.v(x).transpose(0, 3, 1, 2)
@@ -68,7 +69,7 @@ class OutlookAttention(nn.Cell):
         v = ops.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
         v = v.reshape(batch, self.num_heads, self.head_dim, kk, num_windows).transpose(0, 1, 4, 3, 2)
         attn = self.attn_drop(softmax_float32(attn.transpose(0, 2, 1, 3, 4) * self.scale))
-        out = ops.matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
+        out = batch_matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
         out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
                        padding=self.padding, stride=self.stride)
         return self.proj(out.transpose(0, 2, 3, 1))
@@ -110,8 +111,8 @@ class Attention(nn.Cell):
         q = (q * self.scale).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
         v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        attn = self.attn_drop(softmax_float32(ops.matmul(q, k_t)))
-        out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
+        attn = self.attn_drop(softmax_float32(batch_matmul(q, k_t)))
+        out = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
         return self.proj(out)
 
 
@@ -148,8 +149,8 @@ class ClassAttention(nn.Cell):
         k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
         v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = self.q(split_class_token(x)[0]).reshape(batch, self.num_heads, 1, self.head_dim)
-        attn = self.attn_drop(softmax_float32(ops.matmul(q * self.scale, k_t)))
-        cls_embed = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
+        attn = self.attn_drop(softmax_float32(batch_matmul(q * self.scale, k_t)))
+        cls_embed = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
         return self.proj(cls_embed)
 
 
