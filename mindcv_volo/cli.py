@@ -25,5 +25,8 @@ def main(kind, argv=None):
         code = exit_.code if isinstance(exit_.code, int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.environ.get("MS_ROLE"):
+        # Under msrun the workers must leave the cluster through MindSpore's exit handlers.
+        sys.exit(code)
     # MindSpore's Cell.__del__ prints "Exception ignored ..." tracebacks at interpreter exit: skip that teardown.
     os._exit(code)

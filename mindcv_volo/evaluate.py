@@ -15,7 +15,7 @@ import time
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from .data import SplitInfo, create_eval_loader, eval_transforms, iterate
 from .engine.runtime import build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
@@ -48,12 +48,22 @@ def batch_metrics(logits, labels, topk=5):
     return (best[:, 0] == labels).sum(), (best == labels[:, None]).any(axis=1).sum(), loss
 
 
+class _AllReduceSum(nn.Cell):
+    """Sum over devices, compiled (the eager comm_func.all_reduce has no CPU kernel in MindSpore 2.10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    @ms.jit
+    def construct(self, x):
+        return self.all_reduce(x)
+
+
 def _all_reduce_sum(values, world):
     if world == 1:
         return values
-    from mindspore.communication.comm_func import all_reduce
-
-    return all_reduce(Tensor(np.asarray(values, np.float32)))[0].asnumpy().astype(np.float64)
+    return _AllReduceSum()(Tensor(np.asarray(values, np.float32))).asnumpy().astype(np.float64)
 
 
 def evaluate(network, loader, batch_size, world=1, log_every=0):

@@ -28,7 +28,7 @@ def tiny_weights(path, num_classes=3, **arch):
 def cases(tmp_path_factory):
     """{case: (CompletedProcess, expected stderr message, folder that must stay unwritten or None)}."""
     root = tmp_path_factory.mktemp("bad")
-    data = make_image_folder(root / "data", {"train": 4, "val": 2})
+    data = make_image_folder(root / "data", {"train": 4, "val": 2})  # 12 train images, 6 val
     config = tiny_config(root / "recipe.yaml", data, root / "unused", batch_size=4)
 
     only_val = make_image_folder(root / "only_val", {"val": 1})
@@ -104,9 +104,20 @@ def cases(tmp_path_factory):
                                   "(or img_size in arch_overrides)"),
     }
     outs = {name: root / f"out{index}" for index, name in enumerate(table)}  # where each case would write
+    # Two runs that train (and compile) start first, beside the quick ones.
+    nan = tiny_config(root / "nan.yaml", data, root / "nan_out", batch_size=4, epoch_size=2, warmup_epochs=0,
+                      lr=1e30, ckpt_save_interval=2)
+    # A scale of 3e38 overflows the float32 gradients: steps are skipped while it halves, then it trains.
+    dynamic = tiny_config(root / "dynamic.yaml", data, root / "dynamic_out", batch_size=2, epoch_size=2,
+                          warmup_epochs=0, loss_scale_type="dynamic", loss_scale=3e38, log_interval=1,
+                          val_split="no_val")
     with ThreadPoolExecutor(max_workers=3) as pool:
+        trains = {"nan": pool.submit(run_script, "train.py", "-c", nan),
+                  "dynamic": pool.submit(run_script, "train.py", "-c", dynamic)}
         runs = {name: pool.submit(run_script, *argv, "--ckpt_save_dir", outs[name]) for name, (argv, _) in table.items()}
-        return {name: (runs[name].result(), table[name][1], outs[name]) for name in table}
+        results = {name: (runs[name].result(), table[name][1], outs[name]) for name in table}
+        results.update({name: (run.result(), None, root / f"{name}_out") for name, run in trains.items()})
+        return results
 
 
 CASES = ["missing data_dir", "missing split", "empty split", "different classes", "unreadable image",
@@ -124,30 +135,23 @@ def test_one_line_error(cases, case):
         assert not out.exists(), os.listdir(out)  # nothing written
 
 
-def test_non_finite_loss_stops_the_run(tmp_path):
-    data = make_image_folder(tmp_path / "data", {"train": 4})
-    config = tiny_config(tmp_path / "recipe.yaml", data, tmp_path / "out", batch_size=4, epoch_size=2,
-                         warmup_epochs=0, lr=1e30, ckpt_save_interval=2)
-    proc = run_script("train.py", "-c", config)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+def test_non_finite_loss_stops_the_run(cases):
+    proc, _, out = cases["nan"]
     # Step 1 moves every weight by ~lr (AdamW); step 2's loss is then nan. lr: the cosine's second value.
     assert proc.stderr == ("error: training stopped: non-finite loss (nan) at epoch 1 step 2 (lr 9.33e+29, "
                            "loss scale 1024); the update was not applied and nothing was saved for this "
                            "epoch; lower lr, turn on clip_grad, or use loss_scale_type dynamic\n")
-    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".ckpt")]
+    assert proc.returncode == 2
+    assert not [f for f in os.listdir(out) if f.endswith(".ckpt")]
 
 
-def test_dynamic_loss_scale_skips_overflowing_steps(tmp_path):
-    data = make_image_folder(tmp_path / "data", {"train": 4})
-    # A scale of 3e38 overflows the float32 gradients: steps are skipped while it halves, then it trains.
-    config = tiny_config(tmp_path / "recipe.yaml", data, tmp_path / "out", batch_size=2, epoch_size=2,
-                         warmup_epochs=0, loss_scale_type="dynamic", loss_scale=3e38, log_interval=1)
-    proc = run_script("train.py", "-c", config)
+def test_dynamic_loss_scale_skips_overflowing_steps(cases):
+    proc, _, out = cases["dynamic"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "epoch 1 step 1: non-finite gradients at loss scale 3e+38: update skipped" in proc.stdout
     assert "epoch 1 step 2: non-finite gradients at loss scale 1.5e+38: update skipped" in proc.stdout
     assert "step(s) skipped" in proc.stdout.split("epoch 1/2 done")[1].splitlines()[0]
-    state = read_ckpt(tmp_path / "out" / "volo_d1_224-2_6.ckpt")
+    state = read_ckpt(out / "volo_d1_224-2_6.ckpt")
     halvings = proc.stdout.count("update skipped")
     assert 2 <= halvings < 12  # some steps were skipped, later ones trained
     assert float(state["train_state.loss_scale"]) == pytest.approx(3e38 / 2 ** halvings, rel=1e-6)

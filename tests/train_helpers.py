@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +96,45 @@ def max_difference(a, b):
     assert sorted(a) == sorted(b), set(a) ^ set(b)
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) if a[k].size else 0.0
                for k in a)
+
+
+# The reference run, shared by test_train.py and test_validate.py (import these fixtures by name).
+EPOCHS = 3
+STEPS = 24  # 72 train images / batch 3 per step
+RECIPE = dict(epoch_size=EPOCHS, batch_size=3, ema=True, ema_decay=0.9, clip_grad=True, clip_value=1.0,
+              gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1)
+
+
+# Fixtures imported into two test modules are two fixtures to pytest: each would run once per module,
+# so the values are kept here and made once per session.
+_SESSION = {}
+
+
+def _once(key, make):
+    if key not in _SESSION:
+        _SESSION[key] = make()
+    return _SESSION[key]
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return _once("data", lambda: make_image_folder(tmp_path_factory.mktemp("shapes"), {"train": 24, "val": 6}))
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """The compile cache shared by the runs of RECIPE (reference, killed, resumed)."""
+    return _once("cache", lambda: tmp_path_factory.mktemp("compile_cache"))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data, cache):
+    """One uninterrupted run of RECIPE: EMA, clipping and gradient accumulation on; (process, ckpt dir, config)."""
+    def run():
+        folder = tmp_path_factory.mktemp("reference")
+        config = tiny_config(folder / "recipe.yaml", data, folder / "ckpt", **RECIPE)
+        proc = run_script("train.py", "-c", config, cache=cache)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc, folder / "ckpt", config
+
+    return _once("reference", run)

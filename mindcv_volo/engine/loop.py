@@ -177,7 +177,9 @@ class Run:
     def train_epoch(self, epoch):
         args = self.args
         accumulation = args.gradient_accumulation_steps
-        loader = create_train_loader(args, self.train_split, epoch, self.steps, self.rank, self.world)
+        # A loss that needs other columns (label maps) brings its own loader; see build_loss_network.
+        make_loader = getattr(self.loss_network, "create_train_loader", create_train_loader)
+        loader = make_loader(args, self.train_split, epoch, self.steps, self.rank, self.world)
         losses, skipped = [], 0
         epoch_start = interval_start = time.time()
         for step, batch in enumerate(iterate(loader)):

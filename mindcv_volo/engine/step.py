@@ -48,7 +48,11 @@ def build_loss_network(model, args):
         Tensors passed to `construct`, built from the loader's batch (a tuple of numpy arrays in the
         loader's column order) and anything drawn for this step. Randomness drawn here must come from a
         numpy generator seeded with (args.seed, epoch, step), so a resumed run draws the same values;
-      * shapes and dtypes of the inputs stay the same at every step (one compiled graph).
+      * shapes and dtypes of the inputs stay the same at every step (one compiled graph);
+      * optionally, a method `create_train_loader(args, split, epoch, steps, rank, world)` replaces
+        `data.create_train_loader` (same arguments, same (seed, epoch) order via `data.epoch_order` and
+        `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
+      `args.rank_id` and `args.device_num` are set by the time the builder runs.
 
     `loss: token_label` (issue 4) plugs in here: a Cell holding the model and the TokenLabel loss whose
     construct is `(images, labels, dense_targets, mix_mask) -> loss` calling
@@ -76,23 +80,28 @@ def register_loss(name, builder):
 
 
 class _Float32(nn.Cell):
-    """Runs a cell in float32 (its parameters are float32) and hands float16 on, as MindSpore's O2 does."""
+    """Runs a cell in `compute` precision and hands its output on as `dtype`.
 
-    def __init__(self, cell, dtype):
-        super().__init__(auto_prefix=False)
-        self.cell = cell.to_float(ms.float32)
+    O2/O3: a LayerNorm (BatchNorm) computes in float32 inside a float16 network, its output goes on as
+    float16, as MindSpore's O2 does. O1: a Dense computes in float16 inside a float32 network.
+    """
+
+    def __init__(self, cell, dtype, compute=ms.float32):
+        super().__init__(auto_prefix=False)  # the wrapped cell's parameters keep their names
+        self.cell = cell.to_float(compute)
         self.dtype = dtype
 
     def construct(self, x):
         return self.cell(x).astype(self.dtype)
 
 
-def _keep_float32(cell, kinds, dtype):
+def _wrap(cell, kinds, dtype, compute=ms.float32):
+    """Wrap every sub-cell of one of `kinds` in _Float32(sub, dtype, compute), in place."""
     for name, sub in list(cell.name_cells().items()):
         if isinstance(sub, kinds):
-            cell._cells[name] = _Float32(sub, dtype)  # pylint: disable=protected-access
+            cell._cells[name] = _Float32(sub, dtype, compute)  # pylint: disable=protected-access
         else:
-            _keep_float32(sub, kinds, dtype)
+            _wrap(sub, kinds, dtype, compute)
     if isinstance(cell, nn.SequentialCell):
         cell.cell_list = list(cell.cells())
 
@@ -100,17 +109,18 @@ def _keep_float32(cell, kinds, dtype):
 def apply_amp(model, level, dtype=ms.float16):
     """Mixed precision in place; the model stays the same object (forward_train keeps working).
 
-    O0: float32. O1: MindSpore's white list (matmul, conv, ... in float16). O2: everything in float16 but
-    BatchNorm and LayerNorm. O3: everything in float16 but LayerNorm. Softmax is float32 at every level
-    (the model casts around it), and the loss networks cast the logits to float32.
+    O0: float32. O1: the Dense layers (the bulk of VOLO's compute) in float16, the rest float32
+    (MindSpore's own O1 rewrites the network's source and fails on VOLO in 2.10). O2: everything in
+    float16 but BatchNorm and LayerNorm. O3: everything in float16 but LayerNorm. Softmax is float32 at
+    every level (the model casts around it), and the loss networks cast the logits to float32.
     """
     if level == "O0":
         return model
     if level == "O1":
-        return ms.amp.auto_mixed_precision(model, "O1", dtype=dtype)
+        _wrap(model, (nn.Dense,), ms.float32, compute=dtype)
+        return model
     model.to_float(dtype)
-    kinds = (nn.LayerNorm, nn.BatchNorm2d) if level == "O2" else (nn.LayerNorm,)
-    _keep_float32(model, kinds, dtype)
+    _wrap(model, (nn.LayerNorm, nn.BatchNorm2d) if level == "O2" else (nn.LayerNorm,), dtype)
     return model
 
 

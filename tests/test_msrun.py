@@ -1,0 +1,61 @@
+"""Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from train_helpers import ROOT, make_image_folder, max_difference, read_ckpt, run_script, tiny_config
+
+pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_workers_match_one(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": 16, "val": 4})
+    recipe = dict(epoch_size=2, clip_grad=True, clip_value=1.0, ema=True, ema_decay=0.9, num_parallel_workers=1)
+    # Two workers with 4 images each per step. The stem's BatchNorm normalises each device's own batch,
+    # so the single worker sees the same global batch of 8 as two accumulated micro-batches of 4.
+    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "two", batch_size=4, **recipe)
+    single = tiny_config(tmp_path / "one.yaml", data, tmp_path / "one", batch_size=4,
+                         gradient_accumulation_steps=2, val_split="no_val", **recipe)  # no evaluation
+
+    logs = tmp_path / "logs"
+    command = ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
+               "--join", "True", "--log_dir", str(logs), os.path.join(ROOT, "train.py"), "-c", config]  # msrun runs python
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    worker = [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
+    assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
+    one = run_script("train.py", "-c", single)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    # The ranks agree bit for bit (BatchNorm statistics included); rank 0 alone logs and saves.
+    hashes = [re.search(rf"rank {rank} weights sha256 ([0-9a-f]{{16}})", worker[rank]).group(1) for rank in range(2)]
+    assert hashes[0] == hashes[1]
+    assert "epoch 2/2 done" in worker[0] and "epoch" not in worker[1]
+    assert "2 workers" in worker[0]
+    steps = 6  # 48 images / (2 workers x 4)
+    assert sorted(f for f in os.listdir(tmp_path / "two") if f.endswith(".ckpt")) == [
+        f"volo_d1_224-1_{steps}.ckpt", f"volo_d1_224-2_{steps}.ckpt"]
+
+    # One worker on the same global batches: same weights, EMA and optimizer moments. BatchNorm's running
+    # statistics are excluded: the workers average theirs, one worker updates them batch after batch.
+    final_two = read_ckpt(tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt")
+    final_one = read_ckpt(tmp_path / "one" / f"volo_d1_224-2_{steps * 2}.ckpt")
+    keep = [k for k in final_two if "moving_" not in k and not k.startswith("train_state.")]
+    assert len(keep) > 250
+    assert max_difference({k: final_two[k] for k in keep}, {k: final_one[k] for k in keep}) <= 1e-5
+
+    # Evaluation is sharded and all-reduced: the whole val split, once; rank 0 prints the JSON line.
+    # (MindSpore's cluster adds its own lines to the worker log after train.py's JSON line.)
+    result = json.loads([line for line in worker[0].splitlines() if line.startswith("{")][-1])
+    assert result["num_samples"] == 12 and 0 <= result["top1"] <= 1 and result["top5"] == 1.0
+    assert not [line for line in worker[1].splitlines() if line.startswith("{")]
