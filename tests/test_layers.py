@@ -185,3 +185,23 @@ def test_layer_norm_gradient_equals_autodiff(mode):
     param_grads = [ms.grad(SumOfSquares(c), None, c.trainable_params())(x) for c in (fast, plain)]
     for a, b in zip(*param_grads):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("amp_level", ["O2", "O3"])
+def test_cpu_paths_run_under_float16_amp(mode, amp_level):
+    """AMP wraps cells (BatchNorm in a casting cell) and runs the convolutions in float16: the CPU paths
+    (Conv2d.channels_last, the BatchNorm shortcut, the matmul primitives) must follow."""
+    from mindcv_volo import VOLO
+
+    x = tensor(2, 3, 64, 64)
+    outputs = []
+    for level in ("O0", amp_level):
+        ms.set_seed(0)
+        net = VOLO(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), img_size=64,
+                   num_classes=10)
+        net.set_train(False)
+        if level != "O0":
+            net = ms.amp.auto_mixed_precision(net, level)
+        outputs.append(net(x).asnumpy().astype(np.float32))
+    assert np.isfinite(outputs[1]).all()
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=5e-3)

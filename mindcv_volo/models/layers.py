@@ -127,7 +127,8 @@ class Conv2d(nn.Cell):
                               padding=self.padding)
         batch, channels, height, width = x.shape
         k = self.kernel_size
-        weight = self.weight.reshape(self.out_channels, -1)
+        # the parameters in the activations' dtype (float16 under AMP O2/O3), as ops.conv2d would
+        weight = self.weight.astype(x.dtype).reshape(self.out_channels, -1)
         if self.is_patchify:
             out_h, out_w = height // k, width // k
             patches = x.reshape(batch, channels, out_h, k, out_w, k).transpose(0, 2, 4, 1, 3, 5)
@@ -139,7 +140,7 @@ class Conv2d(nn.Cell):
             columns = ops.unfold(x, k, padding=self.padding, stride=self.stride)
             out = batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1)
+            out = out + self.bias.astype(x.dtype).reshape(1, -1, 1)
         return out.reshape(batch, self.out_channels, out_h, out_w)
 
     def channels_last(self, x):
@@ -161,10 +162,10 @@ class Conv2d(nn.Cell):
             patches = self.unfold(x)
             out_h, out_w = patches.shape[1], patches.shape[2]
         # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
-        weight = self.weight.transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+        weight = self.weight.astype(x.dtype).transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
         out = matmul_nt(patches.reshape(batch * out_h * out_w, k * k * channels), weight)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.astype(x.dtype)
         return out.reshape(batch, out_h, out_w, self.out_channels)
 
 
@@ -173,9 +174,9 @@ def batch_norm_relu_channels_last(bn, x):
 
     In inference BatchNorm is a per-channel affine map, applied along the last axis (MindSpore's CPU
     BatchNorm on a (B*H*W, C, 1, 1) view is ~15x slower than on NCHW). In training (batch statistics and
-    running-stat updates) it is `bn` itself, on the NCHW view.
+    running-stat updates), or when AMP has wrapped `bn` in a casting cell, it is `bn` itself, on the NCHW view.
     """
-    if bn.training:
+    if bn.training or not isinstance(bn, nn.BatchNorm2d):
         return ops.relu(bn(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
     scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
     shift = bn.beta - bn.moving_mean * scale
