@@ -9,8 +9,9 @@ global batches, and every rank takes its own slice of each global batch (a Subse
   * a resumed run sees exactly the order of a run that was never stopped.
 The augmentation's random state is also re-seeded from (seed, epoch) when an epoch's pipeline is built.
 
-Evaluation uses the model's own preprocessing (`eval_transforms`): resize to size / crop_pct (bicubic),
-center crop, mean/std normalisation, on every image of the split in file order, each rank a stride.
+Evaluation uses the model's own preprocessing (`eval_transforms`): resize to size / crop_pct (PIL bicubic,
+as the official), center crop, mean/std normalisation, on every image of the split in file order, each
+rank a stride.
 """
 import math
 import os
@@ -18,6 +19,8 @@ import re
 
 import numpy as np
 import mindspore.dataset as ds
+from mindspore.dataset import vision
+from mindspore.dataset.vision import Inter
 from mindcv.data import create_dataset, create_loader, create_transforms
 from mindcv.data.mixup import Mixup
 
@@ -91,9 +94,19 @@ def train_transforms(args):
 
 
 def eval_transforms(image_size, crop_pct, interpolation, mean, std):
-    """The model's evaluation preprocessing: resize to size / crop_pct, center crop, normalise (0-255 scale)."""
-    return create_transforms("imagenet", image_resize=image_size, is_training=False, crop_pct=crop_pct,
-                             interpolation=interpolation, mean=list(mean), std=list(std))
+    """The model's evaluation preprocessing, as the official (timm on PIL images) does it.
+
+    Decode to a PIL image, resize the shorter side to floor(size / crop_pct) with PIL's filter (MindSpore's
+    Resize runs PIL on PIL images; on arrays it runs a kernel without PIL's antialiasing, which moves the
+    pixels of a downscaled photo by ~10 levels), center crop, then mean/std on the 0-255 scale, CHW.
+    MindCV's eval transforms are the same steps on arrays.
+    """
+    return [vision.Decode(to_pil=True), vision.Resize(int(math.floor(image_size / crop_pct)), _INTER[interpolation]),
+            vision.CenterCrop(image_size), vision.ToNumpy(), vision.Normalize(mean=list(mean), std=list(std)),
+            vision.HWC2CHW()]
+
+
+_INTER = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}
 
 
 def _workers(requested):

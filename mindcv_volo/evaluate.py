@@ -18,7 +18,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .data import SplitInfo, create_eval_loader, eval_transforms, iterate
-from .engine.runtime import build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
+from .engine.runtime import amp_level, build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
 from .engine.step import apply_amp
 from .errors import UserError
 
@@ -113,7 +113,7 @@ def validate(args):
     split.check_num_classes(args.num_classes)
     model = build_model(args)
     load_weights(model, args.ckpt_path, ema=args.ema)
-    network = EvalNetwork(apply_amp(model, args.amp_level))
+    network = EvalNetwork(apply_amp(model, amp_level(args)))
     size, crop_pct, _ = eval_preprocessing(args, model)
     logger.info("evaluating %s on %s: %d images, %d px (crop_pct %s), device %s%s", args.model, split.folder,
                 split.count, size, crop_pct, args.device, f", {world} workers" if world > 1 else "")

@@ -67,9 +67,14 @@ def test_eval_preprocessing(folder):
     # 32 px at crop_pct 0.8: resize to 40, center crop 32; ImageNet mean/std on the 0-255 scale.
     transforms = eval_transforms(32, 0.8, "bicubic", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
     names = [type(t).__name__ for t in transforms]
-    assert names == ["Decode", "Resize", "CenterCrop", "Normalize", "HWC2CHW"]
+    assert names == ["Decode", "Resize", "CenterCrop", "ToNumpy", "Normalize", "HWC2CHW"]
     assert transforms[1].py_size == 40 and transforms[1].interpolation.name == "BICUBIC"
     assert transforms[2].size == (32, 32)
+    # On PIL images MindSpore's Resize is PIL's (antialiased) bicubic, as the official evaluation.
+    from PIL import Image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(transforms[1](photo)), np.asarray(photo.resize((53, 40), Image.BICUBIC)))
     loader = create_eval_loader(SplitInfo(folder, "val"), 4, transforms, rank=0, world=1, workers=1)
     batches = list(iterate(loader))
     assert [len(labels) for _, labels in batches] == [4, 4, 1]  # every image once, the last batch short

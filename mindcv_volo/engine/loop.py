@@ -13,7 +13,7 @@ from ..data import SplitInfo, create_train_loader, iterate, train_steps
 from ..errors import UserError
 from ..evaluate import EvalNetwork, eval_loader_for, evaluate, result_line
 from .checkpoints import CheckpointKeeper, list_checkpoints
-from .runtime import add_log_file, build_model, load_weights, setup_logging, setup_runtime
+from .runtime import add_log_file, amp_level, build_model, load_weights, setup_logging, setup_runtime
 from .step import apply_amp, build_loss_network, build_train_steps
 
 logger = logging.getLogger("mindcv_volo")
@@ -90,7 +90,8 @@ class Run:
         if args.ckpt_path and not args.resume:
             load_weights(self.model, args.ckpt_path, adapt=True)  # fine-tuning start point
         params = [(p.name, p) for p in self.model.get_parameters()]  # named before any wrapping
-        network = apply_amp(self.model, args.amp_level)
+        self.amp_level = amp_level(args)
+        network = apply_amp(self.model, self.amp_level)
         self.eval_network = EvalNetwork(network)
         self.loss_network = build_loss_network(network, args)
         self.lrs = learning_rates(args, self.updates)
@@ -106,7 +107,7 @@ class Run:
         if self.is_main:
             save_config(args, os.path.join(args.ckpt_save_dir, "config.yaml"))
         logger.info("device %s%s, %s mode, %d worker%s, AMP %s", args.device, " (auto)" * (args.device_target == "auto"),
-                    "graph" if args.mode == 0 else "pynative", self.world, "s" * (self.world > 1), args.amp_level)
+                    "graph" if args.mode == 0 else "pynative", self.world, "s" * (self.world > 1), self.amp_level)
 
     def _val_split(self):
         args = self.args

@@ -100,6 +100,19 @@ def build_model(args, **extra):
         raise UserError(f"cannot build {args.model} with arch_overrides {overrides}: {err}") from None
 
 
+def amp_level(args):
+    """The AMP level the run uses: the recipe's on accelerators, O0 on CPU.
+
+    On CPU float16 is no faster than float32, and the model's CPU paths (channels-last convolutions
+    called as methods) do not pass through the cells' float16 casts, so a recipe written for Ascend or
+    GPU runs there in float32, and says so.
+    """
+    if args.amp_level != "O0" and args.device == "CPU":
+        logger.info("amp_level %s is for accelerators: on CPU the run computes in float32 (O0)", args.amp_level)
+        return "O0"
+    return args.amp_level
+
+
 def eval_preprocessing(args, model):
     """(image size, crop_pct, interpolation) of evaluation: the model's own, crop_pct overridable."""
     config = data_config(args.model)
