@@ -54,11 +54,8 @@ def build_loss_network(model, args):
         `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
       `args.rank_id` and `args.device_num` are set by the time the builder runs.
 
-    `loss: token_label` (issue 4) plugs in here: a Cell holding the model and the TokenLabel loss whose
-    construct is `(images, labels, dense_targets, mix_mask) -> loss` calling
-    `model.forward_train(images, mix_mask)` -> (cls_logits, aux_logits), and whose `step_inputs` samples the
-    MixToken box from `np.random.default_rng([args.seed, epoch, step])` and passes it as the mask tensor
-    (B or 1, H/16, W/16, 1). Register its builder with `register_loss("token_label", builder)`.
+    `loss: token_label` (`token_labeling`): `model.forward_train(images, mix_mask)` with the token-label
+    loss, the MixToken box drawn per step in `step_inputs`, label maps through its own loader.
     """
     builder = LOSS_BUILDERS.get(args.loss)
     if builder is None:
@@ -67,12 +64,14 @@ def build_loss_network(model, args):
     return builder(model, args)
 
 
-LOSS_BUILDERS = {"ce": lambda model, args: ClassificationLoss(model, args.label_smoothing)}
+def _token_label_loss(model, args):
+    from .token_labeling import build_token_label_loss  # imported here: token_labeling builds on this module
+
+    return build_token_label_loss(model, args)
 
 
-def register_loss(name, builder):
-    """Make `loss: name` build `builder(model, args)` (a Cell following build_loss_network's contract)."""
-    LOSS_BUILDERS[name] = builder
+LOSS_BUILDERS = {"ce": lambda model, args: ClassificationLoss(model, args.label_smoothing),
+                 "token_label": _token_label_loss}
 
 
 # ---------------------------------------------------------------------------------------------------------
