@@ -26,6 +26,8 @@ def build_parser(parser):
     parser.add_argument("--mode", choices=MODES, default="graph")
     parser.add_argument("--amp-level", choices=AMP_LEVELS, default="O0")
     parser.add_argument("--all", action="store_true", help="sweep the 11 official variants (inference)")
+    parser.add_argument("--jit-level", choices=("O0", "O1", "O2"), default=None,
+                        help="ms.set_context(jit_config={'jit_level': ...}) (default: MindSpore's)")
     parser.add_argument("--memory-level", choices=("O0", "O1"), default=None,
                         help="ms.runtime.set_memory(optimize_level=...): O1 = memory priority (default: MindSpore's)")
     return parser
@@ -33,7 +35,8 @@ def build_parser(parser):
 
 def expand_runs(args):
     settings = dict(batch_size=args.batch_size, img_size=args.img_size, mode=args.mode, device=args.device,
-                    task=args.task, amp_level=args.amp_level, memory_level=args.memory_level, warmup=args.warmup, iters=args.iters,
+                    task=args.task, amp_level=args.amp_level, memory_level=args.memory_level,
+                    jit_level=args.jit_level, warmup=args.warmup, iters=args.iters,
                     num_classes=args.num_classes, seed=args.seed)
     if not args.all:
         return [dict(settings, model=args.model)]
@@ -79,6 +82,8 @@ def child_main(a):
     ms.set_context(mode=ms.GRAPH_MODE if a["mode"] == "graph" else ms.PYNATIVE_MODE)
     ms.set_device(a["device"])
     ms.set_seed(a["seed"])
+    if a.get("jit_level"):
+        ms.set_context(jit_config={"jit_level": a["jit_level"]})
     if a.get("memory_level"):
         ms.runtime.set_memory(optimize_level=a["memory_level"])
     import mindcv_volo
