@@ -72,11 +72,11 @@ def emit(record):
     print(RESULT_PREFIX + json.dumps(record), flush=True)
 
 
-def run_child(script, child_args, timeout=None, python=None):
+def run_child(script, child_args, timeout=None, python=None, env=None):
     """Run `script --child <json>` in a fresh process; return its result record (or an error record)."""
     cmd = [python or sys.executable, script, CHILD_FLAG, json.dumps(child_args)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(child_args, error=f"timed out after {timeout} s")
     for line in reversed(proc.stdout.splitlines()):

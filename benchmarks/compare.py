@@ -32,6 +32,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
     parser.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", "/work/torchenv/bin/python"),
                         help="python of the reference's virtualenv (torch + timm)")
+    parser.add_argument("--baseline-path", help="also run benchmark.py with this folder first on PYTHONPATH "
+                        "(e.g. an older checkout of mindcv_volo: `git archive REV mindcv_volo | tar -x -C DIR`), "
+                        "as a third side, 'baseline'")
     parser.add_argument("--out", help="also append every run's JSON line to this file")
     parser.add_argument("--timeout", type=float, default=3600)
     return parser.parse_args()
@@ -47,42 +50,48 @@ def median(records, key):
     return statistics.median(values) if values else float("nan")
 
 
-def table(results, tasks):
+def table(results, tasks, sides):
     lines = ["| task | side | img/s (median) | step ms | first call s | compile s | peak RSS MB | runs |",
              "|---|---|---|---|---|---|---|---|"]
-    ratios = []
+    ratios = ["| task | side | img/s side / reference (medians) | median of per-round ratios | "
+              "peak RSS side / reference |", "|---|---|---|---|---|"]
     for task in tasks:
-        rows = {}
-        for side in ("mindspore", "reference"):
-            recs = [r for r in results[(task, side)] if "error" not in r]
-            rows[side] = recs
+        rows = {side: [r for r in results[(task, side)] if "error" not in r] for side in sides}
+        for side, recs in rows.items():
             lines.append(f"| {task} | {side} | {median(recs, 'img_per_s'):.2f} | {median(recs, 'step_ms_median'):.0f} | "
                          f"{median(recs, 'first_call_s'):.1f} | {median(recs, 'compile_s'):.1f} | "
                          f"{median(recs, 'peak_rss_mb'):.0f} | {len(recs)} |")
-        ms_, ref = rows["mindspore"], rows["reference"]
-        # ratio of medians, and the median of the per-round ratios (each round's pair ran back to back)
-        paired = [m["img_per_s"] / r["img_per_s"] for m, r in zip(ms_, ref)]
-        ratios.append(f"| {task} | {median(ms_, 'img_per_s') / median(ref, 'img_per_s'):.2f}x | "
-                      f"{statistics.median(paired) if paired else float('nan'):.2f}x | "
-                      f"{median(ms_, 'peak_rss_mb') / median(ref, 'peak_rss_mb'):.2f} |")
-    lines += ["", "| task | img/s MindSpore / reference (medians) | median of per-round ratios | "
-              "peak RSS MindSpore / reference |", "|---|---|---|---|"] + ratios
-    return "\n".join(lines)
+        ref = rows["reference"]
+        for side in sides:
+            if side == "reference":
+                continue
+            # each round's runs were back to back: the per-round ratio is the less noisy one
+            paired = [m["img_per_s"] / r["img_per_s"] for m, r in zip(rows[side], ref)]
+            ratios.append(f"| {task} | {side} | {median(rows[side], 'img_per_s') / median(ref, 'img_per_s'):.2f}x | "
+                          f"{statistics.median(paired) if paired else float('nan'):.2f}x | "
+                          f"{median(rows[side], 'peak_rss_mb') / median(ref, 'peak_rss_mb'):.2f} |")
+    return "\n".join(lines + [""] + ratios)
 
 
 def main():
     args = parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
-    results = {(task, side): [] for task in tasks for side in ("mindspore", "reference")}
+    sides = ("mindspore", "reference") + (("baseline",) if args.baseline_path else ())
+    results = {(task, side): [] for task in tasks for side in sides}
+    baseline_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (args.baseline_path, os.environ.get("PYTHONPATH")) if p))
     for round_ in range(args.rounds):
         for task in tasks:
-            runs = (("mindspore", os.path.join(HERE, "benchmark.py"), sys.executable,
-                     dict(settings(args, task), mode="graph", amp_level="O0")),
+            runs = [("mindspore", os.path.join(HERE, "benchmark.py"), sys.executable,
+                     dict(settings(args, task), mode="graph", amp_level="O0"), None),
                     ("reference", os.path.join(HERE, "reference_torch.py"), args.torch_python,
-                     dict(settings(args, task), mode="eager", amp_level="O0", threads=args.threads)))
-            # alternate which side goes first, so neither always runs right after the other's clean-up
-            for side, script, python, child_args in (runs if round_ % 2 == 0 else runs[::-1]):
-                record = dict(_common.run_child(script, child_args, timeout=args.timeout, python=python),
+                     dict(settings(args, task), mode="eager", amp_level="O0", threads=args.threads), None)]
+            if args.baseline_path:
+                runs.append(("baseline", os.path.join(HERE, "benchmark.py"), sys.executable,
+                             dict(settings(args, task), mode="graph", amp_level="O0"), baseline_env))
+            # alternate the order, so no side always runs right after the same other side
+            for side, script, python, child_args, env in (runs if round_ % 2 == 0 else runs[::-1]):
+                record = dict(_common.run_child(script, child_args, timeout=args.timeout, python=python, env=env),
                               side=side, round=round_)
                 results[(task, side)].append(record)
                 line = json.dumps(record)
@@ -91,7 +100,7 @@ def main():
                     with open(args.out, "a") as f:
                         f.write(line + "\n")
     print()
-    print(table(results, tasks))
+    print(table(results, tasks, sides))
     return 0
 
 
