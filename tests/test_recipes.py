@@ -37,6 +37,11 @@ def test_recipe(path):
         "randaug-m9-mstd0.5-inc1", 0.25, "O2", "dynamic")
     global_batch = 8 * args.batch_size * args.gradient_accumulation_steps
     assert f"= {global_batch}" in header
+    # Token labeling with MixToken, as the paper; mixup/cutmix off (MixToken replaces them).
+    assert (args.loss, args.mix_token, args.cls_weight, args.dense_weight, args.mixup, args.cutmix) == (
+        "token_label", True, 1.0, 0.5, 0.0, 0.0)
+    # Pre-training reads a teacher's label maps; fine-tuning uses the image labels (ground-truth mode).
+    assert bool(args.token_label_dir) != ("finetune" in path)
     if "finetune" in path:
         assert (args.lr, args.min_lr, args.epoch_size, args.weight_decay, args.warmup_epochs) == (
             8e-6, 4e-6, 30, 1e-8, 5)
