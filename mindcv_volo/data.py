@@ -149,7 +149,7 @@ def create_eval_loader(split, batch_size, transforms, rank=0, world=1, workers=4
                          num_parallel_workers=workers)
 
 
-_BAD_FILE = re.compile(r"The corresponding data file is: (.+?)\. (.+?)(?:\n|$)")
+_BAD_FILE = re.compile(r"The corresponding data file is: (.+?)\.(?: |\n|$)")
 
 
 def pipeline_error(err):
@@ -157,8 +157,8 @@ def pipeline_error(err):
     match = _BAD_FILE.search(str(err))
     if match is None:
         return None
-    return UserError(f"cannot read image {match.group(1)}: {match.group(2).rstrip('.')} "
-                     "(corrupt or not an image; remove or replace it)")
+    # MindSpore's own words differ between its decoders (C++ or PIL); the file is what matters.
+    return UserError(f"cannot read image {match.group(1)}: corrupt or not an image; remove or replace it")
 
 
 def iterate(loader, num_epochs=1):

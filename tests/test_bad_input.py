@@ -4,6 +4,7 @@ Every case runs train.py or validate.py as a user would; the cases start togethe
 one fixture, since most of each run is MindSpore's import.
 """
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,8 +64,8 @@ def cases(tmp_path_factory):
                               f"{other_classes}/train and {other_classes}/val have different classes (only in "
                               f"{other_classes}/train: stripes; only in {other_classes}/val: triangle)"),
         "unreadable image": (("validate.py", "-c", config, "--data_dir", broken, "--ckpt_path", weights),
-                             f"cannot read image {broken}/val/square/001.png: Decode: image decode failed "
-                             "(corrupt or not an image; remove or replace it)"),
+                             f"cannot read image {broken}/val/square/001.png: corrupt or not an image; remove "
+                             "or replace it"),
         "unknown model": (("train.py", "-c", config, "--model", "volo_d9_224"),
                           f"unknown model 'volo_d9_224'; choose one of: {MODEL_NAMES}"),
         "other class count": (("validate.py", "-c", config, "--ckpt_path", five_classes),
@@ -149,10 +150,12 @@ def test_dynamic_loss_scale_skips_overflowing_steps(cases):
     proc, _, out = cases["dynamic"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "epoch 1 step 1: non-finite gradients at loss scale 3e+38: update skipped" in proc.stdout
-    assert "epoch 1 step 2: non-finite gradients at loss scale 1.5e+38: update skipped" in proc.stdout
     assert "step(s) skipped" in proc.stdout.split("epoch 1/2 done")[1].splitlines()[0]
+    # Each skipped step halves the scale; how many overflow depends on the weights, not on this test.
+    scales = [float(s) for s in re.findall(r"non-finite gradients at loss scale (\S+): update skipped", proc.stdout)]
+    halvings = len(scales)
+    assert scales == pytest.approx([3e38 / 2 ** k for k in range(halvings)], rel=1e-3)
+    assert 1 <= halvings < 12  # some steps were skipped, later ones trained
     state = read_ckpt(out / "volo_d1_224-2_6.ckpt")
-    halvings = proc.stdout.count("update skipped")
-    assert 2 <= halvings < 12  # some steps were skipped, later ones trained
     assert float(state["train_state.loss_scale"]) == pytest.approx(3e38 / 2 ** halvings, rel=1e-6)
     assert int(state["optimizer.global_step"].reshape(-1)[0]) == 12 - halvings  # skipped steps did not update

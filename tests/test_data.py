@@ -86,9 +86,11 @@ def test_pipeline_error_names_the_file():
     text = ("Exception thrown from dataset pipeline. Refer to 'Dataset Pipeline Error Message'. \n\n[ERROR] map "
             "operation: [Decode] failed. The corresponding data file is: /d/val/a/x.png. Decode: image decode "
             "failed.\n\n")
-    assert str(pipeline_error(RuntimeError(text))) == (
-        "cannot read image /d/val/a/x.png: Decode: image decode failed (corrupt or not an image; remove or "
-        "replace it)")
+    expected = "cannot read image /d/val/a/x.png: corrupt or not an image; remove or replace it"
+    assert str(pipeline_error(RuntimeError(text))) == expected
+    pil = ("map operation: [PyFunc] failed. The corresponding data file is: /d/val/a/x.png. Error description:\n"
+           "ValueError: Traceback (most recent call last):\n")
+    assert str(pipeline_error(RuntimeError(pil))) == expected
     assert pipeline_error(RuntimeError("something else")) is None
 
 

@@ -23,6 +23,9 @@ def test_run_outputs(reference):
         assert f"epoch {epoch}/{EPOCHS} done: train loss " in proc.stdout
         assert f"epoch {epoch}/{EPOCHS} step {STEPS}/{STEPS} loss " in proc.stdout
     assert " lr " in proc.stdout and " img/s " in proc.stdout and " eta " in proc.stdout
+    # val_interval 2: validation after epoch 2 and after the last; the last one is the final JSON's.
+    assert "epoch 1/3 val" not in proc.stdout and "epoch 2/3 val: top-1 " in proc.stdout
+    assert f"epoch 3/3 val: top-1 {result['top1']:.4f} " in proc.stdout
     # keep_checkpoint_max 2: the first epoch's file was removed; nothing temporary is left.
     assert sorted(os.listdir(save_dir)) == ["config.yaml", "train.log", f"volo_d1_224-2_{STEPS}.ckpt",
                                             f"volo_d1_224-3_{STEPS}.ckpt"]
@@ -43,6 +46,7 @@ def test_checkpoint_holds_the_training_state(reference):
     assert int(state["train_state.global_step"]) == EPOCHS * STEPS // 2  # accumulation 2
     assert int(state["optimizer.global_step"].reshape(-1)[0]) == EPOCHS * STEPS // 2
     assert float(state["train_state.loss_scale"]) == 1024.0
+    assert 0 <= float(state["train_state.val_top1"]) <= 1
     # The EMA (decay 0.9) trails the weights: close, not equal.
     assert 0 < np.abs(state["ema.head.weight"] - state["head.weight"]).max() < 0.1
 

@@ -102,7 +102,8 @@ def max_difference(a, b):
 EPOCHS = 3
 STEPS = 24  # 72 train images / batch 3 per step
 RECIPE = dict(epoch_size=EPOCHS, batch_size=3, ema=True, ema_decay=0.9, clip_grad=True, clip_value=1.0,
-              gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1)
+              gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1, val_while_train=True,
+              val_interval=2)
 
 
 # Fixtures imported into two test modules are two fixtures to pytest: each would run once per module,
