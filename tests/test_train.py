@@ -177,3 +177,5 @@ def test_checkpoint_pruning(tmp_path, policy, kept):
     # latest_k keeps the newest three; top_k keeps the best two and always the latest (resume needs it).
     assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), "m")] == kept
     assert (tmp_path / "other-1_5.ckpt").exists()
+    keeper.discard_earlier()  # what a fresh run (no --resume) does first
+    assert list_checkpoints(str(tmp_path), "m") == [] and (tmp_path / "other-1_5.ckpt").exists()

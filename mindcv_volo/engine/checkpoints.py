@@ -98,6 +98,14 @@ class CheckpointKeeper:
         self.prune()
         return path
 
+    def discard_earlier(self):
+        """A fresh run in a folder holding checkpoints of an earlier run of this model: remove them, or a
+        later --resume (and the pruning) would take the earlier run's files for this run's."""
+        for _, path in list_checkpoints(self.folder, self.model_name):
+            os.remove(path)
+            logger.info("removed %s of an earlier run (resume it with --resume True instead of starting afresh)",
+                        path)
+
     def prune(self):
         saved = [path for _, path in list_checkpoints(self.folder, self.model_name)]
         if len(saved) <= self.keep_max:

@@ -104,6 +104,8 @@ class Run:
         if self.is_main:
             add_log_file(os.path.join(args.ckpt_save_dir, "train.log"))
         self.start_epoch, self.global_step = self._resume()
+        if self.is_main and not args.resume:
+            self.keeper.discard_earlier()
         if self.is_main:
             save_config(args, os.path.join(args.ckpt_save_dir, "config.yaml"))
         logger.info("device %s%s, %s mode, %d worker%s, AMP %s", args.device, " (auto)" * (args.device_target == "auto"),
