@@ -75,11 +75,15 @@ class OutlookAttention(nn.Cell):
         return self.proj(out.transpose(0, 2, 3, 1))
 
 
-class Outlooker(nn.Cell):
+class PreNormBlock(nn.Cell):
+    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention."""
+
+    attention = None
+
     def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0, drop_path_rate=0.0):
         super().__init__()
         self.norm1 = layer_norm(dim)
-        self.attn = OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.attn = self.attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
         self.drop_path = drop_path(drop_path_rate)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -87,6 +91,12 @@ class Outlooker(nn.Cell):
     def construct(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Outlooker(PreNormBlock):
+    """The outlooker block of stage 1 (stride 8)."""
+
+    attention = OutlookAttention
 
 
 class Attention(nn.Cell):
@@ -116,18 +126,10 @@ class Attention(nn.Cell):
         return self.proj(out)
 
 
-class Transformer(nn.Cell):
-    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0, drop_path_rate=0.0):
-        super().__init__()
-        self.norm1 = layer_norm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.drop_path = drop_path(drop_path_rate)
-        self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+class Transformer(PreNormBlock):
+    """The self-attention block of stages 2-4 (stride 16)."""
 
-    def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    attention = Attention
 
 
 class ClassAttention(nn.Cell):
