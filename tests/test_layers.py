@@ -169,24 +169,6 @@ def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_layer_norm_gradient_equals_autodiff(mode):
-    from mindcv_volo.models.layers import LayerNorm
-
-    fast = LayerNorm(12, 1e-5)
-    assert fast.cpu_gradient  # the tests run on CPU
-    plain = nn.LayerNorm((12,), epsilon=1e-5)
-    for cell in (fast, plain):
-        cell.gamma.set_data(tensor(12))
-        cell.beta.set_data(Tensor(np.linspace(-1, 1, 12).astype(np.float32)))
-    plain.gamma.set_data(fast.gamma.data.copy())
-    x = tensor(2, 3, 5, 12) * 3 + 1
-    np.testing.assert_allclose(Fn(fast)(x).asnumpy(), Fn(plain)(x).asnumpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(grads(fast, x)[0], grads(plain, x)[0], rtol=1e-4, atol=1e-5)
-    param_grads = [ms.grad(SumOfSquares(c), None, c.trainable_params())(x) for c in (fast, plain)]
-    for a, b in zip(*param_grads):
-        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("amp_level", ["O2", "O3"])
 def test_cpu_paths_run_under_float16_amp(mode, amp_level):
     """AMP wraps cells (BatchNorm in a casting cell) and runs the convolutions in float16: the CPU paths
