@@ -70,8 +70,9 @@ def shard():
 def set_device(target, mode):
     import mindspore as ms
 
-    if target == "auto":
-        target = next(t for t in ("Ascend", "GPU", "CPU") if t == "CPU" or ms.hal.is_available(t))
+    from .engine.runtime import resolve_device
+
+    target = resolve_device(target)  # "auto": the first present; a missing device is a one-line error
     ms.set_device(target)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     return target
