@@ -7,7 +7,6 @@ loss that needs more inputs (token labeling: dense targets and a MixToken mask d
 step) only brings its own Cell and its own `step_inputs`; nothing else changes.
 """
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.communication import get_group_size
 from mindcv.loss import create_loss
@@ -267,7 +266,3 @@ def build_train_steps(loss_network, optimizer, model, args):
     for cell in {id(update): update, id(micro): micro}.values():
         cell.set_train(True)
     return micro, update, state, ema
-
-
-def as_numpy(value):
-    return value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)
