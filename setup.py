@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="The official VOLO (Vision Outlooker) in MindSpore, registered in MindCV's model zoo",
     packages=find_packages(include=["mindcv_volo", "mindcv_volo.*"]),
+    # the fused CPU kernels' source, compiled with the machine's g++ on first use
+    package_data={"mindcv_volo.models": ["cpu_kernels.cc"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",

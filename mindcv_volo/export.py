@@ -13,6 +13,7 @@ import numpy as np
 
 from .model_args import add_model_arguments, create_from_args
 from .errors import UserError, run_cli
+from .models.cpu_kernels import portable_ops
 from .weights import load_checkpoint_into
 
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
@@ -49,7 +50,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="the exported graph's fixed batch size")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights of a training checkpoint")
     args = parser.parse_args(argv)
-    model = create_from_args(args)
+    with portable_ops():  # the exported graph must not call this machine's compiled CPU kernels
+        model = create_from_args(args)
     load_checkpoint_into(model, args.ckpt, ema=args.ema)
     print(f"wrote {export_model(model, args.out, args.format, args.batch_size)}")
 

@@ -12,13 +12,36 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, TruncatedNormal, Uniform, initializer
 from mindspore.ops import constexpr
 
-LAYER_NORM_EPS = 1e-5
+from . import cpu_kernels
+
+LAYER_NORM_EPS = 1e-5  # also the fused CPU kernel's constant (cpu_kernels.cc)
+
+
+def uses_fused_cpu_kernels():
+    """The CPU paths' fused LayerNorm / GELU / Softmax kernels (`cpu_kernels`), when they can be built."""
+    return uses_cpu_paths() and cpu_kernels.available()
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm over the last axis (eps 1e-5); parameters `gamma`, `beta` as nn.LayerNorm's.
+
+    With the fused CPU kernels a float32 input takes one multi-threaded kernel each way (MindSpore's CPU
+    LayerNorm and LayerNormGrad are single-threaded); otherwise, and for other dtypes, MindSpore's.
+    """
+
+    def __init__(self, dim):
+        super().__init__((dim,), epsilon=LAYER_NORM_EPS)
+        self.fused = cpu_kernels.LayerNormFunction() if uses_fused_cpu_kernels() else None
+
+    def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x, self.gamma, self.beta)
+        y, _, _ = self.layer_norm(x, self.gamma.astype(x.dtype), self.beta.astype(x.dtype))
+        return y
 
 
 def layer_norm(dim):
-    # MindSpore's CPU LayerNormGrad is slow (~9% of a CPU training step), but a hand-written gradient
-    # (custom bprop) measured +2.0 GB peak memory in training for ~6% of step time: not worth it.
-    return nn.LayerNorm((dim,), epsilon=LAYER_NORM_EPS)
+    return LayerNorm(dim)
 
 
 def batch_norm(channels):
@@ -147,10 +170,17 @@ class GELU(nn.Cell):
 
     Written as torch computes it, x * 0.5 * (1 + erf(x / sqrt 2)), with the division as a multiplication:
     `ops.gelu(approximate="none")` expands to Div + Erf + Add + Mul + Mul, and on CPU the Div pass costs
-    as much as three Mul passes. Same numbers to float rounding, in any float dtype, on any device.
+    as much as three Mul passes. With the fused CPU kernels a float32 input takes one pass each way.
+    Same numbers to float rounding, in any float dtype, on any device.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.fused = cpu_kernels.GeluFunction() if uses_fused_cpu_kernels() else None
+
     def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x)
         return x * 0.5 * (1.0 + ops.erf(x * SQRT1_2))
 
 
@@ -193,9 +223,18 @@ def split_class_token(x):
     return ops.split(x, (1, x.shape[1] - 1), axis=1)
 
 
-def softmax_float32(x):
-    """Softmax computed in float32 whatever the AMP level, cast back to the input's dtype."""
-    return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
+class Softmax(nn.Cell):
+    """Softmax over the last axis, computed in float32 whatever the AMP level, cast back to the input's
+    dtype; with the fused CPU kernels one pass each way (MindSpore's gradient takes four)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = cpu_kernels.SoftmaxFunction() if uses_fused_cpu_kernels() else None
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        out = self.fused(x32) if self.fused is not None else ops.softmax(x32, axis=-1)
+        return out.astype(x.dtype)
 
 
 # Sliding windows on channels-last maps, by index gathers. What `ops.unfold` / `ops.fold` compute (torch's

@@ -13,9 +13,8 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, batch_matmul, batch_norm,
-                     batch_norm_relu_channels_last, dense, drop_path, layer_norm, softmax_float32, split_class_token,
-                     uses_cpu_paths)
+from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, Softmax, batch_matmul, batch_norm,
+                     batch_norm_relu_channels_last, dense, drop_path, layer_norm, split_class_token, uses_cpu_paths)
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -39,6 +38,7 @@ class OutlookAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.v = dense(dim, dim, has_bias=qkv_bias)
         self.attn = dense(dim, kernel_size ** 4 * num_heads)
+        self.softmax = Softmax()
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
         # CPU: unfold/fold as index gathers on channels-last maps (no parameters; names unchanged)
@@ -60,7 +60,7 @@ class OutlookAttention(nn.Cell):
         if self.channels_last:
             # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
             v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
-            attn = self.attn_drop(softmax_float32(attn * self.scale))
+            attn = self.attn_drop(self.softmax(attn * self.scale))
             out = batch_matmul(attn, v.transpose(0, 1, 3, 2, 4)).transpose(0, 1, 3, 2, 4)
             return self.proj(self.fold(out.reshape(batch, out_h, out_w, kk, dim)))
 
@@ -68,7 +68,7 @@ class OutlookAttention(nn.Cell):
         # Unfold keeps torch's channel order: (C, k*k) along axis 1.
         v = ops.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
         v = v.reshape(batch, self.num_heads, self.head_dim, kk, num_windows).transpose(0, 1, 4, 3, 2)
-        attn = self.attn_drop(softmax_float32(attn.transpose(0, 2, 1, 3, 4) * self.scale))
+        attn = self.attn_drop(self.softmax(attn.transpose(0, 2, 1, 3, 4) * self.scale))
         out = batch_matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
         out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
                        padding=self.padding, stride=self.stride)
@@ -108,6 +108,7 @@ class Attention(nn.Cell):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
+        self.softmax = Softmax()
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
 
@@ -121,7 +122,7 @@ class Attention(nn.Cell):
         q = (q * self.scale).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
         v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        attn = self.attn_drop(softmax_float32(batch_matmul(q, k_t)))
+        attn = self.attn_drop(self.softmax(batch_matmul(q, k_t)))
         out = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
         return self.proj(out)
 
@@ -142,6 +143,7 @@ class ClassAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.kv = dense(dim, dim * 2, has_bias=qkv_bias)
         self.q = dense(dim, dim, has_bias=qkv_bias)
+        self.softmax = Softmax()
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
 
@@ -151,7 +153,7 @@ class ClassAttention(nn.Cell):
         k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
         v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = self.q(split_class_token(x)[0]).reshape(batch, self.num_heads, 1, self.head_dim)
-        attn = self.attn_drop(softmax_float32(batch_matmul(q * self.scale, k_t)))
+        attn = self.attn_drop(self.softmax(batch_matmul(q * self.scale, k_t)))
         cls_embed = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
         return self.proj(cls_embed)
 

@@ -1,0 +1,224 @@
+// Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")): LayerNorm over
+// the last axis, exact (erf) GELU and softmax over the last axis, each forward and backward.
+//
+// Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
+// GPU/Ascend only), computes GELU as five passes with a slow Erf, and its LayerNorm and LayerNormGrad run
+// on one thread (LayerNormGrad ~32 ns per element: 12% of a VOLO-D1 training step). Each kernel here is
+// one or two passes, on every core. Built by mindcv_volo/models/cpu_kernels.py on first use.
+//
+// The AOT calling convention: params holds the inputs, then the outputs; shapes[i] has ndims[i] sizes.
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+// glibc's libmvec (>= 2.35) has vector forms of erff and expf. Declared SIMD-callable here, instead of
+// compiling with -ffast-math, which would also assume that no value is NaN or infinite.
+extern "C" {
+__attribute__((simd("notinbranch"))) float erff(float);
+__attribute__((simd("notinbranch"))) float expf(float);
+}
+
+namespace {
+
+constexpr float kLayerNormEps = 1e-5f;  // torch's default, VOLO's LayerNorm
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+int cpu_count() {
+  static const int count = [] {
+    cpu_set_t set;
+    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+  }();
+  return count;
+}
+
+// Calls body(begin, end, chunk) on contiguous chunks of [0, n), one chunk per core, each at least
+// min_chunk long. Threads are started per call (tens of microseconds, against kernels of milliseconds)
+// so that nothing spins between calls and takes cores from MindSpore's own kernels.
+template <typename Body>
+int parallel_for(int64_t n, int64_t min_chunk, const Body &body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu_count(), n / std::max<int64_t>(min_chunk, 1)));
+  const int64_t step = (n + chunks - 1) / chunks;
+  std::vector<std::thread> workers;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t begin = c * step, end = std::min(n, begin + step);
+    if (begin < end) workers.emplace_back([&body, begin, end, c] { body(begin, end, c); });
+  }
+  body(0, std::min(n, step), 0);
+  for (auto &worker : workers) worker.join();
+  return static_cast<int>(chunks);
+}
+
+int64_t element_count(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+// Mean and 1 / sqrt(var + eps) of one row, two passes (as torch: no E[x^2] - E[x]^2 cancellation).
+void row_statistics(const float *x, int64_t width, float *mean_out, float *rstd_out) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < width; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(width);
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < width; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  *mean_out = mean;
+  *rstd_out = 1.f / std::sqrt(squares / static_cast<float>(width) + kLayerNormEps);
+}
+
+}  // namespace
+
+// inputs x (..., C), gamma (C), beta (C); output y (..., C)
+extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *gamma = static_cast<const float *>(params[1]);
+  const auto *beta = static_cast<const float *>(params[2]);
+  auto *y = static_cast<float *>(params[3]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  parallel_for(rows, 64, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * width;
+      float *yr = y + r * width;
+      float mean, rstd;
+      row_statistics(xr, width, &mean, &rstd);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+    }
+  });
+  return 0;
+}
+
+// inputs x (..., C), gamma (C), dy (..., C); outputs dx (..., C), dgamma (C), dbeta (C).
+// The row statistics are recomputed from x (one pass) instead of being kept from the forward.
+extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *gamma = static_cast<const float *>(params[1]);
+  const auto *dy = static_cast<const float *>(params[2]);
+  auto *dx = static_cast<float *>(params[3]);
+  auto *dgamma = static_cast<float *>(params[4]);
+  auto *dbeta = static_cast<float *>(params[5]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  // per-chunk partial sums of dgamma and dbeta, added up in chunk order: the same result on every run
+  std::vector<float> partial(static_cast<size_t>(cpu_count()) * 2 * width, 0.f);
+  const int chunks = parallel_for(rows, 64, [&](int64_t begin, int64_t end, int64_t chunk) {
+    float *dgamma_part = partial.data() + chunk * 2 * width;
+    float *dbeta_part = dgamma_part + width;
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * width;
+      const float *dyr = dy + r * width;
+      float *dxr = dx + r * width;
+      float mean, rstd;
+      row_statistics(xr, width, &mean, &rstd);
+      float sum_g = 0.f, sum_g_xhat = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+      for (int64_t i = 0; i < width; ++i) {
+        const float xhat = (xr[i] - mean) * rstd;
+        const float g = dyr[i] * gamma[i];
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+        dgamma_part[i] += dyr[i] * xhat;
+        dbeta_part[i] += dyr[i];
+      }
+      const float mean_g = sum_g / static_cast<float>(width);
+      const float mean_g_xhat = sum_g_xhat / static_cast<float>(width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float xhat = (xr[i] - mean) * rstd;
+        dxr[i] = rstd * (dyr[i] * gamma[i] - mean_g - xhat * mean_g_xhat);
+      }
+    }
+  });
+  for (int64_t i = 0; i < width; ++i) {
+    float g = 0.f, b = 0.f;
+    for (int c = 0; c < chunks; ++c) {
+      g += partial[c * 2 * width + i];
+      b += partial[c * 2 * width + width + i];
+    }
+    dgamma[i] = g;
+    dbeta[i] = b;
+  }
+  return 0;
+}
+
+// input x; output x * 0.5 * (1 + erf(x / sqrt 2)), torch's exact GELU
+extern "C" int GeluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  auto *y = static_cast<float *>(params[1]);
+  parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) y[i] = x[i] * 0.5f * (1.f + erff(x[i] * kSqrtHalf));
+  });
+  return 0;
+}
+
+// inputs x, dy; output dx = dy * (Phi(x) + x * phi(x))
+extern "C" int GeluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *dy = static_cast<const float *>(params[1]);
+  auto *dx = static_cast<float *>(params[2]);
+  parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const float cdf = 0.5f * (1.f + erff(x[i] * kSqrtHalf));
+      const float pdf = kInvSqrt2Pi * expf(-0.5f * x[i] * x[i]);
+      dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+  });
+  return 0;
+}
+
+// input x (..., N); output softmax over the last axis
+extern "C" int SoftmaxForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  auto *y = static_cast<float *>(params[1]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * width;
+      float *yr = y + r * width;
+      float top = xr[0];
+      for (int64_t i = 1; i < width; ++i) top = std::max(top, xr[i]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < width; ++i) {
+        yr[i] = expf(xr[i] - top);
+        sum += yr[i];
+      }
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) yr[i] *= inv;
+    }
+  });
+  return 0;
+}
+
+// inputs y (the forward's output), dy; output dx = y * (dy - sum(dy * y)) per row
+extern "C" int SoftmaxBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *y = static_cast<const float *>(params[0]);
+  const auto *dy = static_cast<const float *>(params[1]);
+  auto *dx = static_cast<float *>(params[2]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *yr = y + r * width;
+      const float *dyr = dy + r * width;
+      float *dxr = dx + r * width;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < width; ++i) dot += dyr[i] * yr[i];
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
+    }
+  });
+  return 0;
+}

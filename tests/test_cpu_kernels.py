@@ -1,0 +1,169 @@
+"""The fused CPU kernels (mindcv_volo/models/cpu_kernels.cc) against float64 NumPy, values and gradients,
+and the switches that keep them out of places where they do not belong."""
+import math
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from mindcv_volo.models import cpu_kernels
+from mindcv_volo.models.layers import GELU, LayerNorm, Softmax
+
+RNG = np.random.default_rng(0)
+
+
+def numpy_layer_norm(x, gamma, beta):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gamma + beta
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numeric_grads(fn, inputs, weights, eps=1e-6):
+    """Central differences of sum(fn(*inputs) * weights), in float64."""
+    result = []
+    for i, value in enumerate(inputs):
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            shifted = [v.copy() for v in inputs]
+            shifted[i][index] += eps
+            up = (fn(*shifted) * weights).sum()
+            shifted[i][index] -= 2 * eps
+            grad[index] = (up - (fn(*shifted) * weights).sum()) / (2 * eps)
+        result.append(grad)
+    return result
+
+
+class WeightedSum(nn.Cell):
+    def __init__(self, cell, weights):
+        super().__init__()
+        self.cell = cell
+        self.weights = Tensor(weights.astype(np.float32))
+
+    def construct(self, *args):
+        return (self.cell(*args) * self.weights).sum()
+
+
+def check(cell, fn, inputs, grad_tol):
+    """cell(*inputs) against fn in float64, and its gradients against central differences of fn."""
+    tensors = [Tensor(v.astype(np.float32)) for v in inputs]
+    out = cell(*tensors).asnumpy()
+    np.testing.assert_allclose(out, fn(*inputs), rtol=1e-5, atol=1e-6)
+    weights = np.random.default_rng(1).standard_normal(out.shape)
+    grads = ms.grad(WeightedSum(cell, weights), tuple(range(len(inputs))))(*tensors)
+    for got, expected in zip(grads if isinstance(grads, tuple) else (grads,), numeric_grads(fn, inputs, weights)):
+        np.testing.assert_allclose(got.asnumpy(), expected, rtol=grad_tol, atol=grad_tol)
+
+
+def test_kernels_build_on_this_machine():
+    # CI has g++: the layers below must run the kernels, not the fallback, or this file tests nothing new
+    assert cpu_kernels.available(), "the fused CPU kernels did not build (see the warning)"
+    assert LayerNorm(8).fused is not None and GELU().fused is not None and Softmax().fused is not None
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 24), (3, 1, 16), (130, 8)])  # > 64 rows: split over threads
+def test_layer_norm_values_and_gradients(mode, shape):
+    x = RNG.standard_normal(shape) * 3 + 1
+    gamma, beta = RNG.standard_normal(shape[-1:]), RNG.standard_normal(shape[-1:])
+    cell = cpu_kernels.LayerNormFunction()
+    check(cell, numpy_layer_norm, [x, gamma, beta], grad_tol=2e-3)
+
+
+def test_gelu_gradient(mode):
+    x = np.concatenate([np.linspace(-6, 6, 121), RNG.standard_normal(40000) * 3])  # > 16384: threads
+
+    x = x.astype(np.float32).astype(np.float64)  # the points the kernel sees
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+    out = cpu_kernels.GeluFunction()(Tensor(x.astype(np.float32))).asnumpy()
+    np.testing.assert_allclose(out, x * cdf, rtol=1e-6, atol=5e-7)
+    weights = np.random.default_rng(1).standard_normal(x.shape)
+    grad = ms.grad(WeightedSum(cpu_kernels.GeluFunction(), weights))(Tensor(x.astype(np.float32))).asnumpy()
+    pdf = np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(grad, weights * (cdf + x * pdf), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9), (2, 3, 197), (1000, 9)])
+def test_softmax_values_and_gradients(mode, shape):
+    x = RNG.standard_normal(shape) * 4
+    check(cpu_kernels.SoftmaxFunction(), numpy_softmax, [x], grad_tol=1e-4)
+
+
+def test_softmax_cell_keeps_float16_and_computes_in_float32(mode):
+    x = RNG.standard_normal((4, 9)).astype(np.float16)
+    out = Softmax()(Tensor(x))
+    assert out.dtype == ms.float16
+    np.testing.assert_allclose(out.asnumpy(), numpy_softmax(x.astype(np.float64)), atol=1e-3)
+
+
+def test_nan_propagates(mode):
+    x = np.ones((4, 8), np.float32)
+    x[1, 3] = np.nan
+    for cell, args in [(cpu_kernels.LayerNormFunction(), (np.ones(8, np.float32), np.zeros(8, np.float32))),
+                       (cpu_kernels.SoftmaxFunction(), ()), (cpu_kernels.GeluFunction(), ())]:
+        out = cell(Tensor(x), *map(Tensor, args)).asnumpy()
+        assert np.isnan(out[1]).any() and np.isfinite(np.delete(out, 1, axis=0)).all(), type(cell).__name__
+
+
+def test_portable_ops_builds_cells_without_kernels():
+    with cpu_kernels.portable_ops():
+        assert not cpu_kernels.available()
+        assert LayerNorm(8).fused is None and GELU().fused is None and Softmax().fused is None
+    assert LayerNorm(8).fused is not None
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+MODEL_RUNS = """
+import numpy as np, mindspore as ms
+ms.set_device("CPU")
+from mindcv_volo import VOLO
+from mindcv_volo.models import cpu_kernels
+net = VOLO(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), img_size=32,
+           num_classes=3, stem_hidden_dim=8)
+net.set_train(False)
+print("available", cpu_kernels.available(), net(ms.Tensor(np.zeros((1, 3, 32, 32), np.float32))).shape)
+"""
+
+
+def test_switched_off_by_environment():
+    proc = run_python(MODEL_RUNS, MINDCV_VOLO_CPU_KERNELS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert "available False (1, 3)" in proc.stdout
+    assert "fused CPU kernels unavailable" not in proc.stderr  # switched off on purpose: no warning
+
+
+def test_without_a_compiler_warns_once_and_falls_back(tmp_path):
+    proc = run_python(MODEL_RUNS, CXX=str(tmp_path / "no-such-g++"), MINDCV_VOLO_KERNEL_CACHE=str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert "available False (1, 3)" in proc.stdout
+    assert proc.stderr.count("fused CPU kernels unavailable (no C++ compiler (g++, or $CXX) on PATH)") == 1
+
+
+def test_builds_into_the_cache_once(tmp_path):
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        proc = run_python("from mindcv_volo.models import cpu_kernels; print(cpu_kernels.library_path())",
+                          MINDCV_VOLO_KERNEL_CACHE=str(cache))
+        assert proc.returncode == 0, proc.stderr
+    built = sorted(p.name for p in cache.iterdir())
+    assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
+    assert proc.stdout.strip() == str(cache / built[0])
+
+
+def test_amp_float16_flags_do_not_reach_the_kernels(mode):
+    # to_float(float16) would cast the kernels' inputs to float16, which they would read as float32
+    x = RNG.standard_normal((6, 9)).astype(np.float32)
+    cell = cpu_kernels.SoftmaxFunction().to_float(ms.float16)
+    out = cell(Tensor(x))
+    assert out.dtype == ms.float32
+    np.testing.assert_allclose(out.asnumpy(), numpy_softmax(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
