@@ -167,3 +167,52 @@ def test_amp_float16_flags_do_not_reach_the_kernels(mode):
     out = cell(Tensor(x))
     assert out.dtype == ms.float32
     np.testing.assert_allclose(out.asnumpy(), numpy_softmax(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+class StemChannelsLast(nn.Cell):
+    def __init__(self, stem):
+        super().__init__()
+        self.stem = stem
+
+    def construct(self, x):
+        return self.stem.channels_last(x)
+
+
+def test_stem_batch_norm_relu_kernels_equal_batchnorm2d(mode):
+    """The stem with the fused BatchNorm + ReLU kernels against the same stem on nn.BatchNorm2d (NCHW):
+    outputs, parameter gradients and running statistics after a training step, then inference."""
+    from mindcv_volo.models.volo import PatchEmbed
+
+    fused = StemChannelsLast(PatchEmbed(3, 8, 16))
+    with cpu_kernels.portable_ops():
+        plain = StemChannelsLast(PatchEmbed(3, 8, 16))
+    assert fused.stem.bn_relu is not None and plain.stem.bn_relu is None
+    for p, q in zip(fused.get_parameters(), plain.get_parameters()):
+        assert p.name == q.name
+        q.set_data(Tensor(p.asnumpy()))
+    x = Tensor((RNG.standard_normal((2, 3, 32, 32)) * 2 + 0.5).astype(np.float32))
+    weights = np.random.default_rng(1).standard_normal((2, 4, 4, 16))
+    results = []
+    for net in (fused, plain):
+        net.set_train(True)
+        loss = WeightedSum(net, weights)
+        value, grads = ms.value_and_grad(loss, None, net.trainable_params())(x)
+        stats = [p.asnumpy() for p in net.get_parameters() if "moving" in p.name]
+        net.set_train(False)
+        results.append((value.asnumpy(), [g.asnumpy() for g in grads], stats, net(x).asnumpy()))
+    (value, grads, stats, inference), (value_ref, grads_ref, stats_ref, inference_ref) = results
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
+    assert len(stats) == 6 and np.abs(stats[0]).max() > 1e-3  # the running stats moved
+    for s, s_ref in zip(stats, stats_ref):
+        np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(inference, inference_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 700])  # 700 rows: split over threads
+def test_affine_relu_values_and_gradients(mode, rows):
+    x = RNG.standard_normal((rows, 5))
+    scale, shift = RNG.standard_normal(5), RNG.standard_normal(5)
+    check(cpu_kernels.AffineReluFunction(), lambda x, s, t: np.maximum(0, x * s + t), [x, scale, shift],
+          grad_tol=1e-4)

@@ -222,3 +222,171 @@ extern "C" int SoftmaxBackward(int, void **params, int *ndims, int64_t **shapes,
   });
   return 0;
 }
+
+namespace {
+
+constexpr double kBatchNormEps = 1e-5;  // VOLO's BatchNorm2d (layers.batch_norm)
+
+// Per-channel sums over the rows of a channels-last (rows, C) map, in double: body(row, sums) adds one
+// row's terms into sums[0 .. terms * C). Rows are split over threads; the partial sums are added in chunk
+// order, so the result is the same on every run.
+template <typename Body>
+std::vector<double> channel_sums(int64_t rows, int64_t width, int terms, const Body &body) {
+  std::vector<double> partial(static_cast<size_t>(cpu_count()) * terms * width, 0.0);
+  const int chunks = parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t chunk) {
+    double *sums = partial.data() + chunk * terms * width;
+    for (int64_t r = begin; r < end; ++r) body(r, sums);
+  });
+  std::vector<double> total(static_cast<size_t>(terms) * width, 0.0);
+  for (int c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < terms * width; ++i) total[i] += partial[c * terms * width + i];
+  return total;
+}
+
+// Batch statistics of a channels-last (rows, C) map (mean and biased variance in two passes, in double)
+// and the per-channel affine map that BatchNorm becomes with them: y = x * scale + shift.
+struct BatchNormTerms {
+  std::vector<double> mean, var;
+  std::vector<float> mean_f, rstd, scale, shift;
+
+  BatchNormTerms(const float *x, const float *gamma, const float *beta, int64_t rows, int64_t width)
+      : mean_f(width), rstd(width), scale(width), shift(width) {
+    mean = channel_sums(rows, width, 1, [&](int64_t r, double *sums) {
+      const float *xr = x + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) sums[i] += xr[i];
+    });
+    for (auto &m : mean) m /= static_cast<double>(rows);
+    const double *mu = mean.data();
+    var = channel_sums(rows, width, 1, [&](int64_t r, double *sums) {
+      const float *xr = x + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) sums[i] += (xr[i] - mu[i]) * (xr[i] - mu[i]);
+    });
+    for (int64_t i = 0; i < width; ++i) {
+      var[i] /= static_cast<double>(rows);
+      const double inv_std = 1.0 / std::sqrt(var[i] + kBatchNormEps);
+      mean_f[i] = static_cast<float>(mean[i]);
+      rstd[i] = static_cast<float>(inv_std);
+      scale[i] = static_cast<float>(gamma[i] * inv_std);
+      shift[i] = static_cast<float>(beta[i] - mean[i] * gamma[i] * inv_std);
+    }
+  }
+};
+
+// y = max(0, x * scale + shift) on channels-last rows
+void affine_relu(const float *x, const float *scale, const float *shift, int64_t rows, int64_t width, float *y) {
+  parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) y[r * width + i] = std::max(0.f, x[r * width + i] * scale[i] + shift[i]);
+    }
+  });
+}
+
+}  // namespace
+
+// Training BatchNorm (batch statistics) + ReLU on a channels-last map.
+// inputs x (..., C), gamma (C), beta (C); outputs y (..., C), batch mean (C), biased batch variance (C)
+extern "C" int BatchNormReluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *gamma = static_cast<const float *>(params[1]);
+  const auto *beta = static_cast<const float *>(params[2]);
+  auto *y = static_cast<float *>(params[3]);
+  auto *mean_out = static_cast<float *>(params[4]);
+  auto *var_out = static_cast<float *>(params[5]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  const BatchNormTerms bn(x, gamma, beta, rows, width);
+  for (int64_t i = 0; i < width; ++i) {
+    mean_out[i] = bn.mean_f[i];
+    var_out[i] = static_cast<float>(bn.var[i]);
+  }
+  affine_relu(x, bn.scale.data(), bn.shift.data(), rows, width, y);
+  return 0;
+}
+
+// inputs x, gamma, beta, dy; outputs dx, dgamma, dbeta. The statistics are recomputed from x.
+extern "C" int BatchNormReluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *gamma = static_cast<const float *>(params[1]);
+  const auto *beta = static_cast<const float *>(params[2]);
+  const auto *dy = static_cast<const float *>(params[3]);
+  auto *dx = static_cast<float *>(params[4]);
+  auto *dgamma = static_cast<float *>(params[5]);
+  auto *dbeta = static_cast<float *>(params[6]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  const BatchNormTerms bn(x, gamma, beta, rows, width);
+  const float *mu = bn.mean_f.data(), *rstd = bn.rstd.data(), *scale = bn.scale.data(), *shift = bn.shift.data();
+  // g = dy where the ReLU passed; sums of g and of g * xhat per channel: dbeta and dgamma
+  const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
+    const float *xr = x + r * width;
+    const float *dyr = dy + r * width;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      const float g = xr[i] * scale[i] + shift[i] > 0.f ? dyr[i] : 0.f;
+      s[i] += g;
+      s[width + i] += g * (xr[i] - mu[i]) * rstd[i];
+    }
+  });
+  std::vector<float> mean_g(width), mean_g_xhat(width);
+  for (int64_t i = 0; i < width; ++i) {
+    dbeta[i] = static_cast<float>(sums[i]);
+    dgamma[i] = static_cast<float>(sums[width + i]);
+    mean_g[i] = static_cast<float>(sums[i] / rows);
+    mean_g_xhat[i] = static_cast<float>(sums[width + i] / rows);
+  }
+  parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * width;
+      const float *dyr = dy + r * width;
+      float *dxr = dx + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = xr[i] * scale[i] + shift[i] > 0.f ? dyr[i] : 0.f;
+        const float xhat = (xr[i] - mu[i]) * rstd[i];
+        dxr[i] = scale[i] * (g - mean_g[i] - xhat * mean_g_xhat[i]);
+      }
+    }
+  });
+  return 0;
+}
+
+// Inference BatchNorm (a per-channel affine map) + ReLU on a channels-last map.
+// inputs x (..., C), scale (C), shift (C); output y
+extern "C" int AffineReluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t width = shapes[0][ndims[0] - 1];
+  affine_relu(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+              static_cast<const float *>(params[2]), element_count(ndims[0], shapes[0]) / width, width,
+              static_cast<float *>(params[3]));
+  return 0;
+}
+
+// inputs x, scale, shift, dy; outputs dx, dscale, dshift
+extern "C" int AffineReluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *scale = static_cast<const float *>(params[1]);
+  const auto *shift = static_cast<const float *>(params[2]);
+  const auto *dy = static_cast<const float *>(params[3]);
+  auto *dx = static_cast<float *>(params[4]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+  const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
+    const float *xr = x + r * width;
+    const float *dyr = dy + r * width;
+    float *dxr = dx + r * width;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      const float g = xr[i] * scale[i] + shift[i] > 0.f ? dyr[i] : 0.f;
+      dxr[i] = g * scale[i];
+      s[i] += g * xr[i];
+      s[width + i] += g;
+    }
+  });
+  for (int64_t i = 0; i < width; ++i) {
+    static_cast<float *>(params[5])[i] = static_cast<float>(sums[i]);
+    static_cast<float *>(params[6])[i] = static_cast<float>(sums[width + i]);
+  }
+  return 0;
+}

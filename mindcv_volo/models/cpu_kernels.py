@@ -155,3 +155,39 @@ class SoftmaxFunction(UnaryKernelFunction):
     """Softmax over the last axis, float32; the gradient from the output, as MindSpore's."""
 
     forward_name, backward_name, backward_from_output = "SoftmaxForward", "SoftmaxBackward", True
+
+
+class BatchNormReluFunction(Float32KernelCell):
+    """Training BatchNorm (batch statistics, eps 1e-5) + ReLU on a channels-last map: (x, gamma, beta) ->
+    (y, batch mean, biased batch variance); the gradient one kernel, from x. The caller updates the running
+    statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = _custom("BatchNormReluForward", lambda x, gamma, beta: (x, gamma, gamma),
+                                  lambda x, gamma, beta: (x, gamma, gamma))
+        self.backward_op = _custom("BatchNormReluBackward", lambda x, gamma, beta, dy: (x, gamma, gamma),
+                                   lambda x, gamma, beta, dy: (x, gamma, gamma))
+
+    def construct(self, x, gamma, beta):
+        return self.forward_op(x, gamma, beta)
+
+    def bprop(self, x, gamma, beta, out, dout):
+        return self.backward_op(x, gamma, beta, dout[0])
+
+
+class AffineReluFunction(Float32KernelCell):
+    """max(0, x * scale + shift) per channel of a channels-last map (inference BatchNorm + ReLU), one pass;
+    the gradient one kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = _custom("AffineReluForward", _same, _same)
+        self.backward_op = _custom("AffineReluBackward", lambda x, scale, shift, dy: (x, scale, scale),
+                                   lambda x, scale, shift, dy: (x, scale, scale))
+
+    def construct(self, x, scale, shift):
+        return self.forward_op(x, scale, shift)
+
+    def bprop(self, x, scale, shift, out, dout):
+        return self.backward_op(x, scale, shift, dout)

@@ -148,17 +148,43 @@ class Conv2d(nn.Cell):
         return out.reshape(batch, out_h, out_w, self.out_channels)
 
 
-def batch_norm_relu_channels_last(bn, x):
+class FusedBatchNormRelu(nn.Cell):
+    """The fused CPU kernels for ReLU(BatchNorm2d(x)) on channels-last maps, training and inference.
+    Parameter-free: `batch_norm_relu_channels_last` passes the BatchNorm's parameters in."""
+
+    def __init__(self):
+        super().__init__()
+        self.training_kernel = cpu_kernels.BatchNormReluFunction()
+        self.inference_kernel = cpu_kernels.AffineReluFunction()
+
+
+def batch_norm_relu_channels_last(bn, x, fused=None):
     """ReLU(bn(x)) for a channels-last x, with the parameters and statistics of the BatchNorm2d `bn`.
 
-    In inference BatchNorm is a per-channel affine map, applied along the last axis (MindSpore's CPU
-    BatchNorm on a (B*H*W, C, 1, 1) view is ~15x slower than on NCHW). In training (batch statistics and
-    running-stat updates), or when AMP has wrapped `bn` in a casting cell, it is `bn` itself, on the NCHW view.
+    With the fused CPU kernels (`fused`, a FusedBatchNormRelu) and a float32 x: in training one kernel
+    computes the batch statistics, the normalisation and the ReLU channels-last, and the running statistics
+    are updated here as nn.BatchNorm2d does (unbiased variance); in inference one affine + ReLU pass.
+    Without them, inference applies the per-channel affine map along the last axis (MindSpore's CPU
+    BatchNorm on a (B*H*W, C, 1, 1) view is ~15x slower than on NCHW) and training runs `bn` itself on the
+    NCHW view. When AMP has wrapped `bn` in a casting cell it is always `bn` on the NCHW view.
     """
-    if bn.training or not isinstance(bn, nn.BatchNorm2d):
+    plain = isinstance(bn, nn.BatchNorm2d)
+    use_fused = fused is not None and plain and x.dtype == ms.float32
+    if bn.training:
+        if use_fused and bn.use_batch_statistics is None:
+            out, mean, var = fused.training_kernel(x, bn.gamma, bn.beta)
+            count = x.shape[0] * x.shape[1] * x.shape[2]
+            ops.assign(bn.moving_mean, bn.moving_mean * (1 - bn.momentum) + mean * bn.momentum)
+            ops.assign(bn.moving_variance,
+                       bn.moving_variance * (1 - bn.momentum) + var * (count / (count - 1) * bn.momentum))
+            return out
+        return ops.relu(bn(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
+    if not plain:
         return ops.relu(bn(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
     scale = bn.gamma / ops.sqrt(bn.moving_variance + bn.eps)
     shift = bn.beta - bn.moving_mean * scale
+    if use_fused:
+        return fused.inference_kernel(x, scale, shift)
     return ops.relu(x * scale.astype(x.dtype) + shift.astype(x.dtype))
 
 

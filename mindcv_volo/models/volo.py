@@ -13,8 +13,9 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, Mlp, Softmax, batch_matmul, batch_norm,
-                     batch_norm_relu_channels_last, dense, drop_path, layer_norm, split_class_token, uses_cpu_paths)
+from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, FusedBatchNormRelu, Mlp, Softmax,
+                     batch_matmul, batch_norm, batch_norm_relu_channels_last, dense, drop_path, layer_norm,
+                     split_class_token, uses_cpu_paths, uses_fused_cpu_kernels)
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -189,6 +190,7 @@ class PatchEmbed(nn.Cell):
             nn.ReLU(),
         )
         self.proj = Conv2d(hidden_dim, embed_dim, PATCH_SIZE // 2, stride=PATCH_SIZE // 2)
+        self.bn_relu = FusedBatchNormRelu() if uses_fused_cpu_kernels() else None  # no parameters
 
     def construct(self, x):
         return self.proj(self.conv(x))
@@ -203,8 +205,8 @@ class PatchEmbed(nn.Cell):
             return self.construct(x).transpose(0, 2, 3, 1)
         conv = self.conv
         x = conv[2](conv[1](conv[0](x))).transpose(0, 2, 3, 1)
-        x = batch_norm_relu_channels_last(conv[4], conv[3].channels_last(x))
-        x = batch_norm_relu_channels_last(conv[7], conv[6].channels_last(x))
+        x = batch_norm_relu_channels_last(conv[4], conv[3].channels_last(x), self.bn_relu)
+        x = batch_norm_relu_channels_last(conv[7], conv[6].channels_last(x), self.bn_relu)
         return self.proj.channels_last(x)
 
 
