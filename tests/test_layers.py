@@ -116,13 +116,33 @@ def test_fold_channels_last_equals_ops_fold(mode, kernel, padding, stride):
     np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_unfold_and_fold_cells_have_the_gradients_of_autodiff(mode):
-    x = tensor(2, 8, 6, 4)
-    cols = tensor(2, 4, 3, 9, 4)
-    plain_unfold = Unfold(3, 1, 2)
-    plain_fold = Fold(8, 6, 3, 1, 2)
-    np.testing.assert_allclose(grads(ChannelsLastUnfold(3, 1, 2), x)[0], grads(plain_unfold, x)[0], atol=1e-5)
-    np.testing.assert_allclose(grads(ChannelsLastFold(3, 1, 2), cols)[0], grads(plain_fold, cols)[0], atol=1e-5)
+# (kernel, padding, stride, height, width): VOLO's outlook windows, the stem's 3x3 and 7x7/2, a map that is
+# not stride-aligned (the kernels do not take it: gathers)
+CELL_WINDOWS = [(3, 1, 2, 8, 6), (3, 1, 1, 5, 7), (7, 3, 2, 12, 10), (3, 0, 2, 7, 7)]
+
+
+@pytest.mark.parametrize("kernel,padding,stride,height,width", CELL_WINDOWS)
+def test_unfold_and_fold_cells_equal_the_gathers_and_their_autodiff(mode, kernel, padding, stride, height, width):
+    """The cells (with the fused im2col / col2im kernels where they apply) against the gather functions."""
+    x = tensor(2, height, width, 3)
+    unfold = ChannelsLastUnfold(kernel, padding, stride)
+    expected = Unfold(kernel, padding, stride)(x).asnumpy()
+    np.testing.assert_array_equal(Fn(unfold)(x).asnumpy(), expected)
+    np.testing.assert_allclose(grads(unfold, x)[0], grads(Unfold(kernel, padding, stride), x)[0], atol=1e-5)
+    if (height - 1) // stride * stride + stride != height:
+        return  # the fold cell maps onto stride-aligned sizes only
+    cols = tensor(*expected.shape)
+    fold = ChannelsLastFold(kernel, padding, stride)
+    plain_fold = Fold(height, width, kernel, padding, stride)
+    np.testing.assert_allclose(Fn(fold)(cols).asnumpy(), plain_fold(cols).asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads(fold, cols)[0], grads(plain_fold, cols)[0], atol=1e-5)
+
+
+def test_unfold_cells_take_the_kernels_on_stride_aligned_float32_maps():
+    unfold = ChannelsLastUnfold(3, 1, 2)
+    assert unfold.takes_kernels(tensor(1, 8, 6, 2)) and not unfold.takes_kernels(tensor(1, 7, 6, 2))
+    assert not unfold.takes_kernels(tensor(1, 8, 6, 2, dtype=np.float16))
+    assert not ChannelsLastUnfold(3, 0, 2).takes_kernels(tensor(1, 8, 8, 2))  # 8 -> 3 windows -> 6
 
 
 def test_split_class_token(mode):

@@ -390,3 +390,69 @@ extern "C" int AffineReluBackward(int, void **params, int *ndims, int64_t **shap
   }
   return 0;
 }
+
+// Sliding windows on channels-last maps: what ops.unfold / ops.fold compute (torch's nn.Unfold / F.fold),
+// with the window tap as its own axis and the channels last. geometry = (kernel, stride, padding), int32.
+
+// inputs x (B, H, W, C), geometry; output cols (B, OH, OW, K * K, C), zero where a tap is in the padding
+extern "C" int Im2ColForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *geometry = static_cast<const int32_t *>(params[1]);
+  auto *cols = static_cast<float *>(params[2]);
+  const int64_t batch = shapes[0][0], height = shapes[0][1], width = shapes[0][2], channels = shapes[0][3];
+  const int64_t out_h = shapes[2][1], out_w = shapes[2][2];
+  const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
+  parallel_for(batch * out_h, 1, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / out_h, oy = row % out_h;
+      float *dst = cols + row * out_w * k * k * channels;
+      for (int64_t ox = 0; ox < out_w; ++ox) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t y = oy * stride - padding + ky;
+          for (int64_t kx = 0; kx < k; ++kx, dst += channels) {
+            const int64_t xx = ox * stride - padding + kx;
+            if (y < 0 || y >= height || xx < 0 || xx >= width) {
+              std::fill(dst, dst + channels, 0.f);
+            } else {
+              std::copy_n(x + ((b * height + y) * width + xx) * channels, channels, dst);
+            }
+          }
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// inputs cols (B, OH, OW, K * K, C), geometry; output x (B, OH * stride, OW * stride, C): each pixel the
+// sum of the window taps that cover it (the adjoint of Im2ColForward). Written per output pixel, so the
+// threads never write to the same place.
+extern "C" int Col2ImForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const auto *cols = static_cast<const float *>(params[0]);
+  const auto *geometry = static_cast<const int32_t *>(params[1]);
+  auto *x = static_cast<float *>(params[2]);
+  const int64_t out_h = shapes[0][1], out_w = shapes[0][2], channels = shapes[0][4];
+  const int64_t batch = shapes[2][0], height = shapes[2][1], width = shapes[2][2];
+  const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
+  parallel_for(batch * height, 1, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / height, y = row % height;
+      for (int64_t xx = 0; xx < width; ++xx) {
+        float *dst = x + (row * width + xx) * channels;
+        std::fill(dst, dst + channels, 0.f);
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t ny = y + padding - ky;
+          if (ny < 0 || ny % stride != 0 || ny / stride >= out_h) continue;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            const int64_t nx = xx + padding - kx;
+            if (nx < 0 || nx % stride != 0 || nx / stride >= out_w) continue;
+            const float *src = cols + ((((b * out_h + ny / stride) * out_w + nx / stride) * k + ky) * k + kx) * channels;
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) dst[c] += src[c];
+          }
+        }
+      }
+    }
+  });
+  return 0;
+}

@@ -18,7 +18,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -fopenmp-simd: the `omp simd` loop hints only (no OpenMP runtime); -lmvec: glibc's vector erff/expf
@@ -191,3 +192,20 @@ class AffineReluFunction(Float32KernelCell):
 
     def bprop(self, x, scale, shift, out, dout):
         return self.backward_op(x, scale, shift, dout)
+
+
+def window_ops(kernel_size, padding, stride):
+    """Sliding windows on channels-last maps as two custom ops and their geometry input:
+    im2col(x, geometry): (B, H, W, C) -> (B, out_h, out_w, k * k, C), as `layers.unfold_channels_last`;
+    col2im(cols, geometry): (B, out_h, out_w, k * k, C) -> (B, out_h * stride, out_w * stride, C), the
+    overlap-add (its adjoint, when the map is stride-aligned). The callers define the gradients."""
+
+    def out_size(size):
+        return (size + 2 * padding - kernel_size) // stride + 1
+
+    im2col = _custom("Im2ColForward",
+                     lambda x, geometry: (x[0], out_size(x[1]), out_size(x[2]), kernel_size * kernel_size, x[3]),
+                     _same)
+    col2im = _custom("Col2ImForward", lambda cols, geometry: (cols[0], cols[1] * stride, cols[2] * stride, cols[4]),
+                     _same)
+    return im2col, col2im, Tensor(np.array([kernel_size, stride, padding], np.int32))

@@ -332,32 +332,58 @@ def fold_channels_last(cols, height, width, kernel_size, padding, stride):
     return out.reshape(batch, height, width, channels)
 
 
-class ChannelsLastUnfold(nn.Cell):
+class ChannelsLastWindows(nn.Cell):
+    """Base of the unfold / fold cells: the window geometry, and the fused im2col / col2im kernels when the
+    CPU kernels are built (one pass each, multi-threaded, where the gathers need a zero-token concat and
+    MindSpore's Gather). No parameters."""
+
+    def __init__(self, kernel_size, padding, stride):
+        super().__init__()
+        self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
+        self.kernels = uses_fused_cpu_kernels()
+        if self.kernels:
+            self.im2col, self.col2im, self.geometry = cpu_kernels.window_ops(kernel_size, padding, stride)
+
+    def add_flags(self, **flags):
+        # AMP's float16 flags (to_float) cast every op's inputs in PyNative mode, the kernels' included,
+        # and the kernels read float32 only: a float16 cell keeps the gathers
+        if flags.get("fp16") or flags.get("bf16"):
+            self.kernels = False
+        return super().add_flags(**flags)
+
+    def takes_kernels(self, x):
+        """Static: the kernels are built, x is float32, and folding its windows gives back its size."""
+        return (self.kernels and x.dtype == ms.float32
+                and _out_size(x.shape[1], self.kernel_size, self.padding, self.stride) * self.stride == x.shape[1]
+                and _out_size(x.shape[2], self.kernel_size, self.padding, self.stride) * self.stride == x.shape[2])
+
+
+class ChannelsLastUnfold(ChannelsLastWindows):
     """`unfold_channels_last` as a cell whose gradient is the fold (its adjoint), not a scatter of the
     gathers: MindSpore differentiates Gather with UnsortedSegmentSum, which is slower on CPU."""
 
-    def __init__(self, kernel_size, padding, stride):
-        super().__init__()
-        self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
-
     def construct(self, x):
+        if self.takes_kernels(x):
+            return self.im2col(x, self.geometry)
         return unfold_channels_last(x, self.kernel_size, self.padding, self.stride)
 
     def bprop(self, x, out, dout):
+        if self.takes_kernels(x):
+            return (self.col2im(dout, self.geometry),)
         return (fold_channels_last(dout, x.shape[1], x.shape[2], self.kernel_size, self.padding, self.stride),)
 
 
-class ChannelsLastFold(nn.Cell):
+class ChannelsLastFold(ChannelsLastWindows):
     """`fold_channels_last` onto the (out_h * stride, out_w * stride) map (VOLO's maps are stride-aligned);
     its gradient is the unfold."""
 
-    def __init__(self, kernel_size, padding, stride):
-        super().__init__()
-        self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
-
     def construct(self, cols):
+        if self.kernels and cols.dtype == ms.float32:
+            return self.col2im(cols, self.geometry)
         return fold_channels_last(cols, cols.shape[1] * self.stride, cols.shape[2] * self.stride,
                                   self.kernel_size, self.padding, self.stride)
 
     def bprop(self, cols, out, dout):
+        if self.kernels and cols.dtype == ms.float32:
+            return (self.im2col(dout, self.geometry),)
         return (unfold_channels_last(dout, self.kernel_size, self.padding, self.stride),)

@@ -198,13 +198,13 @@ class PatchEmbed(nn.Cell):
     def channels_last(self, x):
         """Image (B, C, H, W) -> (B, H/8, W/8, embed_dim), the same numbers as `construct` transposed.
 
-        On CPU only the 7x7/2 convolution (3 input channels) runs on NCHW; the 3x3 convolutions and the
-        projection work channels-last (Conv2d.channels_last), with no transpose between them.
+        On CPU the image is transposed once (3 channels) and every convolution works channels-last
+        (Conv2d.channels_last), with no transpose between them.
         """
         if not self.proj.use_matmul:
             return self.construct(x).transpose(0, 2, 3, 1)
         conv = self.conv
-        x = conv[2](conv[1](conv[0](x))).transpose(0, 2, 3, 1)
+        x = batch_norm_relu_channels_last(conv[1], conv[0].channels_last(x.transpose(0, 2, 3, 1)), self.bn_relu)
         x = batch_norm_relu_channels_last(conv[4], conv[3].channels_last(x), self.bn_relu)
         x = batch_norm_relu_channels_last(conv[7], conv[6].channels_last(x), self.bn_relu)
         return self.proj.channels_last(x)
