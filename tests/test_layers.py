@@ -138,6 +138,12 @@ def test_unfold_and_fold_cells_equal_the_gathers_and_their_autodiff(mode, kernel
     np.testing.assert_allclose(grads(fold, cols)[0], grads(plain_fold, cols)[0], atol=1e-5)
 
 
+def test_unfold_cells_of_different_windows_on_the_same_map(mode):
+    x = tensor(1, 8, 8, 4)
+    for window in [(3, 1, 1), (4, 0, 4), (3, 1, 2), (2, 0, 2)]:
+        np.testing.assert_array_equal(Fn(ChannelsLastUnfold(*window))(x).asnumpy(), Unfold(*window)(x).asnumpy())
+
+
 def test_unfold_cells_take_the_kernels_on_stride_aligned_float32_maps():
     unfold = ChannelsLastUnfold(3, 1, 2)
     assert unfold.takes_kernels(tensor(1, 8, 6, 2)) and not unfold.takes_kernels(tensor(1, 7, 6, 2))

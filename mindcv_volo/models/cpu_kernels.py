@@ -208,4 +208,8 @@ def window_ops(kernel_size, padding, stride):
                      _same)
     col2im = _custom("Col2ImForward", lambda cols, geometry: (cols[0], cols[1] * stride, cols[2] * stride, cols[4]),
                      _same)
+    for op in (im2col, col2im):
+        # PyNative caches an op's inferred output shape by its name, attributes and input shapes: without
+        # this attribute a 4x4/4 patchify of a map would reuse the shape of a 3x3 unfold of the same map
+        op.add_prim_attr("geometry", (kernel_size, stride, padding))
     return im2col, col2im, Tensor(np.array([kernel_size, stride, padding], np.int32))

@@ -97,7 +97,7 @@ class Conv2d(nn.Cell):
                      if has_bias else None)
         self.use_matmul = uses_cpu_paths()
         self.is_patchify = kernel_size == stride and padding == 0
-        if self.use_matmul and not self.is_patchify:
+        if self.use_matmul:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)  # for `channels_last`; no parameters
 
     def construct(self, x):
@@ -125,16 +125,18 @@ class Conv2d(nn.Cell):
     def channels_last(self, x):
         """The same convolution on channels-last maps: (B, H, W, C) -> (B, H', W', out_channels).
 
-        On CPU the patches come straight from the channels-last map, in (ky, kx, c) order: for
-        kernel == stride one transpose whose inner runs are k * C contiguous values, otherwise the gather
-        unfold. Then one 2-D matmul (~2x the speed of the broadcast batched matmul of the NCHW path).
+        On CPU the patches come straight from the channels-last map, in (ky, kx, c) order: by the im2col
+        kernel where it applies (`ChannelsLastUnfold`); otherwise, for kernel == stride, one transpose whose
+        inner runs are k * C contiguous values (MindSpore's CPU Transpose still takes ~100 ms for the stem's
+        25 MB map), else the gather unfold. Then one 2-D matmul (~2x the speed of the broadcast batched
+        matmul of the NCHW path).
         Elsewhere it is the NCHW path between two transposes.
         """
         if not self.use_matmul:
             return self.construct(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         batch, height, width, channels = x.shape
         k = self.kernel_size
-        if self.is_patchify:
+        if self.is_patchify and not self.unfold.takes_kernels(x):
             out_h, out_w = height // k, width // k
             patches = x.reshape(batch * out_h, k, out_w, k * channels).transpose(0, 2, 1, 3)
         else:
