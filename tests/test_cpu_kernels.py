@@ -216,3 +216,21 @@ def test_affine_relu_values_and_gradients(mode, rows):
     scale, shift = RNG.standard_normal(5), RNG.standard_normal(5)
     check(cpu_kernels.AffineReluFunction(), lambda x, s, t: np.maximum(0, x * s + t), [x, scale, shift],
           grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (600, 7)])  # 600 rows: split over threads
+def test_bias_add_values_and_gradients(mode, shape):
+    x, bias = RNG.standard_normal(shape), RNG.standard_normal(shape[-1:])
+    check(cpu_kernels.BiasAddFunction(), lambda x, b: x + b, [x, bias], grad_tol=1e-4)
+
+
+def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():
+    from mindcv_volo.models.layers import dense
+
+    layer = dense(4, 3)
+    assert layer.fused_bias_add is not None and dense(4, 3, has_bias=False).fused_bias_add is None
+    layer.set_train(True)  # the kernel serves the gradient: training only
+    assert [p.name for p in layer.get_parameters()] == ["weight", "bias"]
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
+    expected = x @ layer.weight.asnumpy().T + layer.bias.asnumpy()
+    np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-6)

@@ -456,3 +456,18 @@ extern "C" int Col2ImForward(int, void **params, int *, int64_t **shapes, const 
   });
   return 0;
 }
+
+// MindSpore's CPU BiasAddGrad is slower than a pass over memory.
+// input dy (..., C); output the bias gradient: dy summed over every axis but the last
+extern "C" int BiasAddBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const auto *dy = static_cast<const float *>(params[0]);
+  auto *dbias = static_cast<float *>(params[1]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const std::vector<double> sums = channel_sums(element_count(ndims[0], shapes[0]) / width, width, 1,
+                                                [&](int64_t r, double *s) {
+#pragma omp simd
+                                                  for (int64_t i = 0; i < width; ++i) s[i] += dy[r * width + i];
+                                                });
+  for (int64_t i = 0; i < width; ++i) dbias[i] = static_cast<float>(sums[i]);
+  return 0;
+}

@@ -213,3 +213,19 @@ def window_ops(kernel_size, padding, stride):
         # this attribute a 4x4/4 patchify of a map would reuse the shape of a 3x3 unfold of the same map
         op.add_prim_attr("geometry", (kernel_size, stride, padding))
     return im2col, col2im, Tensor(np.array([kernel_size, stride, padding], np.int32))
+
+
+class BiasAddFunction(Float32KernelCell):
+    """(x (N, C), bias (C)) -> x + bias by MindSpore's BiasAdd, as nn.Dense (a kernel pass of our own measured
+    slower there); the bias gradient, a column sum, one kernel instead of the slow BiasAddGrad."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = ops.BiasAdd()
+        self.backward_op = _custom("BiasAddBackward", lambda dy: dy[-1:], _same)
+
+    def construct(self, x, bias):
+        return self.forward_op(x, bias)
+
+    def bprop(self, x, bias, out, dout):
+        return dout, self.backward_op(dout)
