@@ -18,7 +18,7 @@ LAYER_NORM_EPS = 1e-5  # also the fused CPU kernel's constant (cpu_kernels.cc)
 
 
 def uses_fused_cpu_kernels():
-    """The CPU paths' fused LayerNorm / GELU / Softmax kernels (`cpu_kernels`), when they can be built."""
+    """Whether cells built now take the fused kernels (`cpu_kernels`): on the CPU paths, if they build."""
     return uses_cpu_paths() and cpu_kernels.available()
 
 
@@ -145,10 +145,10 @@ class Conv2d(nn.Cell):
         """The same convolution on channels-last maps: (B, H, W, C) -> (B, H', W', out_channels).
 
         On CPU the patches come straight from the channels-last map, in (ky, kx, c) order: by the im2col
-        kernel where it applies (`ChannelsLastUnfold`); otherwise, for kernel == stride, one transpose whose
-        inner runs are k * C contiguous values (MindSpore's CPU Transpose still takes ~100 ms for the stem's
-        25 MB map), else the gather unfold. Then one 2-D matmul (~2x the speed of the broadcast batched
-        matmul of the NCHW path).
+        kernel where it applies (`ChannelsLastUnfold`; for the stem's 4x4/4 patchify ~4 ms where MindSpore's
+        Transpose takes ~17 ms); otherwise, for kernel == stride, one transpose whose inner runs are k * C
+        contiguous values, else the gather unfold. Then one 2-D matmul (~2x the speed of the broadcast
+        batched matmul of the NCHW path).
         Elsewhere it is the NCHW path between two transposes.
         """
         if not self.use_matmul:
