@@ -1,10 +1,12 @@
-// Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")): LayerNorm over
-// the last axis, exact (erf) GELU and softmax over the last axis, each forward and backward.
+// Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
+// backward: LayerNorm and softmax over the last axis, exact (erf) GELU, BatchNorm + ReLU on channels-last
+// maps (training and inference), im2col / col2im on channels-last maps, and the bias gradient of a Dense.
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
-// GPU/Ascend only), computes GELU as five passes with a slow Erf, and its LayerNorm and LayerNormGrad run
-// on one thread (LayerNormGrad ~32 ns per element: 12% of a VOLO-D1 training step). Each kernel here is
-// one or two passes, on every core. Built by mindcv_volo/models/cpu_kernels.py on first use.
+// GPU/Ascend only), computes GELU as five passes with a slow Erf, runs LayerNorm and LayerNormGrad on one
+// thread (LayerNormGrad ~32 ns per element: 12% of a VOLO-D1 training step) and moves data slowly
+// (Transpose, Gather). Each kernel here is one or two passes, on every core. Built by
+// mindcv_volo/models/cpu_kernels.py on first use.
 //
 // The AOT calling convention: params holds the inputs, then the outputs; shapes[i] has ndims[i] sizes.
 #include <sched.h>
@@ -59,6 +61,22 @@ int64_t element_count(int ndim, const int64_t *shape) {
   return n;
 }
 
+// Per-column (per-channel) sums over the rows of a (rows, C) map, in double: body(row, sums) adds one row's
+// terms into sums[0 .. terms * C). Rows are split over threads; the partial sums are added in chunk order,
+// so the result is the same on every run.
+template <typename Body>
+std::vector<double> channel_sums(int64_t rows, int64_t width, int terms, const Body &body) {
+  std::vector<double> partial(static_cast<size_t>(cpu_count()) * terms * width, 0.0);
+  const int chunks = parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t chunk) {
+    double *sums = partial.data() + chunk * terms * width;
+    for (int64_t r = begin; r < end; ++r) body(r, sums);
+  });
+  std::vector<double> total(static_cast<size_t>(terms) * width, 0.0);
+  for (int c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < terms * width; ++i) total[i] += partial[c * terms * width + i];
+  return total;
+}
+
 // Mean and 1 / sqrt(var + eps) of one row, two passes (as torch: no E[x^2] - E[x]^2 cancellation).
 void row_statistics(const float *x, int64_t width, float *mean_out, float *rstd_out) {
   float sum = 0.f;
@@ -106,44 +124,34 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
   auto *dbeta = static_cast<float *>(params[5]);
   const int64_t width = shapes[0][ndims[0] - 1];
   const int64_t rows = element_count(ndims[0], shapes[0]) / width;
-  // per-chunk partial sums of dgamma and dbeta, added up in chunk order: the same result on every run
-  std::vector<float> partial(static_cast<size_t>(cpu_count()) * 2 * width, 0.f);
-  const int chunks = parallel_for(rows, 64, [&](int64_t begin, int64_t end, int64_t chunk) {
-    float *dgamma_part = partial.data() + chunk * 2 * width;
-    float *dbeta_part = dgamma_part + width;
-    for (int64_t r = begin; r < end; ++r) {
-      const float *xr = x + r * width;
-      const float *dyr = dy + r * width;
-      float *dxr = dx + r * width;
-      float mean, rstd;
-      row_statistics(xr, width, &mean, &rstd);
-      float sum_g = 0.f, sum_g_xhat = 0.f;
+  // per row: dx, and its terms of dgamma (sums[0 .. C)) and dbeta (sums[C .. 2C))
+  const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
+    const float *xr = x + r * width;
+    const float *dyr = dy + r * width;
+    float *dxr = dx + r * width;
+    float mean, rstd;
+    row_statistics(xr, width, &mean, &rstd);
+    float sum_g = 0.f, sum_g_xhat = 0.f;
 #pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-      for (int64_t i = 0; i < width; ++i) {
-        const float xhat = (xr[i] - mean) * rstd;
-        const float g = dyr[i] * gamma[i];
-        sum_g += g;
-        sum_g_xhat += g * xhat;
-        dgamma_part[i] += dyr[i] * xhat;
-        dbeta_part[i] += dyr[i];
-      }
-      const float mean_g = sum_g / static_cast<float>(width);
-      const float mean_g_xhat = sum_g_xhat / static_cast<float>(width);
+    for (int64_t i = 0; i < width; ++i) {
+      const float xhat = (xr[i] - mean) * rstd;
+      const float g = dyr[i] * gamma[i];
+      sum_g += g;
+      sum_g_xhat += g * xhat;
+      s[i] += dyr[i] * xhat;
+      s[width + i] += dyr[i];
+    }
+    const float mean_g = sum_g / static_cast<float>(width);
+    const float mean_g_xhat = sum_g_xhat / static_cast<float>(width);
 #pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const float xhat = (xr[i] - mean) * rstd;
-        dxr[i] = rstd * (dyr[i] * gamma[i] - mean_g - xhat * mean_g_xhat);
-      }
+    for (int64_t i = 0; i < width; ++i) {
+      const float xhat = (xr[i] - mean) * rstd;
+      dxr[i] = rstd * (dyr[i] * gamma[i] - mean_g - xhat * mean_g_xhat);
     }
   });
   for (int64_t i = 0; i < width; ++i) {
-    float g = 0.f, b = 0.f;
-    for (int c = 0; c < chunks; ++c) {
-      g += partial[c * 2 * width + i];
-      b += partial[c * 2 * width + width + i];
-    }
-    dgamma[i] = g;
-    dbeta[i] = b;
+    dgamma[i] = static_cast<float>(sums[i]);
+    dbeta[i] = static_cast<float>(sums[width + i]);
   }
   return 0;
 }
@@ -226,22 +234,6 @@ extern "C" int SoftmaxBackward(int, void **params, int *ndims, int64_t **shapes,
 namespace {
 
 constexpr double kBatchNormEps = 1e-5;  // VOLO's BatchNorm2d (layers.batch_norm)
-
-// Per-channel sums over the rows of a channels-last (rows, C) map, in double: body(row, sums) adds one
-// row's terms into sums[0 .. terms * C). Rows are split over threads; the partial sums are added in chunk
-// order, so the result is the same on every run.
-template <typename Body>
-std::vector<double> channel_sums(int64_t rows, int64_t width, int terms, const Body &body) {
-  std::vector<double> partial(static_cast<size_t>(cpu_count()) * terms * width, 0.0);
-  const int chunks = parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t chunk) {
-    double *sums = partial.data() + chunk * terms * width;
-    for (int64_t r = begin; r < end; ++r) body(r, sums);
-  });
-  std::vector<double> total(static_cast<size_t>(terms) * width, 0.0);
-  for (int c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < terms * width; ++i) total[i] += partial[c * terms * width + i];
-  return total;
-}
 
 // Batch statistics of a channels-last (rows, C) map (mean and biased variance in two passes, in double)
 // and the per-channel affine map that BatchNorm becomes with them: y = x * scale + shift.

@@ -73,7 +73,7 @@ def library_path():
             path, reason = _build()
             if path is None:
                 warnings.warn(f"mindcv_volo: fused CPU kernels unavailable ({reason}); using MindSpore's "
-                              "own LayerNorm, GELU and Softmax kernels (same numbers, slower)", stacklevel=2)
+                              "own ops (same numbers, slower)", stacklevel=2)
             _library = path or ""
     return _library or None
 
@@ -102,6 +102,11 @@ def _same(x, *_):
     return x
 
 
+def _map_and_two_vectors(x, vector, *_):
+    """Output shapes (dtypes) of a kernel whose outputs are x-like, then two like the per-channel vector."""
+    return x, vector, vector
+
+
 class Float32KernelCell(nn.Cell):
     """A cell around float32-only kernels. AMP's `to_float(float16)` flags every cell to cast its inputs to
     float16 (in PyNative mode every op's inputs); here they become float32 flags instead."""
@@ -118,8 +123,7 @@ class LayerNormFunction(Float32KernelCell):
     def __init__(self):
         super().__init__()
         self.forward_op = _custom("LayerNormForward", _same, _same)
-        self.backward_op = _custom("LayerNormBackward", lambda x, gamma, dy: (x, gamma, gamma),
-                                   lambda x, gamma, dy: (x, gamma, gamma))
+        self.backward_op = _custom("LayerNormBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, gamma, beta):
         return self.forward_op(x, gamma, beta)
@@ -165,10 +169,8 @@ class BatchNormReluFunction(Float32KernelCell):
 
     def __init__(self):
         super().__init__()
-        self.forward_op = _custom("BatchNormReluForward", lambda x, gamma, beta: (x, gamma, gamma),
-                                  lambda x, gamma, beta: (x, gamma, gamma))
-        self.backward_op = _custom("BatchNormReluBackward", lambda x, gamma, beta, dy: (x, gamma, gamma),
-                                   lambda x, gamma, beta, dy: (x, gamma, gamma))
+        self.forward_op = _custom("BatchNormReluForward", _map_and_two_vectors, _map_and_two_vectors)
+        self.backward_op = _custom("BatchNormReluBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, gamma, beta):
         return self.forward_op(x, gamma, beta)
@@ -184,8 +186,7 @@ class AffineReluFunction(Float32KernelCell):
     def __init__(self):
         super().__init__()
         self.forward_op = _custom("AffineReluForward", _same, _same)
-        self.backward_op = _custom("AffineReluBackward", lambda x, scale, shift, dy: (x, scale, scale),
-                                   lambda x, scale, shift, dy: (x, scale, scale))
+        self.backward_op = _custom("AffineReluBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, scale, shift):
         return self.forward_op(x, scale, shift)
