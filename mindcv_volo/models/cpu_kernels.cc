@@ -8,27 +8,28 @@
 // (Transpose, Gather). Each kernel here is one or two passes, on every core. Built by
 // mindcv_volo/models/cpu_kernels.py on first use.
 //
+// The same bits on every x86-64 CPU: the results must not depend on the instruction set the compiler
+// targets (AVX-512, AVX2 or SSE2 builds) nor on the core count. So
+//   * exp and erfc are computed here from + - * / and exact bit operations (glibc's vector erff differs
+//     between its instruction-set variants: its AVX-512 form rounds erf(-3.54) to -1, which made GELU 0
+//     in the tail), and the library is built with -ffp-contract=off (no FMA in one build, none in another);
+//   * every sum runs in a fixed order: over 16 fixed lanes within a row (`fixed_order_sum`), over fixed
+//     blocks of rows across threads (`channel_sums`), whatever the vector width or thread count.
+//
 // The AOT calling convention: params holds the inputs, then the outputs; shapes[i] has ndims[i] sizes.
 #include <sched.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
-
-// glibc's libmvec (>= 2.35) has vector forms of erff and expf. Declared SIMD-callable here, instead of
-// compiling with -ffast-math, which would also assume that no value is NaN or infinite.
-extern "C" {
-__attribute__((simd("notinbranch"))) float erff(float);
-__attribute__((simd("notinbranch"))) float expf(float);
-}
 
 namespace {
 
 constexpr float kLayerNormEps = 1e-5f;  // torch's default, VOLO's LayerNorm
 constexpr float kSqrtHalf = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
 int cpu_count() {
   static const int count = [] {
@@ -62,32 +63,151 @@ int64_t element_count(int ndim, const int64_t *shape) {
 }
 
 // Per-column (per-channel) sums over the rows of a (rows, C) map, in double: body(row, sums) adds one row's
-// terms into sums[0 .. terms * C). Rows are split over threads; the partial sums are added in chunk order,
-// so the result is the same on every run.
+// terms into sums[0 .. terms * C). The rows are cut into blocks of a fixed size, each block summed on its
+// own and the blocks added in order: the same bits whatever the thread count.
 template <typename Body>
 std::vector<double> channel_sums(int64_t rows, int64_t width, int terms, const Body &body) {
-  std::vector<double> partial(static_cast<size_t>(cpu_count()) * terms * width, 0.0);
-  const int chunks = parallel_for(rows, 256, [&](int64_t begin, int64_t end, int64_t chunk) {
-    double *sums = partial.data() + chunk * terms * width;
-    for (int64_t r = begin; r < end; ++r) body(r, sums);
+  constexpr int64_t kBlockRows = 256;
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  const int64_t stride = terms * width;
+  std::vector<double> partial(static_cast<size_t>(blocks * stride), 0.0);
+  parallel_for(blocks, 1, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t r = block * kBlockRows; r < std::min(rows, (block + 1) * kBlockRows); ++r)
+        body(r, partial.data() + block * stride);
   });
-  std::vector<double> total(static_cast<size_t>(terms) * width, 0.0);
-  for (int c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < terms * width; ++i) total[i] += partial[c * terms * width + i];
+  std::vector<double> total(static_cast<size_t>(stride), 0.0);
+  for (int64_t block = 0; block < blocks; ++block)
+    for (int64_t i = 0; i < stride; ++i) total[i] += partial[block * stride + i];
   return total;
+}
+
+// sum of term(0) ... term(n - 1) in float, in an order fixed by the source: 16 lanes, then a pairwise fold.
+// (An `omp simd reduction` would let the vector width choose the order, and so the rounding.)
+template <typename Term>
+float fixed_order_sum(int64_t n, const Term &term) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  for (int j = 0; i + j < n; ++j) lanes[j] += term(i + j);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
 }
 
 // Mean and 1 / sqrt(var + eps) of one row, two passes (as torch: no E[x^2] - E[x]^2 cancellation).
 void row_statistics(const float *x, int64_t width, float *mean_out, float *rstd_out) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < width; ++i) sum += x[i];
-  const float mean = sum / static_cast<float>(width);
-  float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t i = 0; i < width; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float mean = fixed_order_sum(width, [x](int64_t i) { return x[i]; }) / static_cast<float>(width);
+  const float squares = fixed_order_sum(width, [x, mean](int64_t i) { return (x[i] - mean) * (x[i] - mean); });
   *mean_out = mean;
   *rstd_out = 1.f / std::sqrt(squares / static_cast<float>(width) + kLayerNormEps);
+}
+
+// --- float32 exp and GELU from + - * / and exact bit operations: the same bits in every build ---------
+// (always inlined: a call inside a loop would keep it from being vectorized)
+
+[[gnu::always_inline]] inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+[[gnu::always_inline]] inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+// exp(high + low) within ~2 ulp, for a `low` small against `high` or both small: 0 below -104, inf above
+// 89, NaN stays NaN. Cody-Waite reduction high + low = n ln2 + r (n * kLn2High is exact for |n| < 2^15, and
+// so is high - n * kLn2High where exp is large or tiny), Taylor series to r^7 on |r| <= ln2 / 2 (truncation
+// < 6e-9), and 2^n applied as two exact powers of two so that a subnormal result rounds once.
+[[gnu::always_inline]] inline float exp_sum(float high, float low) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+  constexpr float kRoundToInt = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float sum = high + low;
+  high = sum < -104.f ? -104.f : high;
+  low = sum < -104.f ? 0.f : low;
+  high = sum > 89.f ? 89.f : high;
+  low = sum > 89.f ? 0.f : low;
+  const float n = ((high + low) * kLog2e + kRoundToInt) - kRoundToInt;
+  const float r = ((high - n * kLn2High) - n * kLn2Low) + low;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t k = static_cast<int32_t>(n);
+  const int32_t half = k / 2;
+  return p * bits_to_float(static_cast<uint32_t>(half + 127) << 23) *
+         bits_to_float(static_cast<uint32_t>(k - half + 127) << 23);
+}
+
+[[gnu::always_inline]] inline float exp_f(float x) { return exp_sum(x, 0.f); }
+
+// -x * x / 2 as high + low with `high` exact: x = head + tail with a 12-bit head, so head * head is exact and
+// x^2 = head^2 + tail * (x + head). In a large exponent (the tails of the normal law) no bit is lost.
+struct Split {
+  float high, low;
+};
+
+[[gnu::always_inline]] inline Split minus_half_square(float x) {
+  const float head = bits_to_float(float_to_bits(x) & 0xFFFFF000u);
+  return {-0.5f * head * head, -0.5f * (x - head) * (x + head)};
+}
+
+// The normal law at x >= 0 (GELU's kernels pass |x|, capped at 20: beyond, every term below is 0 in float32,
+// and the cap keeps inf - inf out of the split). Phi(-x) = erfc(x / sqrt 2) / 2 with Numerical Recipes'
+// erfc, relative error < 1.2e-7 for every x: erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2).
+[[gnu::always_inline]] inline float erfc_polynomial(float t) {
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  return p * t - 1.26551223f;
+}
+
+[[gnu::always_inline]] inline float half_erfc_t(float magnitude) {
+  return 0.5f / (1.f + 0.5f * kSqrtHalf * magnitude);
+}
+
+// Phi(-m) for m >= 0, one exp
+[[gnu::always_inline]] inline float lower_tail(float magnitude) {
+  const float t2 = half_erfc_t(magnitude);  // t / 2
+  const Split square = minus_half_square(magnitude);
+  return t2 * exp_sum(square.high, square.low + erfc_polynomial(2.f * t2));
+}
+
+[[gnu::always_inline]] inline float gelu_magnitude(float x) {
+  const float magnitude = x < 0.f ? -x : x;
+  return magnitude > 20.f ? 20.f : magnitude;
+}
+
+// Phi(x), GELU's factor, within ~4e-7 relative everywhere, tails included
+[[gnu::always_inline]] inline float normal_cdf(float x) {
+  const float tail = lower_tail(gelu_magnitude(x));
+  return x < 0.f ? tail : 1.f - tail;
+}
+
+// Phi(x) + x phi(x), GELU's derivative
+[[gnu::always_inline]] inline float gelu_derivative(float x) {
+  constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+  const float magnitude = gelu_magnitude(x);
+  const Split square = minus_half_square(magnitude);
+  const float density = kInvSqrt2Pi * exp_sum(square.high, square.low);
+  const float t2 = half_erfc_t(magnitude);
+  const float tail = t2 * exp_sum(square.high, square.low + erfc_polynomial(2.f * t2));
+  return (x < 0.f ? tail : 1.f - tail) + x * density;
 }
 
 }  // namespace
@@ -131,13 +251,12 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
     float *dxr = dx + r * width;
     float mean, rstd;
     row_statistics(xr, width, &mean, &rstd);
-    float sum_g = 0.f, sum_g_xhat = 0.f;
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+    const float sum_g = fixed_order_sum(width, [&](int64_t i) { return dyr[i] * gamma[i]; });
+    const float sum_g_xhat =
+        fixed_order_sum(width, [&](int64_t i) { return dyr[i] * gamma[i] * ((xr[i] - mean) * rstd); });
+#pragma omp simd
     for (int64_t i = 0; i < width; ++i) {
       const float xhat = (xr[i] - mean) * rstd;
-      const float g = dyr[i] * gamma[i];
-      sum_g += g;
-      sum_g_xhat += g * xhat;
       s[i] += dyr[i] * xhat;
       s[width + i] += dyr[i];
     }
@@ -156,13 +275,13 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// input x; output x * 0.5 * (1 + erf(x / sqrt 2)), torch's exact GELU
+// input x; output x * Phi(x) = x * 0.5 * (1 + erf(x / sqrt 2)), torch's exact GELU
 extern "C" int GeluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const auto *x = static_cast<const float *>(params[0]);
   auto *y = static_cast<float *>(params[1]);
   parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) y[i] = x[i] * 0.5f * (1.f + erff(x[i] * kSqrtHalf));
+    for (int64_t i = begin; i < end; ++i) y[i] = x[i] * normal_cdf(x[i]);
   });
   return 0;
 }
@@ -174,11 +293,7 @@ extern "C" int GeluBackward(int, void **params, int *ndims, int64_t **shapes, co
   auto *dx = static_cast<float *>(params[2]);
   parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const float cdf = 0.5f * (1.f + erff(x[i] * kSqrtHalf));
-      const float pdf = kInvSqrt2Pi * expf(-0.5f * x[i] * x[i]);
-      dx[i] = dy[i] * (cdf + x[i] * pdf);
-    }
+    for (int64_t i = begin; i < end; ++i) dx[i] = dy[i] * gelu_derivative(x[i]);
   });
   return 0;
 }
@@ -195,13 +310,9 @@ extern "C" int SoftmaxForward(int, void **params, int *ndims, int64_t **shapes, 
       float *yr = y + r * width;
       float top = xr[0];
       for (int64_t i = 1; i < width; ++i) top = std::max(top, xr[i]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < width; ++i) {
-        yr[i] = expf(xr[i] - top);
-        sum += yr[i];
-      }
-      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) yr[i] = exp_f(xr[i] - top);
+      const float inv = 1.f / fixed_order_sum(width, [yr](int64_t i) { return yr[i]; });
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) yr[i] *= inv;
     }
@@ -221,9 +332,7 @@ extern "C" int SoftmaxBackward(int, void **params, int *ndims, int64_t **shapes,
       const float *yr = y + r * width;
       const float *dyr = dy + r * width;
       float *dxr = dx + r * width;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < width; ++i) dot += dyr[i] * yr[i];
+      const float dot = fixed_order_sum(width, [&](int64_t i) { return dyr[i] * yr[i]; });
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
     }

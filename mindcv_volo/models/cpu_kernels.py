@@ -1,17 +1,25 @@
 """Fused CPU kernels (`cpu_kernels.cc`) as MindSpore AOT custom ops, with their gradients.
 
-The C++ file is compiled with the machine's g++ on first use into a per-user cache, keyed by the source,
-the flags and the compiler; concurrent processes (msrun workers) each write their own temporary file and
-move it into place. Without a compiler, or if the build fails, `available()` is False after one warning,
-and the layers keep MindSpore's own kernels: same numbers, slower.
+The C++ file is compiled with the machine's g++ on first use into a per-user cache. The kernels give the
+same bits whatever instruction set they are built for (see the file's header), and they are built for a
+fixed level, not for this CPU: `x86-64-v3` (AVX2 + FMA) where the CPU has it, else `x86-64-v2` or
+`x86-64`; elsewhere the compiler's default. The cache key holds everything the binary depends on: the
+source, the flags (the level among them), the compiler and the machine's architecture, plus the CPU's
+own flags for a `native` build. Concurrent processes (msrun workers) each write their own temporary file
+and move it into place. A library is used only after it loads and its GELU matches float64 math on a few
+points; without a compiler, or if the build, the load or that check fails, `available()` is False after
+one warning, and the layers keep MindSpore's own kernels: same numbers, slower.
 
-`MINDCV_VOLO_CPU_KERNELS=0` switches the kernels off; `MINDCV_VOLO_KERNEL_CACHE` moves the cache.
-Inside `portable_ops()` no cell takes them: a graph exported for deployment must not name a library that
-exists only on this machine.
+`MINDCV_VOLO_CPU_KERNELS=0` switches the kernels off; `MINDCV_VOLO_KERNEL_CACHE` moves the cache;
+`MINDCV_VOLO_KERNEL_ARCH` sets the -march level (e.g. `native`, for a test). Inside `portable_ops()` no cell
+takes them: a graph exported for deployment must not name a library that exists only on this machine.
 """
 import contextlib
+import ctypes
 import hashlib
+import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,10 +30,15 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-# -fopenmp-simd: the `omp simd` loop hints only (no OpenMP runtime); -lmvec: glibc's vector erff/expf
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC",
-         "-pthread")
-LIBS = ("-lmvec",)
+# -fopenmp-simd: the `omp simd` loop hints only (no OpenMP runtime). -ffp-contract=off: no FMA contraction,
+# which only some instruction sets have. -fno-trapping-math lets the loops' selects vectorize; it changes no
+# value.
+FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+         "-shared", "-fPIC", "-pthread")
+# The x86-64 micro-architecture levels, best first, with the /proc/cpuinfo flags each adds to the next.
+X86_LEVELS = (("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+              ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+              ("x86-64", set()))
 
 _library = None  # path of the built library; "" once the build has failed
 _portable_depth = 0
@@ -38,29 +51,98 @@ def _cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mindcv_volo"
 
 
-def _build():
+def _cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def supported_targets():
+    """The -march levels this CPU runs, best first ("" is the compiler's default, off x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [""]
+    flags, levels, needed = _cpu_flags(), [], set()
+    for level, adds in reversed(X86_LEVELS):
+        needed |= adds
+        if needed <= flags:
+            levels.insert(0, level)
+    return levels
+
+
+def default_target():
+    return os.environ.get("MINDCV_VOLO_KERNEL_ARCH") or supported_targets()[0]
+
+
+def _flags(target):
+    return FLAGS + ((f"-march={target}",) if target else ())
+
+
+def library_name(target, compiler_version):
+    """The cache file name: a hash of everything the binary depends on."""
+    # a native build depends on this very CPU; a fixed level only on the level, which is in the flags
+    cpu = " ".join(sorted(_cpu_flags())) if target == "native" else ""
+    parts = (SOURCE.read_bytes(), " ".join(_flags(target)).encode(), compiler_version.encode(),
+             platform.machine().encode(), cpu.encode())
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return f"cpu_kernels-{digest}.so"
+
+
+def build(target=None):
+    """(path of the library built for -march=`target`, None) or (None, why not); cached."""
+    target = default_target() if target is None else target
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return None, "no C++ compiler (g++, or $CXX) on PATH"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS + LIBS).encode(),
-                                     version.encode()])).hexdigest()[:16]
+    flags = _flags(target)
+    name = library_name(target, version)
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"mindcv_volo-{os.getuid()}"):
-        target = folder / f"cpu_kernels-{key}.so"
-        if target.exists():
-            return str(target), None
+        path = folder / name
+        if path.exists():
+            return str(path), None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{target.name}.{os.getpid()}"
-            proc = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), *LIBS],
-                                  capture_output=True, text=True)
+            partial = folder / f".{path.name}.{os.getpid()}"
+            proc = subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
             if proc.returncode != 0:
                 return None, f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-            os.replace(partial, target)
-            return str(target), None
+            os.replace(partial, path)
+            return str(path), None
         except OSError:
             continue
     return None, f"no writable cache folder ({_cache_dir()})"
+
+
+def call_kernel(path, name, inputs, output_shapes):
+    """Run kernel `name` of the library at `path` on float32 numpy `inputs` outside MindSpore (ctypes),
+    with the AOT calling convention; returns the float32 outputs."""
+    arrays = [np.ascontiguousarray(a, np.float32) for a in inputs]
+    arrays += [np.zeros(shape, np.float32) for shape in output_shapes]
+    count = len(arrays)
+    sizes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    function = getattr(ctypes.CDLL(path), name)
+    function.restype = ctypes.c_int
+    function(count, (ctypes.c_void_p * count)(*(a.ctypes.data for a in arrays)),
+             (ctypes.c_int * count)(*(a.ndim for a in arrays)),
+             (ctypes.POINTER(ctypes.c_int64) * count)(*(ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in sizes)),
+             None, None, None)
+    return arrays[len(inputs):]
+
+
+def check_library(path):
+    """None if the library loads and its GELU matches float64 math (tails included), else why not."""
+    points = np.array([-12.0, -6.0, -3.54, -1.0, -1e-3, 0.0, 0.5, 2.0, 7.0], np.float32)
+    expected = [float(x) * 0.5 * math.erfc(-float(x) / math.sqrt(2)) for x in points]
+    try:
+        (got,) = call_kernel(path, "GeluForward", [points], [points.shape])
+    except (OSError, AttributeError) as err:
+        return f"cannot load {path}: {err}"
+    if not np.allclose(got, expected, rtol=1e-6, atol=1e-30):
+        return f"{path} computes GELU wrongly (got {got.tolist()}, expected {expected})"
+    return None
 
 
 def library_path():
@@ -70,12 +152,25 @@ def library_path():
         if os.environ.get("MINDCV_VOLO_CPU_KERNELS", "1") == "0":
             _library = ""
         else:
-            path, reason = _build()
-            if path is None:
+            path, reason = build()
+            if path is not None:
+                reason = check_library(path)
+            if reason is not None:
                 warnings.warn(f"mindcv_volo: fused CPU kernels unavailable ({reason}); using MindSpore's "
                               "own ops (same numbers, slower)", stacklevel=2)
-            _library = path or ""
+            _library = path if reason is None else ""
     return _library or None
+
+
+@contextlib.contextmanager
+def kernels_from(path):
+    """Cells built inside take the kernels of the library at `path` (a test builds for several targets)."""
+    global _library
+    previous, _library = _library, path
+    try:
+        yield
+    finally:
+        _library = previous
 
 
 def available():
