@@ -3,11 +3,11 @@ import mindcv.models  # noqa: F401  (MindCV's own VOLO entries register first; o
 import mindcv.models.model_factory as _mindcv_factory
 
 from .models import ALIASES, ARCHS, MODEL_NAMES, VARIANTS, VOLO, build_volo, create, data_config
-from .weights import load_checkpoint_into
+from .weights import convert_into, load_checkpoint_into
 
 __version__ = "0.1.0"
-__all__ = ["ALIASES", "ARCHS", "MODEL_NAMES", "VARIANTS", "VOLO", "build_volo", "create", "data_config",
-           "load_checkpoint_into"]
+__all__ = ["ALIASES", "ARCHS", "MODEL_NAMES", "VARIANTS", "VOLO", "build_volo", "convert_into", "create",
+           "data_config", "load_checkpoint_into"]
 
 _mindcv_load_model_checkpoint = _mindcv_factory.load_model_checkpoint
 

@@ -4,7 +4,7 @@ import sys
 
 
 def main(kind, argv=None):
-    from .config import parse_config
+    from .engine.config import parse_config
     from .errors import run_cli
 
     def run(argv):
@@ -14,7 +14,7 @@ def main(kind, argv=None):
 
             return train(args)
         args = parse_config(argv, "Evaluate a VOLO checkpoint; the last stdout line is one JSON object")
-        from .evaluate import validate
+        from .engine.evaluate import validate
 
         return validate(args)
 

@@ -1,44 +1,14 @@
 """Export a VOLO for deployment: MindIR (or ONNX where MindSpore can export every op).
 
     python -m mindcv_volo.export --model volo_d1_224 --ckpt volo_d1_224.ckpt --out volo_d1_224.mindir
-
-The exported graph is the eval model (logits = head(class token) + 0.5 * max of aux_head) with a fixed
-input shape (batch, 3, img_size, img_size); load it with `mindspore.load` + `nn.GraphCell`.
 """
 import argparse
-import os
 
-import mindspore as ms
-import numpy as np
-
+from .errors import run_cli
 from .model_args import add_model_arguments, create_from_args
-from .errors import UserError, run_cli
 from .models.cpu_kernels import portable_ops
 from .weights import load_checkpoint_into
-
-SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
-
-
-def export_model(model, out, file_format="MINDIR", batch_size=1):
-    """Write `model` (eval mode) to `out`, atomically; `out` must end with the format's suffix."""
-    if not out.endswith(SUFFIX[file_format]):
-        raise UserError(f"--out {out} must end with {SUFFIX[file_format]} for format {file_format}")
-    model.set_train(False)
-    example = ms.Tensor(np.zeros((batch_size, 3, model.img_size, model.img_size), np.float32))
-    # ms.export appends the MindIR suffix itself, so the temporary name keeps it at the end.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.getpid()}.{os.path.basename(out)}")
-    try:
-        if file_format == "ONNX":
-            ms.onnx.export(model, example, file_name=tmp)
-        else:
-            ms.export(model, example, file_name=tmp[: -len(SUFFIX[file_format])], file_format=file_format)
-    except (RuntimeError, TypeError, ValueError) as err:
-        if file_format == "ONNX":
-            raise UserError(f"MindSpore {ms.__version__} cannot export this model to ONNX "
-                            f"({str(err).splitlines()[0]}); export MINDIR instead") from None
-        raise
-    os.replace(tmp, out)
-    return out
+from .weights.export import SUFFIX, export_model
 
 
 def main(argv=None):

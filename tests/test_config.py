@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from mindcv_volo.config import OPTIONS, _convert, parse_config, save_config
+from mindcv_volo.engine.config import OPTIONS, _convert, parse_config, save_config
 from mindcv_volo.errors import UserError, run_cli
 
 

@@ -1,5 +1,4 @@
 """The converter's and the strict loader's answers to files that do not fit."""
-import io
 import json
 import pickle
 import zipfile
@@ -11,7 +10,7 @@ from mindcv.models import create_model
 from safetensors.numpy import load_file, save_file
 
 import mindcv_volo
-from mindcv_volo.convert import convert_into
+from mindcv_volo.weights.convert import convert_into
 from mindcv_volo.errors import UserError
 from conftest import FIXTURES, REFERENCE_CONFIGS, run_tool
 

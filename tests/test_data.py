@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from mindcv_volo.config import parse_config
-from mindcv_volo.data import (SplitInfo, create_eval_loader, create_train_loader, epoch_order, eval_transforms,
+from mindcv_volo.engine.config import parse_config
+from mindcv_volo.engine.data import (SplitInfo, create_eval_loader, create_train_loader, epoch_order, eval_transforms,
                               iterate, pipeline_error, rank_slice, train_steps)
 from mindcv_volo.digits import stratified_split, write_digits
 from mindcv_volo.errors import UserError

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from mindcv_volo.errors import UserError
-from mindcv_volo.label_maps import (ImageFolderWithMaps, RandomResizedCropWithMap, crop_label_map, find_label_map,
+from mindcv_volo.token_labeling.label_maps import (ImageFolderWithMaps, RandomResizedCropWithMap, crop_label_map, find_label_map,
                                     label_map_path, read_label_map, resized_crop_params, roi_align_weights,
                                     write_label_map)
 from test_torch_zip import p_tensor, write_checkpoint

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from mindcv_volo.models.layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, fold_channels_last,
-                                       split_class_token, unfold_channels_last)
+from mindcv_volo.models.layers import GELU, split_class_token
+from mindcv_volo.models.windows import (ChannelsLastFold, ChannelsLastUnfold, Conv2d, fold_channels_last,
+                                        unfold_channels_last)
 from mindcv_volo.models.volo import OutlookAttention
 
 RNG = np.random.default_rng(0)

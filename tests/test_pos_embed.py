@@ -1,10 +1,10 @@
-"""Tests of mindcv_volo.pos_embed.resize_pos_embed against torch's bicubic interpolation."""
+"""Tests of mindcv_volo.weights.pos_embed.resize_pos_embed against torch's bicubic interpolation."""
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from mindcv_volo.pos_embed import bicubic_matrix, resize_pos_embed
+from mindcv_volo.weights.pos_embed import bicubic_matrix, resize_pos_embed
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mindcv_volo.config import parse_config
+from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.loop import learning_rates
 from mindcv_volo.models import MODEL_NAMES, VARIANTS
 from train_helpers import ROOT

@@ -9,9 +9,10 @@ from mindspore import nn
 from PIL import Image
 
 from mindcv_volo.errors import run_cli
-from mindcv_volo.label_maps import label_map_path, list_images
+from mindcv_volo.token_labeling.label_maps import label_map_path, list_images
 from mindcv_volo.models import create
-from mindcv_volo.relabel import TeacherTopK, main
+from mindcv_volo.relabel import main
+from mindcv_volo.token_labeling.relabel import TeacherTopK
 from mindcv_volo.weights import load_checkpoint_into, save_checkpoint
 
 ARCH = dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 32, 32], num_heads=[2, 4, 4, 4], stem_hidden_dim=8, img_size=32)

@@ -7,9 +7,9 @@ import pytest
 from mindspore import nn, ops
 
 from mindcv_volo.models import VOLO
-from mindcv_volo.token_label import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy, box_mask,
-                                     clipped_box, mix_ground_truth, mix_rng, mixed_lambda, sample_mix_box,
-                                     topk_target)
+from mindcv_volo.token_labeling.loss import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy,
+                                             mix_ground_truth, topk_target)
+from mindcv_volo.token_labeling.mix_token import box_mask, clipped_box, mix_rng, mixed_lambda, sample_mix_box
 
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 4, 4, 4), num_classes=5, stem_hidden_dim=8)
 

@@ -1,4 +1,4 @@
-"""Tests of mindcv_volo.torch_zip: reading torch.save checkpoints without torch, safely.
+"""Tests of mindcv_volo.weights.torch_zip: reading torch.save checkpoints without torch, safely.
 
 Small checkpoints are built here by hand (zipfile + pickle opcodes) because torch is not available;
 the fixtures in tests/fixtures were written by real torch.save (see the reference README).
@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from mindcv_volo.errors import UserError
-from mindcv_volo.torch_zip import load_state_dict_file, read_torch_checkpoint
+from mindcv_volo.weights.torch_zip import load_state_dict_file, read_torch_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOT_A_CHECKPOINT = "is not a PyTorch checkpoint (zip) or safetensors file: "

@@ -79,7 +79,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data, reference, cache
 
 
 def tiny_args(*argv):
-    from mindcv_volo.config import parse_config
+    from mindcv_volo.engine.config import parse_config
 
     return parse_config(["--model", "volo_d1_224", "--num_classes", "3", "--image_resize", "32",
                          "--arch_overrides", json.dumps(TINY_ARCH), *argv])
@@ -135,7 +135,7 @@ def check_amp_level(level):
     from mindspore import nn
 
     from mindcv_volo.engine.step import _Float32, apply_amp
-    from mindcv_volo.evaluate import EvalNetwork
+    from mindcv_volo.engine.evaluate import EvalNetwork
     from mindcv_volo.models import create
 
     images = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))

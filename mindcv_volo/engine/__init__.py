@@ -1,3 +1,2 @@
-"""Training: run-time setup (`runtime`), the compiled step and the loss seam (`step`), checkpoints
-(`checkpoints`) and the loop (`loop`: `train(args)`). Import the modules themselves; this package file
-imports nothing, so `mindcv_volo.evaluate` can use `runtime` and `step` without a cycle."""
+"""Training and evaluation: options (`config`), data (`data`), device and run-time setup (`runtime`), the
+compiled step (`step`), checkpoints (`checkpoints`), the loop (`loop`) and evaluation (`evaluate`)."""

@@ -19,12 +19,12 @@ import mindspore as ms
 import numpy as np
 
 from ..errors import UserError
-from ..weights import EMA_PREFIX, check_state, model_entries, read_checkpoint, save_checkpoint
+from ..weights.checkpoint import (EMA_PREFIX, OPTIMIZER_PREFIX, STATE_PREFIX, model_entries, read_checkpoint,
+                                  save_checkpoint)
+from ..weights.state import check_state
 
 logger = logging.getLogger("mindcv_volo")
 
-OPTIMIZER_PREFIX = "optimizer."
-STATE_PREFIX = "train_state."
 _NAME = re.compile(r"^(?P<model>.+)-(?P<epoch>\d+)_(?P<steps>\d+)\.ckpt$")
 
 

@@ -8,10 +8,10 @@ import numpy as np
 from mindcv.optim import create_optimizer
 from mindcv.scheduler import create_scheduler
 
-from ..config import save_config
-from ..data import SplitInfo, create_train_loader, iterate, train_steps
 from ..errors import UserError
-from ..evaluate import EvalNetwork, eval_loader_for, evaluate, result_line
+from .config import save_config
+from .data import SplitInfo, create_train_loader, iterate, train_steps
+from .evaluate import EvalNetwork, eval_loader_for, evaluate, result_line
 from .checkpoints import CheckpointKeeper, list_checkpoints
 from .runtime import add_log_file, amp_level, build_model, load_weights, setup_logging, setup_runtime
 from .step import apply_amp, build_loss_network, build_train_steps

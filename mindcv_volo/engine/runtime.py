@@ -7,7 +7,7 @@ import mindspore as ms
 
 from ..errors import UserError
 from ..models import create, data_config
-from ..weights import load_checkpoint_into
+from ..weights.checkpoint import load_checkpoint_into
 
 logger = logging.getLogger("mindcv_volo")
 

@@ -64,7 +64,7 @@ def build_loss_network(model, args):
 
 
 def _token_label_loss(model, args):
-    from .token_labeling import build_token_label_loss  # imported here: token_labeling builds on this module
+    from ..token_labeling.training import build_token_label_loss  # imported here: it builds on this module
 
     return build_token_label_loss(model, args)
 

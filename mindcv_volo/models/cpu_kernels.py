@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -fopenmp-simd: the `omp simd` loop hints only (no OpenMP runtime). -ffp-contract=off: no FMA contraction,
@@ -189,11 +189,12 @@ def portable_ops():
         _portable_depth -= 1
 
 
-def _custom(name, out_shape, out_dtype):
+def custom_op(name, out_shape, out_dtype):
+    """The kernel `name` of the library as a MindSpore AOT custom op."""
     return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def _same(x, *_):
+def same_shape(x, *_):
     return x
 
 
@@ -217,8 +218,8 @@ class LayerNormFunction(Float32KernelCell):
 
     def __init__(self):
         super().__init__()
-        self.forward_op = _custom("LayerNormForward", _same, _same)
-        self.backward_op = _custom("LayerNormBackward", _map_and_two_vectors, _map_and_two_vectors)
+        self.forward_op = custom_op("LayerNormForward", same_shape, same_shape)
+        self.backward_op = custom_op("LayerNormBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, gamma, beta):
         return self.forward_op(x, gamma, beta)
@@ -235,8 +236,8 @@ class UnaryKernelFunction(Float32KernelCell):
 
     def __init__(self):
         super().__init__()
-        self.forward_op = _custom(self.forward_name, _same, _same)
-        self.backward_op = _custom(self.backward_name, _same, _same)
+        self.forward_op = custom_op(self.forward_name, same_shape, same_shape)
+        self.backward_op = custom_op(self.backward_name, same_shape, same_shape)
 
     def construct(self, x):
         return self.forward_op(x)
@@ -264,8 +265,8 @@ class BatchNormReluFunction(Float32KernelCell):
 
     def __init__(self):
         super().__init__()
-        self.forward_op = _custom("BatchNormReluForward", _map_and_two_vectors, _map_and_two_vectors)
-        self.backward_op = _custom("BatchNormReluBackward", _map_and_two_vectors, _map_and_two_vectors)
+        self.forward_op = custom_op("BatchNormReluForward", _map_and_two_vectors, _map_and_two_vectors)
+        self.backward_op = custom_op("BatchNormReluBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, gamma, beta):
         return self.forward_op(x, gamma, beta)
@@ -280,35 +281,14 @@ class AffineReluFunction(Float32KernelCell):
 
     def __init__(self):
         super().__init__()
-        self.forward_op = _custom("AffineReluForward", _same, _same)
-        self.backward_op = _custom("AffineReluBackward", _map_and_two_vectors, _map_and_two_vectors)
+        self.forward_op = custom_op("AffineReluForward", same_shape, same_shape)
+        self.backward_op = custom_op("AffineReluBackward", _map_and_two_vectors, _map_and_two_vectors)
 
     def construct(self, x, scale, shift):
         return self.forward_op(x, scale, shift)
 
     def bprop(self, x, scale, shift, out, dout):
         return self.backward_op(x, scale, shift, dout)
-
-
-def window_ops(kernel_size, padding, stride):
-    """Sliding windows on channels-last maps as two custom ops and their geometry input:
-    im2col(x, geometry): (B, H, W, C) -> (B, out_h, out_w, k * k, C), as `layers.unfold_channels_last`;
-    col2im(cols, geometry): (B, out_h, out_w, k * k, C) -> (B, out_h * stride, out_w * stride, C), the
-    overlap-add (its adjoint, when the map is stride-aligned). The callers define the gradients."""
-
-    def out_size(size):
-        return (size + 2 * padding - kernel_size) // stride + 1
-
-    im2col = _custom("Im2ColForward",
-                     lambda x, geometry: (x[0], out_size(x[1]), out_size(x[2]), kernel_size * kernel_size, x[3]),
-                     _same)
-    col2im = _custom("Col2ImForward", lambda cols, geometry: (cols[0], cols[1] * stride, cols[2] * stride, cols[4]),
-                     _same)
-    for op in (im2col, col2im):
-        # PyNative caches an op's inferred output shape by its name, attributes and input shapes: without
-        # this attribute a 4x4/4 patchify of a map would reuse the shape of a 3x3 unfold of the same map
-        op.add_prim_attr("geometry", (kernel_size, stride, padding))
-    return im2col, col2im, Tensor(np.array([kernel_size, stride, padding], np.int32))
 
 
 class BiasAddFunction(Float32KernelCell):
@@ -318,7 +298,7 @@ class BiasAddFunction(Float32KernelCell):
     def __init__(self):
         super().__init__()
         self.forward_op = ops.BiasAdd()
-        self.backward_op = _custom("BiasAddBackward", lambda dy: dy[-1:], _same)
+        self.backward_op = custom_op("BiasAddBackward", lambda dy: dy[-1:], same_shape)
 
     def construct(self, x, bias):
         return self.forward_op(x, bias)

@@ -13,9 +13,9 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (GELU, ChannelsLastFold, ChannelsLastUnfold, Conv2d, FusedBatchNormRelu, Mlp, Softmax,
-                     batch_matmul, batch_norm, batch_norm_relu_channels_last, dense, drop_path, layer_norm,
-                     split_class_token, uses_cpu_paths, uses_fused_cpu_kernels)
+from .layers import (FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm, batch_norm_relu_channels_last,
+                     dense, drop_path, layer_norm, split_class_token, uses_cpu_paths, uses_fused_cpu_kernels)
+from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -410,20 +410,19 @@ def build_volo(name, pretrained=False, **kwargs):
     return VOLO(**{**ARCHS[variant["arch"]], "img_size": variant["img_size"], **kwargs})
 
 
-def _register(name):
+def _entrypoint(name):
+    """MindCV's registry keys an entry point by its function's name."""
     def entrypoint(pretrained=False, **kwargs):
         return build_volo(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f"{name}: VOLO, as in the official release (see VARIANTS)."
-    globals()[name] = register_model(entrypoint)
-
-
-for _name in (*VARIANTS, *ALIASES):
-    _register(_name)
+    return entrypoint
 
 
 MODEL_NAMES = (*VARIANTS, *ALIASES)
+for _name in MODEL_NAMES:  # the variant table is the registry
+    register_model(_entrypoint(_name))
 
 
 def create(name, **kwargs):

@@ -1,75 +1,19 @@
-"""Token labeling (Jiang et al. 2021) and MixToken for VOLO training, as the official code does it.
+"""Token labeling (Jiang et al. 2021): the targets and the loss of VOLO's training, as the official code.
 
-Host side, once per step (numpy; the graph gets static-shape tensors, never a dynamic slice):
-
-    rng = mix_rng(seed, epoch, step, rank)              # same (seed, epoch, step) -> same box on resume
-    lam, box = sample_mix_box(rng, grid_h, grid_w)       # grid = image / 16 (14 x 14 at 224)
-    mix_mask = box_mask(box, grid_h, grid_w)             # (1, grid_h, grid_w, 1) float32
-    lam = mixed_lambda(box, grid_h, grid_w)              # class-target weight: 1 - box area / tokens
-
-Graph side: `VOLO.forward_train(images, mix_mask)` mixes the stride-8 tokens inside the box with the
-batch flipped along axis 0 and un-mixes the per-token logits, so every token's target is its own
-image's token label. The class target is mixed: lam * t + (1 - lam) * t[::-1]. Targets:
+`VOLO.forward_train(images, mix_mask)` gives class logits and per-token logits, un-mixed so that every
+token's target is its own image's token label (MixToken: `token_labeling.mix_token`). The class target
+is mixed: lam * t + (1 - lam) * t[::-1]. Targets:
 
     ground-truth mode   one_hot_target(labels, K) -> (B, K); dense = broadcast_dense_target(t, N) (B, N, K)
     label-map mode      topk_target(indices, scores, K): the official softmax of the teacher logits
                         (0 for classes outside the top-k), for the class level (B, k) -> (B, K) and
-                        per token (B, N, k) -> (B, N, K); see mindcv_volo.label_maps for the columns.
+                        per token (B, N, k) -> (B, N, K); see token_labeling.label_maps for the columns.
 
 `TokenLabelCrossEntropy` computes cls_weight * CE(class) + dense_weight * mean-over-tokens CE(token),
 label smoothing included; `LabelsWithLoss` / `LabelMapsWithLoss` are the network-with-loss cells.
 """
-import math
-
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
-
-# The official MixToken draws lam ~ Beta(1, 1), i.e. the box area is uniform.
-MIX_BETA = 1.0
-
-
-def mix_rng(seed, epoch, step, rank=0):
-    """The MixToken random state of one training step: a resumed run draws the same boxes.
-
-    Each rank mixes within its own local batch (as the official DDP training, seeded per rank).
-    """
-    return np.random.default_rng([int(seed), int(epoch), int(step), int(rank)])
-
-
-def clipped_box(lam, center, grid_h, grid_w):
-    """The official rand_bbox for a given lam and centre: side int(grid * sqrt(1 - lam)), clipped.
-
-    Returns (x1, y1, x2, y2): x indexes axis 1 (height) and y axis 2 (width) of the (B, H, W, C)
-    tokens, as the official code. An odd side loses one token (half-sides are floored), as there.
-    """
-    cut_rat = math.sqrt(1.0 - lam)
-    half_h, half_w = int(grid_h * cut_rat) // 2, int(grid_w * cut_rat) // 2
-    cx, cy = center
-    return (int(np.clip(cx - half_h, 0, grid_h)), int(np.clip(cy - half_w, 0, grid_w)),
-            int(np.clip(cx + half_h, 0, grid_h)), int(np.clip(cy + half_w, 0, grid_w)))
-
-
-def sample_mix_box(rng, grid_h, grid_w):
-    """Draw (lam, box) as the official: lam ~ Beta(1, 1), then the centre row, then the centre column."""
-    lam = float(rng.beta(MIX_BETA, MIX_BETA))
-    cx = int(rng.integers(grid_h))
-    cy = int(rng.integers(grid_w))
-    return lam, clipped_box(lam, (cx, cy), grid_h, grid_w)
-
-
-def box_mask(box, grid_h, grid_w):
-    """The box as VOLO.forward_train's mix_mask: float32 (1, grid_h, grid_w, 1), 1 inside the box."""
-    x1, y1, x2, y2 = box
-    mask = np.zeros((1, grid_h, grid_w, 1), np.float32)
-    mask[0, x1:x2, y1:y2, 0] = 1.0
-    return mask
-
-
-def mixed_lambda(box, grid_h, grid_w):
-    """Weight of each image's own class target: 1 - box area / tokens (the clipped, not the drawn, lam)."""
-    x1, y1, x2, y2 = box
-    return 1.0 - (x2 - x1) * (y2 - y1) / float(grid_h * grid_w)
 
 
 # --- targets (graph mode: static shapes, no Python branching on tensor values) ------------------

@@ -36,8 +36,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
-from .torch_zip import read_torch_checkpoint
+from ..errors import UserError
+from ..weights.torch_zip import read_torch_checkpoint
 
 FORMAT = "mindcv_volo.label_maps/1"
 META_FILE = "labelmaps.json"

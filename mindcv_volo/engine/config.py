@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import yaml
 
-from mindcv_volo.errors import UserError
+from ..errors import UserError
 
 
 class Option(NamedTuple):

@@ -1,15 +1,14 @@
-"""Model weights in and out: official names, strict checks, fine-tuning adaptation, atomic files.
+"""A model's state as {name: array}: official names, strict checks, fine-tuning adaptation, assignment.
 
 One name mapping serves everything: a MindSpore parameter's official (PyTorch) name is its own name
 with the LayerNorm/BatchNorm leaf renamed (the cell tree mirrors the official module tree).
 """
 import logging
-import os
 
 import mindspore as ms
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .pos_embed import resize_pos_embed
 
 logger = logging.getLogger("mindcv_volo")
@@ -18,9 +17,6 @@ MINDSPORE_TO_TORCH_LEAF = {"gamma": "weight", "beta": "bias", "moving_mean": "ru
                            "moving_variance": "running_var"}
 TORCH_ONLY_LEAVES = ("num_batches_tracked",)  # BatchNorm's step counter: no information for inference
 HEAD_NAMES = ("head.weight", "head.bias", "aux_head.weight", "aux_head.bias")
-EMA_PREFIX = "ema."
-# A training checkpoint holds the model under its own names and the training state under these prefixes.
-TRAINING_STATE_PREFIXES = (EMA_PREFIX, "optimizer.", "train_state.")
 
 
 def official_name(name):
@@ -79,54 +75,3 @@ def assign_state(model, state):
     """Copy a checked state (MindSpore names -> arrays) into the model's parameters."""
     for param in model.get_parameters():
         param.set_data(ms.Tensor(np.asarray(state[param.name]), dtype=param.dtype))
-
-
-def save_checkpoint(entries, path):
-    """Write {name: array or Tensor} as a MindSpore checkpoint, atomically (temporary file, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # save_checkpoint appends ".ckpt" to names without it, so the temporary name keeps the suffix.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.ckpt")
-    records = [{"name": name, "data": value if isinstance(value, ms.Tensor) else ms.Tensor(np.asarray(value))}
-               for name, value in entries.items()]
-    try:
-        ms.save_checkpoint(records, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint(path):
-    """A MindSpore .ckpt file as {name: numpy array}; a one-line UserError when it cannot be read."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        params = ms.load_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated or another format?): "
-                        f"{str(err).splitlines()[0]}") from None
-    return {name: param.asnumpy() for name, param in params.items()}
-
-
-def model_entries(state, ema=False, source=""):
-    """The model's weights in a checkpoint: plain names, or the EMA copy when `ema` is set."""
-    if ema:
-        weights = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
-        if not weights:
-            raise UserError(f"{source} holds no EMA weights; drop the ema option to load its plain weights")
-        return weights
-    return {k: v for k, v in state.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
-
-
-def load_checkpoint_into(model, path, ema=False, adapt=False):
-    """Load a .ckpt into `model`, strictly: a missing file or any entry that does not fit is an error.
-
-    `adapt=True` is for fine-tuning: pos_embed is resized and heads of another class count are dropped.
-    """
-    state = model_entries(read_checkpoint(path), ema, path)
-    if adapt:
-        state = adapt_state(model, state, path)
-    check_state(model, state, path)
-    assign_state(model, state)
-    return model

@@ -28,7 +28,7 @@ import zipfile
 
 import numpy as np
 
-from mindcv_volo.errors import UserError
+from ..errors import UserError
 
 # Storage class name (as torch pickles it) -> numpy dtype of its elements.
 # bfloat16 has no numpy dtype: its raw 16-bit words are kept as uint16 and widened to float32 later.

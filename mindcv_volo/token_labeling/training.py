@@ -1,41 +1,26 @@
-"""`loss: token_label`: token labeling and MixToken in the train step (issue 4).
+"""`loss: token_label`: token labeling and MixToken in train.py's step (the engine's loss seam).
 
 Two modes, chosen by `token_label_dir`:
   * ground truth (no maps): every token's target is its image's label; the loader is train.py's own;
   * label maps (`token_label_dir` from `python -m mindcv_volo.relabel`): the loader crops and flips each
-    image and its map with one box (`label_maps.RandomResizedCropWithMap`), then applies MindCV's other
+    image and its map with one box (`RandomResizedCropWithMap`), then applies MindCV's other
     training transforms (RandAugment, normalisation, random erasing) to the image alone.
 With `mix_token` on, each step's MixToken box is drawn on the host from (seed, epoch, step, rank), so a
 resumed run draws the same boxes; the box reaches the graph as a mask tensor of static shape.
 """
-import mindspore as ms
 import mindspore.dataset as ds
 import numpy as np
 from mindcv.data.transforms_factory import transforms_imagenet_train
 from mindspore import Tensor
 
-from ..data import epoch_order, order_seed, rank_slice
+from ..engine.data import epoch_order, order_seed, rank_slice
 from ..errors import UserError
-from ..label_maps import ImageFolderWithMaps, RandomResizedCropWithMap
 from ..models.volo import TOKEN_STRIDE
-from ..token_label import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy, box_mask, mix_rng,
-                           mixed_lambda, sample_mix_box)
+from .label_maps import ImageFolderWithMaps, RandomResizedCropWithMap
+from .loss import LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy
+from .mix_token import MixTokenSampler
 
 MAP_COLUMNS = ["image", "label", "cls_indices", "cls_scores", "token_indices", "token_scores"]
-
-
-class MixTokenSampler:
-    """Per step: (mix_mask (1, G, G, 1), lam ()) as Tensors; an empty box when MixToken is off."""
-
-    def __init__(self, seed, grid, rank, enabled):
-        self.seed, self.grid, self.rank, self.enabled = seed, grid, rank, enabled
-
-    def __call__(self, epoch, step):
-        if not self.enabled:
-            return Tensor(np.zeros((1, self.grid, self.grid, 1), np.float32)), Tensor(1.0, ms.float32)
-        _, box = sample_mix_box(mix_rng(self.seed, epoch, step, self.rank), self.grid, self.grid)
-        return (Tensor(box_mask(box, self.grid, self.grid)),
-                Tensor(mixed_lambda(box, self.grid, self.grid), ms.float32))
 
 
 class GroundTruthTokenLoss(LabelsWithLoss):

@@ -17,10 +17,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ..errors import UserError
 from .data import SplitInfo, create_eval_loader, eval_transforms, iterate
-from .engine.runtime import amp_level, build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
-from .engine.step import apply_amp
-from .errors import UserError
+from .runtime import amp_level, build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
+from .step import apply_amp
 
 logger = logging.getLogger("mindcv_volo")
 

@@ -24,7 +24,7 @@ from mindspore.dataset.vision import Inter
 from mindcv.data import create_dataset, create_loader, create_transforms
 from mindcv.data.mixup import Mixup
 
-from .errors import UserError
+from ..errors import UserError
 
 class SplitInfo:
     """One split folder of an ImageFolder data set: its classes (sorted sub-folders) and image count."""
