@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="The official VOLO (Vision Outlooker) in MindSpore, registered in MindCV's model zoo",
     packages=find_packages(include=["mindcv_volo", "mindcv_volo.*"]),
-    # the fused CPU kernels' source, compiled with the machine's g++ on first use
-    package_data={"mindcv_volo.models": ["cpu_kernels.cc"]},
+    # the fused CPU kernels' source (compiled with the machine's g++ on first use) and ImageNet's class names
+    package_data={"mindcv_volo.models": ["cpu_kernels.cc", "imagenet_classes.txt"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",
@@ -16,6 +16,9 @@ setup(
         "pyyaml",
         "safetensors",
         "pillow",
+        "tqdm",
+        "matplotlib",
     ],
+    # test: what the suite needs beyond the package; quickstart: the digits (scikit-learn ships them)
     extras_require={"test": ["pytest", "scikit-learn"], "quickstart": ["scikit-learn"]},
 )

@@ -1,24 +1,29 @@
 """Official VOLO weights (PyTorch .pth.tar / .pth, timm .safetensors) -> MindSpore .ckpt, without torch.
 
     python -m mindcv_volo.convert --src d1_224_84.2.pth.tar --dst volo_d1_224.ckpt --model volo_d1_224
+
+The .ckpt describes itself (model, classes, preprocessing), so validate.py, infer.py and export need only it.
 """
-import argparse
 import logging
 
-from .errors import run_cli
-from .model_args import add_model_arguments, create_from_args
+from .engine.config import parse_config
+from .engine.model_spec import build_model, preprocessing, resolve
+from .errors import UserError, run_cli
 from .weights.convert import convert_into
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mindcv_volo.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--src", required=True, help="official .pth.tar/.pth or timm .safetensors file")
-    parser.add_argument("--dst", required=True, help="MindSpore checkpoint to write (.ckpt)")
-    add_model_arguments(parser, "class count of the new model; when it differs, head and aux_head are dropped")
-    args = parser.parse_args(argv)
+    config = parse_config(argv, "convert")
+    tools = config.tools
+    if not (tools.src and tools.dst and config.model.model):
+        raise UserError("convert needs --src FILE (official .pth.tar/.pth or .safetensors), --dst FILE.ckpt and "
+                        "--model NAME (e.g. volo_d1_224)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    convert_into(create_from_args(args), args.src, args.dst)
-    print(f"wrote {args.dst} ({args.model})")
+    spec = resolve(config.model)
+    model = build_model(spec)
+    convert_into(model, tools.src, tools.dst, ema=config.model.ema,
+                 description=spec.describe(preprocessing(model, spec, config.augmentation)))
+    print(f"wrote {tools.dst} ({spec.name}, {spec.num_classes} classes)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU device, the reference fixtures, helpers to run the command-line tools."""
+"""Shared test set-up: the CPU device, the reference fixtures, one small VOLO, tiny image data, one runner for
+the command-line tools, and the session's reference training run."""
 import json
 import os
 import subprocess
@@ -6,7 +7,9 @@ import sys
 from pathlib import Path
 
 import mindspore as ms
+import numpy as np
 import pytest
+import yaml
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings would drown the test output
 ms.set_device("CPU")
@@ -15,13 +18,107 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 REFERENCE_CONFIGS = json.loads((FIXTURES / "configs.json").read_text())
 
+# The one small architecture of the tests: every stage of VOLO, compiled and trained in seconds on 2 cores.
+TINY_ARCH = {"layers": [1, 1, 1, 1], "embed_dims": [16, 32, 32, 32], "num_heads": [1, 2, 2, 2],
+             "stem_hidden_dim": 8, "mlp_ratio": 2.0, "img_size": 32}
+CLASSES = ("circle", "square", "stripes")
 
-def run_tool(*args, cwd=ROOT, timeout=600):
-    """Run `python ARGS...` as a user would; returns the CompletedProcess (text)."""
-    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
+def reference_options(name, img_size=None):
+    """Command-line options that build the reference model `name` (configs.json), at `img_size` if given."""
+    config = dict(REFERENCE_CONFIGS[name], **({"img_size": img_size} if img_size else {}))
+    return ["--num_classes", str(config.pop("num_classes")), "--arch_overrides", json.dumps(config)]
+
+
+def tiny_volo(num_classes=len(CLASSES), **overrides):
+    """A VOLO of TINY_ARCH (any argument of the constructor can be replaced)."""
+    from mindcv_volo.models import VOLO
+    from mindcv_volo.models.volo import ARCHS
+
+    return VOLO(**{**ARCHS["d1"], **TINY_ARCH, "num_classes": num_classes, **overrides})
+
+
+def run_tool(*args, cwd=ROOT, timeout=600, cache=None, env=None):
+    """Run `python ARGS...` (a script such as train.py, or -m mindcv_volo.X) as a user would; returns the
+    CompletedProcess (text). `cache`: a folder for MindSpore's compile cache, shared by runs of one recipe
+    (the second compiles in seconds); runs of different recipes must not share one, since the cache is
+    looked up by the script, not the graph."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=tool_env(cache, env))
+
+
+def tool_env(cache=None, extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("GLOG_v", None)  # as a user runs it: the scripts choose MindSpore's log level themselves
+    if cache:
+        env.update(MS_COMPILER_CACHE_ENABLE="1", MS_COMPILER_CACHE_PATH=str(cache))
+    env.update(extra or {})
+    return env
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_ckpt(path):
+    return {name: value.asnumpy() for name, value in ms.load_checkpoint(str(path)).items() if not isinstance(value, str)}
+
+
+def max_difference(a, b):
+    assert sorted(a) == sorted(b), set(a) ^ set(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) if a[k].size else 0.0
+               for k in a)
+
+
+# --- tiny image data --------------------------------------------------------------------------------------
+
+def draw(kind, rng, size=32):
+    """A 32x32 RGB picture of one of three shapes, jittered in place, colour and noise."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(12, 20, size=2)
+    if kind == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(36, 64)
+    elif kind == "square":
+        half = rng.integers(5, 8)
+        mask = (abs(yy - cy) < half) & (abs(xx - cx) < half)
+    else:
+        mask = (xx // rng.integers(3, 5)) % 2 == 0
+    colour = rng.integers(120, 255, size=3)
+    image = rng.integers(0, 40, size=(size, size, 3)) + mask[..., None] * colour
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root, per_class=None, seed=0, classes=CLASSES):
+    """ImageFolder PNGs under root/<split>/<class>/; per_class {split: count}. Returns root."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 16, "val": 4}
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for kind in classes:
+            folder = os.path.join(root, split, kind)
+            os.makedirs(folder, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(draw(kind, rng)).save(os.path.join(folder, f"{index:03d}.png"))
+    return str(root)
+
+
+def tiny_config(path, data_dir, save_dir, **overrides):
+    """A recipe for the tiny model on the tiny data, deterministic (no random augmentation, no drop path)."""
+    config = {
+        "model": "volo_d1_224", "arch_overrides": TINY_ARCH, "num_classes": len(CLASSES), "image_resize": 32,
+        "crop_pct": 1.0, "data_dir": str(data_dir), "ckpt_save_dir": str(save_dir), "batch_size": 8,
+        "epoch_size": 2, "lr": 2e-3, "min_lr": 1e-5, "warmup_epochs": 1, "warmup_lr": 1e-4, "weight_decay": 0.05,
+        "drop_path_rate": 0.0, "scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0, "color_jitter": None,
+        "num_parallel_workers": 1, "log_interval": 2, "keep_checkpoint_max": 5, "seed": 7,
+    }
+    config.update(overrides)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["graph", "pynative"])
 def mode(request):
@@ -30,3 +127,44 @@ def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
     yield request.param
     ms.set_context(mode=previous)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """Tiny ImageFolder data: 3 classes of drawn shapes, 24 train and 6 val images each."""
+    return make_image_folder(tmp_path_factory.mktemp("shapes"), {"train": 24, "val": 6})
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as an ImageFolder set at 32 px (1,438 train, 359 val), as the quick start writes it."""
+    from mindcv_volo.digits import write_digits
+
+    folder = tmp_path_factory.mktemp("digits")
+    write_digits(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """The compile cache shared by the runs of REFERENCE_RECIPE (reference, killed, resumed)."""
+    return tmp_path_factory.mktemp("compile_cache")
+
+
+# The reference run, shared by the train and validate tests.
+EPOCHS = 3
+STEPS = 24  # 72 train images / batch 3 per step
+REFERENCE_RECIPE = dict(epoch_size=EPOCHS, batch_size=3, ema=True, ema_decay=0.9, clip_grad=True, clip_value=1.0,
+                        gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1,
+                        val_while_train=True, val_interval=2)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, shapes, compile_cache):
+    """One uninterrupted run of REFERENCE_RECIPE: EMA, clipping and gradient accumulation on;
+    (process, ckpt dir, config)."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = tiny_config(folder / "recipe.yaml", shapes, folder / "ckpt", **REFERENCE_RECIPE)
+    proc = run_tool("train.py", "-c", config, cache=compile_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, folder / "ckpt", config

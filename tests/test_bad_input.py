@@ -11,16 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mindcv_volo.models import create
+from conftest import make_image_folder, read_ckpt, run_tool, tiny_config, tiny_volo
 from mindcv_volo.weights import save_checkpoint
-from train_helpers import TINY_ARCH, make_image_folder, read_ckpt, run_script, tiny_config
 
 MODEL_NAMES = ("volo_d1, volo_d1_224, volo_d1_384, volo_d2, volo_d2_224, volo_d2_384, volo_d3, volo_d3_224, "
                "volo_d3_448, volo_d4, volo_d4_224, volo_d4_448, volo_d5, volo_d5_224, volo_d5_448, volo_d5_512")
 
 
 def tiny_weights(path, num_classes=3, **arch):
-    model = create("volo_d1_224", num_classes=num_classes, **{**TINY_ARCH, **arch})
+    """Weights of a tiny VOLO in a checkpoint that does not describe its model (as one written elsewhere)."""
+    model = tiny_volo(num_classes, **arch)
     save_checkpoint({p.name: p.asnumpy() for p in model.get_parameters()}, str(path))
     return str(path)
 
@@ -53,6 +53,9 @@ def cases(tmp_path_factory):
     def problem(name, file_shape, model_shape):
         return f"mis-shaped {name}: file {file_shape}, model {model_shape}"
 
+    hint = ("the checkpoint does not describe its model: pass the --model, --num_classes and --arch_overrides it "
+            "was trained with (train.py saves them in config.yaml beside it: -c that file)")
+
     table = {
         "missing data_dir": (("train.py", "-c", config, "--data_dir", root / "nowhere"),
                              f"data_dir not found: {root / 'nowhere'}"),
@@ -73,11 +76,11 @@ def cases(tmp_path_factory):
                               + "; ".join([problem("head.weight", "(5, 32)", "(3, 32)"),
                                            problem("head.bias", "(5,)", "(3,)"),
                                            problem("aux_head.weight", "(5, 32)", "(3, 32)"),
-                                           problem("aux_head.bias", "(5,)", "(3,)")])),
+                                           problem("aux_head.bias", "(5,)", "(3,)"), hint])),
         "other variant": (("validate.py", "-c", config, "--ckpt_path", more_heads),
                           f"{more_heads} does not fit the model (2 problems): "
                           + "; ".join([problem("network.0.0.attn.attn.weight", "(162, 16)", "(81, 16)"),
-                                       problem("network.0.0.attn.attn.bias", "(162,)", "(81,)")])),
+                                       problem("network.0.0.attn.attn.bias", "(162,)", "(81,)"), hint])),
         "truncated checkpoint": (("validate.py", "-c", config, "--ckpt_path", truncated),
                                  f"{truncated} is not a readable MindSpore checkpoint (truncated or another "
                                  f"format?): Failed to read the checkpoint file {truncated}. The file may be "
@@ -89,11 +92,11 @@ def cases(tmp_path_factory):
         "missing checkpoint": (("validate.py", "-c", config, "--ckpt_path", root / "none.ckpt"),
                                f"checkpoint not found: {root / 'none.ckpt'}"),
         "no checkpoint given": (("validate.py", "-c", config),
-                                "ckpt_path is not set; pass --ckpt_path FILE.ckpt (a checkpoint of this model)"),
+                                "ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert)"),
         "missing config": (("train.py", "-c", missing_config), f"config file not found: {missing_config}"),
         "batch larger than data": (("train.py", "-c", config, "--batch_size", "16"),
                                    f"batch_size 16 x 1 device(s) x 1 accumulation step(s) = 16 images per update is "
-                                   f"more than the 12 images in {data}/train; lower batch_size"),
+                                   f"more than the 12 images an epoch of {data}/train has; lower batch_size"),
         "resume from weights only": (("train.py", "-c", config, "--resume", "True", "--ckpt_path", weights),
                                      f"{weights} holds no training state (train_state.*): it is a weights-only "
                                      "checkpoint; start from its weights with --ckpt_path and without --resume"),
@@ -113,9 +116,9 @@ def cases(tmp_path_factory):
                           warmup_epochs=0, loss_scale_type="dynamic", loss_scale=3e38, log_interval=1,
                           val_split="no_val")
     with ThreadPoolExecutor(max_workers=3) as pool:
-        trains = {"nan": pool.submit(run_script, "train.py", "-c", nan),
-                  "dynamic": pool.submit(run_script, "train.py", "-c", dynamic)}
-        runs = {name: pool.submit(run_script, *argv, "--ckpt_save_dir", outs[name]) for name, (argv, _) in table.items()}
+        trains = {"nan": pool.submit(run_tool, "train.py", "-c", nan),
+                  "dynamic": pool.submit(run_tool, "train.py", "-c", dynamic)}
+        runs = {name: pool.submit(run_tool, *argv, "--ckpt_save_dir", outs[name]) for name, (argv, _) in table.items()}
         results = {name: (runs[name].result(), table[name][1], outs[name]) for name in table}
         results.update({name: (run.result(), None, root / f"{name}_out") for name, run in trains.items()})
         return results

@@ -1,9 +1,11 @@
 """The option table: YAML sets defaults, the command line overrides them, and every mistake is one UserError."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from conftest import FIXTURES
 from mindcv_volo.engine.config import OPTIONS, _convert, parse_config, save_config
 from mindcv_volo.errors import UserError, run_cli
 
@@ -14,23 +16,36 @@ def write(tmp_path, text, name="recipe.yaml"):
     return str(path)
 
 
-def error_of(argv):
+def parse(argv, command="train"):
+    """Every option's value, by name."""
+    return SimpleNamespace(**parse_config(argv, command).as_dict())
+
+
+def error_of(argv, command="train"):
     with pytest.raises(UserError) as info:
-        parse_config(argv)
+        parse_config(argv, command)
     return str(info.value)
 
 
 def test_table_defaults_are_valid_values():
     for opt in OPTIONS.values():
         assert _convert(opt, opt.default, opt.name) == opt.default, opt.name
-    args = parse_config([])
+    args = parse([])
     assert (args.batch_size, args.lr, args.opt, args.config, args.crop_pct) == (128, 1.6e-3, "adamw", "", None)
+    assert args.model == "volo_d1_224" and parse([], "validate").model is None  # validate: the checkpoint's
+
+
+def test_sections_hold_their_options():
+    config = parse_config(["--batch_size", "32", "--weight_decay", "0.1"])
+    assert config.data.batch_size == 32 and config.optimizer.weight_decay == 0.1
+    with pytest.raises(AttributeError):
+        config.data.batch_size = 64  # a part of the run cannot write into the options
 
 
 def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
     # `1e-3` without a dot is a string to PyYAML; it must still be read as a number.
     path = write(tmp_path, "batch_size: 64\nlr: 1e-3\nopt: sgd\nscale: [0.5, 1]\n")
-    args = parse_config(["-c", path, "--batch_size", "32", "--min_lr=2e-6"])
+    args = parse(["-c", path, "--batch_size", "32", "--min_lr=2e-6"])
     assert (args.batch_size, args.lr, args.opt, args.min_lr) == (32, 0.001, "sgd", 2e-6)
     assert args.scale == [0.5, 1.0] and args.config == path
     assert args.epoch_size == 300  # in neither: the table default
@@ -42,7 +57,7 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
     ("true", True), ("'True'", True), ("yes", True), ("'yes'", True), ("1", True), ("'1'", True), ("on", True),
 ])
 def test_yaml_booleans(tmp_path, text, expected):
-    assert parse_config(["-c", write(tmp_path, f"resume: {text}\n")]).resume is expected
+    assert parse(["-c", write(tmp_path, f"resume: {text}\n")]).resume is expected
 
 
 @pytest.mark.parametrize("word, expected", [
@@ -51,12 +66,12 @@ def test_yaml_booleans(tmp_path, text, expected):
 ])
 def test_command_line_booleans(tmp_path, word, expected):
     path = write(tmp_path, f"resume: {str(not expected).lower()}\n")
-    assert parse_config(["-c", path, "--resume", word]).resume is expected
-    assert parse_config(["-c", path, f"--resume={word}"]).resume is expected
+    assert parse(["-c", path, "--resume", word]).resume is expected
+    assert parse(["-c", path, f"--resume={word}"]).resume is expected
 
 
 def test_bare_boolean_flag_means_true():
-    assert parse_config(["--resume"]).resume is True
+    assert parse(["--resume"]).resume is True
 
 
 def test_bad_booleans(tmp_path):
@@ -69,7 +84,7 @@ def test_bad_booleans(tmp_path):
 def test_unknown_yaml_key_message(tmp_path):
     path = write(tmp_path, "lr: 0.001\nbach_size: 64\n")
     assert error_of(["-c", path]) == (
-        f"unknown key in {path}: 'bach_size' (did you mean 'batch_size' or 'epoch_size'?); "
+        f"unknown key in {path}: 'bach_size' (did you mean 'batch_size' or 'epoch_size' or 'image_size'?); "
         "run with --help to list the valid keys")
 
 
@@ -92,26 +107,27 @@ def test_wrong_types(tmp_path):
 
 def test_nullable_options(tmp_path):
     path = write(tmp_path, "color_jitter: null\ncrop_pct: 0.96\nauto_augment: randaug-m9-mstd0.5-inc1\n")
-    args = parse_config(["-c", path])
+    args = parse(["-c", path])
     assert (args.color_jitter, args.crop_pct, args.auto_augment) == (None, 0.96, "randaug-m9-mstd0.5-inc1")
-    args = parse_config(["-c", path, "--crop_pct", "None", "--auto_augment", "null", "--decay_epochs", "30"])
+    args = parse(["-c", path, "--crop_pct", "None", "--auto_augment", "null", "--decay_epochs", "30"])
     assert (args.crop_pct, args.auto_augment, args.decay_epochs) == (None, None, 30)
     assert error_of(["--crop_pct", "abc"]) == "--crop_pct on the command line must be a number or null, got 'abc'"
 
 
 @pytest.mark.parametrize("argv", [["--scale", "0.5,1"], ["--scale", "0.5", "1"], ["--scale", "[0.5, 1]"]])
 def test_command_line_lists(argv):
-    assert parse_config(argv).scale == [0.5, 1.0]
+    assert parse(argv).scale == [0.5, 1.0]
 
 
 def test_choices(tmp_path):
     path = write(tmp_path, "opt: sgdd\n")
     assert error_of(["-c", path]) == (
-        f"opt in {path} must be one of adamw, adam, sgd, momentum, lamb, lion; got 'sgdd'")
+        f"opt in {path} must be one of sgd, momentum, nesterov, adam, adamw, lion, nadam, adan, rmsprop, adagrad, "
+        "lamb; got 'sgdd'")
     assert error_of(["--mode", "2"]) == "--mode on the command line must be one of 0, 1; got '2'"
     assert error_of(["--device_target", "TPU"]) == (
         "--device_target on the command line must be one of Ascend, GPU, CPU, auto; got 'TPU'")
-    assert parse_config(["--mode", "1", "--loss", "token_label"]).mode == 1
+    assert parse(["--mode", "1", "--loss", "token_label"]).mode == 1
 
 
 def test_config_file_errors(tmp_path):
@@ -123,12 +139,12 @@ def test_config_file_errors(tmp_path):
     path = write(tmp_path, "- lr\n- 0.1\n")
     assert error_of(["-c", path]) == (
         f"{path} must hold a mapping of option names to values (`key: value` lines), not a list")
-    assert parse_config(["-c", write(tmp_path, "# nothing set yet\n")]).lr == 1.6e-3
+    assert parse(["-c", write(tmp_path, "# nothing set yet\n")]).lr == 1.6e-3
 
 
 def test_command_line_mistakes_raise_user_error():
     assert error_of(["--bach_size", "64"]) == (
-        "unknown command-line option: --bach_size (did you mean --batch_size or --epoch_size?); "
+        "unknown command-line option: --bach_size (did you mean --batch_size or --epoch_size or --image_resize?); "
         "run with --help to list the valid options")
     assert error_of(["--batch", "64"]).startswith("unknown command-line option: --batch ")  # no abbreviations
     assert error_of(["--lr"]) == "argument --lr: expected one argument; run with --help to list the valid options"
@@ -146,7 +162,7 @@ def test_user_error_is_one_line_and_exit_code_2(capsys):
 
 def test_help_shows_yaml_defaults(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        parse_config(["-c", write(tmp_path, "lr: 0.004\n"), "--help"], description="Train VOLO")
+        parse(["-c", write(tmp_path, "lr: 0.004\n"), "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "Train VOLO" in out and "peak learning rate (default: 0.004)" in out
@@ -154,28 +170,27 @@ def test_help_shows_yaml_defaults(tmp_path, capsys):
 
 def test_save_config_round_trips(tmp_path):
     recipe = write(tmp_path, "lr: 1e-3\nresume: 'no'\nauto_augment: randaug-m9-mstd0.5-inc1\n")
-    args = parse_config(["-c", recipe, "--batch_size", "32", "--mean", "0.5,0.5,0.5", "--crop_pct", "0.9"])
-    args.rank_id = 3  # set at run time by train.py: not an option, so not saved
+    config = parse_config(["-c", recipe, "--batch_size", "32", "--mean", "0.5,0.5,0.5", "--crop_pct", "0.9"])
     saved = str(tmp_path / "run" / "config.yaml")
-    save_config(args, saved)
-    save_config(args, saved)  # overwriting an existing file works too
+    save_config(config, saved)
+    save_config(config, saved)  # overwriting an existing file works too
 
     data = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
-    assert list(data) == sorted(OPTIONS) and "rank_id" not in data
+    assert list(data) == sorted(OPTIONS)
     assert os.listdir(tmp_path / "run") == ["config.yaml"]  # no temporary file left behind
-    again = vars(parse_config(["-c", saved]))
-    expected = {k: v for k, v in vars(args).items() if k != "rank_id"}
+    again = parse_config(["-c", saved]).as_dict()
+    expected = config.as_dict()
     assert again.pop("config") == saved and expected.pop("config") == recipe
     assert again == expected
 
 
 def test_mapping_option(tmp_path):
     path = write(tmp_path, "arch_overrides:\n  layers: [1, 1, 1, 1]\n  img_size: 32\n")
-    assert parse_config(["-c", path]).arch_overrides == {"layers": [1, 1, 1, 1], "img_size": 32}
-    assert parse_config([]).arch_overrides == {}
+    assert parse(["-c", path]).arch_overrides == {"layers": [1, 1, 1, 1], "img_size": 32}
+    assert parse([]).arch_overrides == {}
     # On the command line as JSON or YAML flow text.
-    assert parse_config(["--arch_overrides", '{"layers": [2, 2, 2, 2]}']).arch_overrides == {"layers": [2, 2, 2, 2]}
-    assert parse_config(["--arch_overrides", "{mlp_ratio: 2.0}"]).arch_overrides == {"mlp_ratio": 2.0}
+    assert parse(["--arch_overrides", '{"layers": [2, 2, 2, 2]}']).arch_overrides == {"layers": [2, 2, 2, 2]}
+    assert parse(["--arch_overrides", "{mlp_ratio: 2.0}"]).arch_overrides == {"mlp_ratio": 2.0}
     expected = "a mapping of names to values, e.g. '{a: 1, b: [2, 3]}'"
     assert error_of(["--arch_overrides", "[1, 2]"]) == (
         f"--arch_overrides on the command line must be {expected}, got '[1, 2]'")
@@ -183,3 +198,77 @@ def test_mapping_option(tmp_path):
         f"--arch_overrides on the command line must be {expected}, got '{{a: [1'")
     path = write(tmp_path, "arch_overrides: 3\n")
     assert error_of(["-c", path]) == f"arch_overrides in {path} must be {expected}, got 3"
+
+
+# --- MindCV's recipe format and the one dialect of every command ---------------------------------------
+
+def test_mindcv_recipe_is_read_with_mindcv_meanings():
+    args = parse(["-c", str(FIXTURES / "mindcv_volo_d1_ascend.yaml")])
+    assert (args.loss, args.model, args.cutmix_prob, args.color_jitter) == ("ce", "volo_d1", 1.0, [0.4, 0.4, 0.4])
+    assert (args.val_amp_level, args.dataset_download, args.ckpt_save_policy, args.drop_overflow_update) == (
+        "O3", False, "top_k", True)
+    assert args.weight_decay_filter == "norm_and_bias"  # the recipe leaves it to the default
+
+
+@pytest.mark.parametrize("text, name, value", [
+    ("mixup_prob: 0.3\n", "cutmix_prob", 0.3),  # this project's earlier name of MindCV's cutmix_prob
+    ("resume_opt: true\n", "resume", True),  # MindCV's name
+    ("filter_bias_and_bn: true\n", "weight_decay_filter", "norm_and_bias"),  # the earlier MindCV name
+    ("filter_bias_and_bn: false\n", "weight_decay_filter", "disable"),
+    ("loss: BCE\n", "loss", "bce"), ("opt: AdamW\n", "opt", "adamw"), ("device_target: cpu\n", "device_target", "CPU"),
+    ("scheduler: warmup_cosine_decay\n", "scheduler", "warmup_cosine_decay"),
+    ("color_jitter: [0.1, 0.2, 0.3, 0.05]\n", "color_jitter", [0.1, 0.2, 0.3, 0.05]),
+    ("re_value: random\n", "re_value", "random"), ("mode: pynative\n", "mode", 1),
+    ("ckpt_save_policy: null\n", "ckpt_save_policy", None),
+])
+def test_both_projects_names_and_values(tmp_path, text, name, value):
+    assert getattr(parse(["-c", write(tmp_path, text)]), name) == value
+
+
+def test_one_option_under_two_names_is_refused(tmp_path):
+    path = write(tmp_path, "mixup_prob: 0.3\ncutmix_prob: 0.5\n")
+    assert error_of(["-c", path]) == (
+        f"mixup_prob in {path} and cutmix_prob set the same option (cutmix_prob); give one of them")
+
+
+def test_a_later_source_replaces_the_other_way_to_say_where_warmup_starts(tmp_path):
+    path = write(tmp_path, "warmup_factor: 0.01\n")
+    assert (parse(["-c", path]).warmup_factor, parse(["-c", path]).warmup_lr) == (0.01, None)
+    args = parse(["-c", path, "--warmup_lr", "1e-5"])
+    assert (args.warmup_factor, args.warmup_lr) == (None, 1e-5)
+    assert error_of(["--warmup_lr", "1e-5", "--warmup_factor", "0.1"]) == (
+        "warmup_factor and warmup_lr both say where warmup starts; give one of them")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("aug_splits: 3\n", "aug_splits 3: AugMix splits feed MindCV's JSD loss, which is not supported; set aug_splits 0"),
+    ("dataset: cifar10\n", "dataset 'cifar10': this project reads ImageFolder data sets"),
+    ("dataset_download: true\n", "dataset_download True: downloads MindCV's built-in mnist/cifar sets"),
+    ("layer_decay: 0.75\n", "layer_decay 0.75: layer-wise lr decay is not supported for VOLO"),
+    ("amp_cast_list: '[nn.Conv2d]'\n", "amp_cast_list '[nn.Conv2d]': per-cell float16 lists are not supported"),
+    ("aux_factor: 0.4\n", "aux_factor 0.4: VOLO's aux head is trained by loss token_label (dense_weight)"),
+    ("pretrained: true\n", "pretrained True: weights cannot be downloaded"),
+    ("enable_modelarts: true\n", "enable_modelarts True: ModelArts is not supported"),
+    ("scheduler: one_cycle\nwarmup_epochs: 3\n", "scheduler one_cycle rises from min_lr itself: set warmup_epochs 0"),
+    ("loss: token_label\nmixup: 0.8\n", "loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix"),
+    ("auto_augment: randomaug\n", "auto_augment 'randomaug': the policy must start with one of randaug, autoaug"),
+])
+def test_what_cannot_be_honoured_is_refused_with_the_reason(tmp_path, text, message):
+    assert error_of(["-c", write(tmp_path, text)]).startswith(message)
+
+
+def test_every_command_speaks_the_same_dialect():
+    for command in ("validate", "infer", "convert", "export", "relabel"):
+        args = parse(["--ckpt_path", "x.ckpt", "--num_classes", "7", "--arch_overrides", "{img_size: 32}"], command)
+        assert (args.ckpt_path, args.num_classes, args.arch_overrides) == ("x.ckpt", 7, {"img_size": 32})
+    # the spellings the README showed before keep working
+    args = parse(["--teacher", "volo_d1_224", "--ckpt", "t.ckpt", "--top-k", "3", "--batch-size", "8",
+                  "--arch-overrides", '{"img_size": 64}', "--mode", "graph", "--device-target", "CPU"], "relabel")
+    assert (args.model, args.ckpt_path, args.top_k, args.batch_size, args.mode) == ("volo_d1_224", "t.ckpt", 3, 8, 0)
+    assert args.arch_overrides == {"img_size": 64} and args.split == "train"  # relabel's own default
+    assert parse(["--format", "ONNX", "--ema"], "export").file_format == "ONNX"
+    assert error_of(["--lr", "0.1"], "convert").startswith("unknown command-line option: --lr")
+
+
+def test_help_texts_say_what_the_code_does():
+    assert OPTIONS["drop_rate"].help.startswith("dropout after the position embedding")

@@ -1,5 +1,4 @@
 """The converter's and the strict loader's answers to files that do not fit."""
-import json
 import pickle
 import zipfile
 
@@ -12,15 +11,15 @@ from safetensors.numpy import load_file, save_file
 import mindcv_volo
 from mindcv_volo.weights.convert import convert_into
 from mindcv_volo.errors import UserError
-from conftest import FIXTURES, REFERENCE_CONFIGS, run_tool
+from conftest import FIXTURES, REFERENCE_CONFIGS, reference_options, run_tool
 
-TINY = REFERENCE_CONFIGS["tiny_d1like_64"]
+REFERENCE = REFERENCE_CONFIGS["tiny_d1like_64"]
 OFFICIAL = FIXTURES / "tiny_d1like_64.safetensors"
 
 
 def convert(src, dst, *extra):
     return run_tool("-m", "mindcv_volo.convert", "--src", src, "--dst", dst, "--model", "volo_d1_224",
-                    "--arch-overrides", json.dumps(TINY), *extra)
+                    *reference_options("tiny_d1like_64"), *extra)
 
 
 def assert_one_line_error(result, expected):
@@ -75,25 +74,26 @@ def test_unknown_model_and_bad_overrides_are_one_line_errors(tmp_path):
                       "--model", "volo_d9")
     assert result.returncode == 2 and "error: unknown model 'volo_d9'; choose one of: volo_d1," in result.stderr
     result = convert(OFFICIAL, tmp_path / "x.ckpt", "--arch-overrides", "[1, 2]")
-    assert_one_line_error(result, "--arch-overrides must be a JSON object of VOLO arguments, got: [1, 2]")
+    assert_one_line_error(result, "--arch_overrides on the command line must be a mapping of names to values, "
+                                  "e.g. '{a: 1, b: [2, 3]}', got '[1, 2]'")
 
 
 def test_create_model_fails_loudly_on_a_missing_checkpoint(tmp_path):
     missing = tmp_path / "nowhere.ckpt"
     with pytest.raises(UserError, match=f"^checkpoint not found: {missing}$"):
-        create_model("volo_d1_224", checkpoint_path=str(missing), **TINY)
+        create_model("volo_d1_224", checkpoint_path=str(missing), **REFERENCE)
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
-    convert_into(mindcv_volo.VOLO(**TINY), str(OFFICIAL), str(path))
+    convert_into(mindcv_volo.VOLO(**REFERENCE), str(OFFICIAL), str(path))
     return path
 
 
 def test_create_model_refuses_a_checkpoint_of_another_class_count(tiny_ckpt):
     with pytest.raises(UserError) as err:
-        create_model("volo_d1_224", checkpoint_path=str(tiny_ckpt), **{**TINY, "num_classes": 4})
+        create_model("volo_d1_224", checkpoint_path=str(tiny_ckpt), **{**REFERENCE, "num_classes": 4})
     assert str(err.value) == (
         f"{tiny_ckpt} does not fit the model (4 problems): mis-shaped head.weight: file (10, 64), model (4, 64); "
         "mis-shaped head.bias: file (10,), model (4,); mis-shaped aux_head.weight: file (10, 64), model (4, 64); "
@@ -106,7 +106,7 @@ def test_damaged_checkpoints_are_one_line_errors(tiny_ckpt, tmp_path, damage):
     bad = tmp_path / f"{damage}.ckpt"
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4096))
     with pytest.raises(UserError, match=f"^{bad} is not a readable MindSpore checkpoint"):
-        mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**TINY), str(bad))
+        mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**REFERENCE), str(bad))
 
 
 def test_ema_weights_are_selectable(tiny_ckpt, tmp_path):
@@ -114,18 +114,18 @@ def test_ema_weights_are_selectable(tiny_ckpt, tmp_path):
     with_ema = {**state, **{f"ema.{k}": v + 1 for k, v in state.items()}, "optimizer.step": np.zeros(1)}
     path = tmp_path / "train.ckpt"
     mindcv_volo.weights.save_checkpoint(with_ema, str(path))
-    plain = mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**TINY), str(path))
-    ema = mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**TINY), str(path), ema=True)
+    plain = mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**REFERENCE), str(path))
+    ema = mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**REFERENCE), str(path), ema=True)
     np.testing.assert_array_equal(plain.pos_embed.asnumpy(), state["pos_embed"])
     np.testing.assert_array_equal(ema.pos_embed.asnumpy(), state["pos_embed"] + 1)
     with pytest.raises(UserError, match="holds no EMA weights"):
-        mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**TINY), str(tiny_ckpt), ema=True)
+        mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**REFERENCE), str(tiny_ckpt), ema=True)
 
 
 def test_export_mindir_round_trips(tiny_ckpt, tmp_path):
     out = tmp_path / "tiny.mindir"
     result = run_tool("-m", "mindcv_volo.export", "--model", "volo_d1_224", "--ckpt", tiny_ckpt, "--out", out,
-                      "--batch-size", "2", "--arch-overrides", json.dumps(TINY))
+                      "--batch-size", "2", *reference_options("tiny_d1like_64"))
     assert result.returncode == 0, result.stderr
     reference = np.load(FIXTURES / "tiny_d1like_64.io.npz")
     graph = ms.nn.GraphCell(ms.load(str(out)))
@@ -138,7 +138,7 @@ def test_export_mindir_round_trips(tiny_ckpt, tmp_path):
 def test_export_onnx_says_clearly_when_mindspore_cannot(tiny_ckpt, tmp_path):
     out = tmp_path / "tiny.onnx"
     result = run_tool("-m", "mindcv_volo.export", "--model", "volo_d1_224", "--ckpt", tiny_ckpt, "--out", out,
-                      "--format", "ONNX", "--arch-overrides", json.dumps(TINY))
+                      "--format", "ONNX", *reference_options("tiny_d1like_64"))
     if result.returncode == 0:  # a MindSpore that exports every op: the file must then exist
         assert out.exists()
     else:

@@ -1,15 +1,13 @@
 """The fused CPU kernels (mindcv_volo/models/cpu_kernels.cc) against float64 NumPy, values and gradients,
 and the switches that keep them out of places where they do not belong."""
 import math
-import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from conftest import TINY_ARCH, run_tool
 from mindcv_volo.models import cpu_kernels
 from mindcv_volo.models.layers import GELU, LayerNorm, Softmax
 
@@ -209,17 +207,15 @@ def test_portable_ops_builds_cells_without_kernels():
 
 
 def run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    return run_tool("-c", code, timeout=300, env=env)
 
 
-MODEL_RUNS = """
+MODEL_RUNS = f"""
 import numpy as np, mindspore as ms
 ms.set_device("CPU")
 from mindcv_volo import VOLO
 from mindcv_volo.models import cpu_kernels
-net = VOLO(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), img_size=32,
-           num_classes=3, stem_hidden_dim=8)
+net = VOLO(**{{**dict({TINY_ARCH!r}), "num_classes": 3}})
 net.set_train(False)
 print("available", cpu_kernels.available(), net(ms.Tensor(np.zeros((1, 3, 32, 32), np.float32))).shape)
 """

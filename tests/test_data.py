@@ -4,12 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from mindcv_volo.engine.config import parse_config
-from mindcv_volo.engine.data import (SplitInfo, create_eval_loader, create_train_loader, epoch_order, eval_transforms,
-                              iterate, pipeline_error, rank_slice, train_steps)
+from conftest import CLASSES, make_image_folder
 from mindcv_volo.digits import stratified_split, write_digits
+from mindcv_volo.engine.config import parse_config
+from mindcv_volo.engine.data import (Preprocessing, SplitInfo, create_eval_loader, create_train_loader, epoch_order,
+                                     iterate, pipeline_error, rank_slice, train_steps)
+from mindcv_volo.engine.runtime import Runtime
 from mindcv_volo.errors import UserError
-from train_helpers import CLASSES, make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +55,41 @@ def test_split_checks(tmp_path, folder):
 
 
 def test_train_loader_follows_the_order(folder):
-    args = parse_config(["--data_dir", folder, "--batch_size", "4", "--image_resize", "32", "--hflip", "0",
-                         "--color_jitter", "null", "--scale", "1,1", "--ratio", "1,1", "--num_parallel_workers", "1"])
+    config = parse_config(["--data_dir", folder, "--batch_size", "4", "--image_resize", "32", "--hflip", "0",
+                           "--color_jitter", "null", "--scale", "1,1", "--ratio", "1,1", "--num_parallel_workers", "1"])
     split = SplitInfo(folder, "train")
-    batches = list(iterate(create_train_loader(args, split, epoch=1, steps=3, rank=1, world=2)))
+    rank_1_of_2 = Runtime("CPU", 0, rank=1, world=2, threads=2)
+    batches = list(iterate(create_train_loader(split, 1, 3, config.data, config.augmentation, 3, 42, rank_1_of_2)))
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == np.float32
-    expected = rank_slice(epoch_order(24, 8, 3, args.seed, 1), 4, 1, 2) // 8  # images are sorted by class
+    expected = rank_slice(epoch_order(24, 8, 3, 42, 1), 4, 1, 2) // 8  # images are sorted by class
     assert np.array_equal(np.concatenate([labels for _, labels in batches]), expected)
 
 
-def test_eval_preprocessing(folder):
+IMAGENET = Preprocessing(32, 0.8, "bicubic", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+
+def by_hand(image, crop_pct=0.8):
+    """The official evaluation on a PIL image: PIL's bicubic resize of the shorter side to floor(32 / crop_pct),
+    the centre 32 x 32, ImageNet mean/std, CHW."""
+    from PIL import Image
+
+    short = int(32 / crop_pct)
+    width, height = image.size
+    size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    resized = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), np.float64)
+    top, left = (int(round((side - 32) / 2)) for side in resized.shape[:2])
+    crop = resized[top:top + 32, left:left + 32]
+    return ((crop - IMAGENET.mean) / IMAGENET.std).transpose(2, 0, 1)
+
+
+def test_eval_preprocessing(folder, tmp_path):
     # 32 px at crop_pct 0.8: resize to 40, center crop 32; ImageNet mean/std on the 0-255 scale.
-    transforms = eval_transforms(32, 0.8, "bicubic", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
-    names = [type(t).__name__ for t in transforms]
-    assert names == ["Decode", "Resize", "CenterCrop", "ToNumpy", "Normalize", "HWC2CHW"]
-    assert transforms[1].py_size == 40 and transforms[1].interpolation.name == "BICUBIC"
-    assert transforms[2].size == (32, 32)
-    # On PIL images MindSpore's Resize is PIL's (antialiased) bicubic, as the official evaluation.
     from PIL import Image
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
-    assert np.array_equal(np.asarray(transforms[1](photo)), np.asarray(photo.resize((53, 40), Image.BICUBIC)))
-    loader = create_eval_loader(SplitInfo(folder, "val"), 4, transforms, rank=0, world=1, workers=1)
+    photo.save(tmp_path / "photo.png")
+    np.testing.assert_allclose(IMAGENET.load(str(tmp_path / "photo.png")), by_hand(photo), atol=1e-4)
+    loader = create_eval_loader(SplitInfo(folder, "val"), 4, IMAGENET, rank=0, world=1, workers=1)
     batches = list(iterate(loader))
     assert [len(labels) for _, labels in batches] == [4, 4, 1]  # every image once, the last batch short
     assert np.array_equal(np.concatenate([labels for _, labels in batches]), [0, 0, 0, 1, 1, 1, 2, 2, 2])

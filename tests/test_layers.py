@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
+from conftest import tiny_volo
 from mindcv_volo.models.layers import GELU, split_class_token
 from mindcv_volo.models.windows import (ChannelsLastFold, ChannelsLastUnfold, Conv2d, fold_channels_last,
                                         unfold_channels_last)
@@ -200,14 +201,11 @@ def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
 def test_cpu_paths_run_under_float16_amp(mode, amp_level):
     """AMP wraps cells (BatchNorm in a casting cell) and runs the convolutions in float16: the CPU paths
     (Conv2d.channels_last, the BatchNorm shortcut, the matmul primitives) must follow."""
-    from mindcv_volo import VOLO
-
     x = tensor(2, 3, 64, 64)
     outputs = []
     for level in ("O0", amp_level):
         ms.set_seed(0)
-        net = VOLO(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), img_size=64,
-                   num_classes=10)
+        net = tiny_volo(10, img_size=64)
         net.set_train(False)
         if level != "O0":
             net = ms.amp.auto_mixed_precision(net, level)

@@ -1,5 +1,4 @@
 """The model against the official PyTorch outputs, weights brought in through the converter CLI."""
-import json
 
 import mindspore as ms
 import numpy as np
@@ -10,7 +9,7 @@ from mindspore.nn.utils import no_init_parameters
 
 import mindcv_volo
 from mindcv_volo.models.volo import block_drop_path_rates
-from conftest import FIXTURES, REFERENCE_CONFIGS, run_tool
+from conftest import FIXTURES, REFERENCE_CONFIGS, reference_options, run_tool
 
 # The official state dicts' value counts (parameters and BN statistics, num_batches_tracked excluded).
 OFFICIAL_VALUE_COUNTS = {
@@ -41,7 +40,7 @@ def converted(tmp_path_factory):
     for case, (src, config_name, img_size, _) in CASES.items():
         dst = out / f"{case}.ckpt"
         result = run_tool("-m", "mindcv_volo.convert", "--src", FIXTURES / src, "--dst", dst,
-                          "--model", "volo_d1_224", "--arch-overrides", json.dumps(overrides(config_name, img_size)))
+                          "--model", "volo_d1_224", *reference_options(config_name, img_size))
         assert result.returncode == 0, result.stderr
         paths[case] = dst
     return paths

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from train_helpers import ROOT, make_image_folder, max_difference, read_ckpt, run_script, tiny_config
+from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed")
 
@@ -34,7 +34,7 @@ def test_two_workers_match_one(tmp_path):
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     worker = [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
     assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
-    one = run_script("train.py", "-c", single)
+    one = run_tool("train.py", "-c", single)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 
     # The ranks agree bit for bit (BatchNorm statistics included); rank 0 alone logs and saves.
@@ -54,8 +54,15 @@ def test_two_workers_match_one(tmp_path):
     assert len(keep) > 250
     assert max_difference({k: final_two[k] for k in keep}, {k: final_one[k] for k in keep}) <= 1e-5
 
-    # Evaluation is sharded and all-reduced: the whole val split, once; rank 0 prints the JSON line.
+    # Evaluation is sharded and gathered: the whole val split, once; rank 0 prints the JSON line.
     # (MindSpore's cluster adds its own lines to the worker log after train.py's JSON line.)
     result = json.loads([line for line in worker[0].splitlines() if line.startswith("{")][-1])
     assert result["num_samples"] == 12 and 0 <= result["top1"] <= 1 and result["top5"] == 1.0
     assert not [line for line in worker[1].splitlines() if line.startswith("{")]
+    # ... exactly the figures of one process validating the same weights (the EMA's, as train.py does)
+    alone = run_tool("validate.py", "-c", config, "--ckpt_path", tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt",
+                     "--ema", "True")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    expected = last_json(alone.stdout)
+    assert [result[k] for k in ("top1", "top5", "loss", "num_samples")] == [
+        expected[k] for k in ("top1", "top5", "loss", "num_samples")]

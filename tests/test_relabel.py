@@ -8,14 +8,13 @@ import pytest
 from mindspore import nn
 from PIL import Image
 
+from conftest import TINY_ARCH, tiny_volo
 from mindcv_volo.errors import run_cli
-from mindcv_volo.token_labeling.label_maps import label_map_path, list_images
-from mindcv_volo.models import create
 from mindcv_volo.relabel import main
+from mindcv_volo.token_labeling.label_maps import label_map_path, list_images
 from mindcv_volo.token_labeling.relabel import TeacherTopK
 from mindcv_volo.weights import load_checkpoint_into, save_checkpoint
 
-ARCH = dict(layers=[1, 1, 1, 1], embed_dims=[16, 32, 32, 32], num_heads=[2, 4, 4, 4], stem_hidden_dim=8, img_size=32)
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -36,15 +35,14 @@ def teacher_set(tmp_path):
             pixels = rng.integers(0, 256, (24 + 8 * i, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / "train" / name / f"im{i}.v2.png")
     ms.set_seed(1)
-    save_checkpoint({p.name: p.asnumpy() for p in create("volo_d1_224", num_classes=5, **ARCH).get_parameters()},
-                    str(tmp_path / "teacher.ckpt"))
+    save_checkpoint({p.name: p.asnumpy() for p in tiny_volo(5).get_parameters()}, str(tmp_path / "teacher.ckpt"))
     return tmp_path
 
 
 def relabel_args(root, out="maps"):
     return ["--teacher", "volo_d1_224", "--ckpt", str(root / "teacher.ckpt"), "--data_dir", str(root / "data"),
             "--out", str(root / out), "--top-k", "3", "--batch-size", "2", "--mode", "pynative",
-            "--arch-overrides", json.dumps(ARCH)]
+            "--arch-overrides", json.dumps(TINY_ARCH)]
 
 
 def test_relabel_shards_resumes_and_matches_the_teacher(teacher_set, monkeypatch, capsys, restore_mode):
@@ -63,9 +61,10 @@ def test_relabel_shards_resumes_and_matches_the_teacher(teacher_set, monkeypatch
     main(relabel_args(root))
     assert all(os.path.exists(p) for p in maps)
     assert {p: os.stat(p).st_mtime_ns for p in maps[1::2]} == first
-    assert "3 maps written, 3 skipped" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "3 maps written" in out and "3 skipped" in out
     main(relabel_args(root))
-    assert "all 6 maps exist" in capsys.readouterr().err
+    assert "all 6 maps exist" in capsys.readouterr().out
 
     assert sorted(os.listdir(root / "maps")) == ["cat", "dog", "labelmaps.json"]
     meta = json.loads((root / "maps" / "labelmaps.json").read_text())
@@ -77,7 +76,7 @@ def test_relabel_shards_resumes_and_matches_the_teacher(teacher_set, monkeypatch
             assert data["num_classes"] == 5 and (np.diff(data["scores"].astype(np.float32), axis=-1) <= 0).all()
 
     # The teacher by hand on image 4 (dog/im1.v2.png, 32 x 40): whole image to 32 x 32, bicubic, normalised.
-    teacher = load_checkpoint_into(create("volo_d1_224", num_classes=5, **ARCH), str(root / "teacher.ckpt"))
+    teacher = load_checkpoint_into(tiny_volo(5), str(root / "teacher.ckpt"))
     teacher.set_train(False)
     with Image.open(root / "data" / "train" / items[4]) as img:
         pixels = np.asarray(img.convert("RGB").resize((32, 32), Image.BICUBIC)) / 255.0
@@ -122,7 +121,7 @@ def test_user_errors_are_one_line(teacher_set, capsys, restore_mode):
     cases = [(["--split", "val"], "image folder not found: "),
              (["--teacher", "no_such_net"], "unknown teacher 'no_such_net'"),
              (["--ckpt", str(root / "missing.ckpt")], "checkpoint not found: "),
-             (["--arch-overrides", "{layers"], "--arch-overrides is not valid JSON")]
+             (["--arch-overrides", "{layers"], "--arch_overrides on the command line must be a mapping of names")]
     for extra, message in cases:
         with pytest.raises(SystemExit) as info:
             run_cli(main, relabel_args(root) + extra)

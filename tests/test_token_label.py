@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from mindcv_volo.models import VOLO
 from mindcv_volo.token_labeling.loss import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy,
                                              mix_ground_truth, topk_target)
 from mindcv_volo.token_labeling.mix_token import box_mask, clipped_box, mix_rng, mixed_lambda, sample_mix_box
 
-TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 4, 4, 4), num_classes=5, stem_hidden_dim=8)
+from conftest import tiny_volo
 
 
 # --- the box ---------------------------------------------------------------------------------------
@@ -53,7 +52,7 @@ def test_sample_draws_beta_then_row_then_column_from_the_step_state():
 
 def test_forward_train_mixes_tokens_and_unmixes_aux_by_hand():
     ms.set_seed(0)
-    model = VOLO(img_size=64, **TINY)  # token grid 4 x 4, stride-8 grid 8 x 8
+    model = tiny_volo(5, img_size=64)  # token grid 4 x 4, stride-8 grid 8 x 8
     model.set_train(False)  # BatchNorm on its running statistics: both passes see the same network
     x = ms.Tensor(np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32))
     box = (1, 0, 3, 2)  # rows 1-2, columns 0-1 of the 4 x 4 grid
@@ -100,7 +99,7 @@ class WeightedOutputs(nn.Cell):
 
 def test_forward_train_with_mix_mask_is_trainable():
     ms.set_seed(0)
-    model = VOLO(img_size=32, **TINY)  # token grid 2 x 2
+    model = tiny_volo(5)  # token grid 2 x 2
     model.set_train(False)
     x = ms.Tensor(np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32))
     mask = box_mask((0, 1, 2, 2), 2, 2)  # the right column

@@ -5,8 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from train_helpers import TINY_ARCH, last_json, make_image_folder, run_script, tiny_config
-from conftest import run_tool
+from conftest import last_json, make_image_folder, run_tool, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,7 @@ def shapes(tmp_path_factory):
 def test_mixtoken_with_image_labels_trains_and_validates(shapes, tmp_path):
     config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", loss="token_label", mix_token=True,
                          epoch_size=2, batch_size=8)
-    proc = run_script("train.py", "-c", config)
+    proc = run_tool("train.py", "-c", config)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = last_json(proc.stdout)
     assert result["num_samples"] == 12 and 0.0 <= result["top1"] <= 1.0 and np.isfinite(result["loss"])
@@ -25,7 +24,7 @@ def test_mixtoken_with_image_labels_trains_and_validates(shapes, tmp_path):
 
 def test_token_labels_refuse_mixup(shapes, tmp_path):
     config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", loss="token_label", mixup=0.8)
-    proc = run_script("train.py", "-c", config)
+    proc = run_tool("train.py", "-c", config)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert ("error: loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix; set mixup 0 and "
             "cutmix 0") in proc.stderr
@@ -37,7 +36,7 @@ def test_relabel_then_train_on_the_digits(tmp_path):
     digits = tmp_path / "digits"
     assert run_tool("-m", "mindcv_volo.digits", "--out", digits).returncode == 0
     teacher_dir = tmp_path / "teacher"
-    proc = run_script("train.py", "-c", "configs/quickstart_cpu.yaml", "--data_dir", digits,
+    proc = run_tool("train.py", "-c", "configs/quickstart_cpu.yaml", "--data_dir", digits,
                       "--ckpt_save_dir", teacher_dir, "--epoch_size", "2", "--warmup_epochs", "1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     teacher_top1 = last_json(proc.stdout)["top1"]
@@ -52,7 +51,7 @@ def test_relabel_then_train_on_the_digits(tmp_path):
     assert relabel.returncode == 0, relabel.stderr[-2000:]
     assert len(list(maps.rglob("*.npz"))) == sum(len(files) for _, _, files in os.walk(digits / "train"))
 
-    proc = run_script("train.py", "-c", "configs/quickstart_cpu.yaml", "--data_dir", digits,
+    proc = run_tool("train.py", "-c", "configs/quickstart_cpu.yaml", "--data_dir", digits,
                       "--ckpt_save_dir", tmp_path / "student", "--epoch_size", "2", "--warmup_epochs", "1",
                       "--loss", "token_label", "--mix_token", "True", "--token_label_dir", maps)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,6 +1,7 @@
 """train.py end to end on tiny data: outputs, checkpoints, and a SIGKILLed run resumed to the same weights."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from train_helpers import (EPOCHS, RECIPE, ROOT, STEPS, TINY_ARCH, cache, data, last_json, max_difference,  # noqa: F401
-                           read_ckpt, reference, run_script, script_env, tiny_config)
+from conftest import (EPOCHS, REFERENCE_RECIPE, ROOT, STEPS, TINY_ARCH, last_json, max_difference, read_ckpt,
+                      run_tool, tiny_config, tiny_volo, tool_env)
+
 
 def test_run_outputs(reference):
     proc, save_dir, _ = reference
@@ -27,12 +30,35 @@ def test_run_outputs(reference):
     assert "epoch 1/3 val" not in proc.stdout and "epoch 2/3 val: top-1 " in proc.stdout
     assert f"epoch 3/3 val: top-1 {result['top1']:.4f} " in proc.stdout
     # keep_checkpoint_max 2: the first epoch's file was removed; nothing temporary is left.
-    assert sorted(os.listdir(save_dir)) == ["config.yaml", "train.log", f"volo_d1_224-2_{STEPS}.ckpt",
-                                            f"volo_d1_224-3_{STEPS}.ckpt"]
+    assert sorted(os.listdir(save_dir)) == ["config.yaml", "curves.png", "metrics.csv", "train.log",
+                                            f"volo_d1_224-2_{STEPS}.ckpt", f"volo_d1_224-3_{STEPS}.ckpt"]
     log = (save_dir / "train.log").read_text()
     assert f"epoch {EPOCHS}/{EPOCHS} done" in log and "saved " in log
     saved = yaml.safe_load((save_dir / "config.yaml").read_text())
     assert saved["ema"] is True and saved["arch_overrides"]["embed_dims"] == [16, 32, 32, 32]
+
+
+def test_metrics_and_curves_follow_the_log(reference):
+    from mindcv_volo.engine.metrics import read_metrics
+
+    proc, save_dir, config = reference
+    rows = read_metrics(save_dir / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    logged = [float(x) for x in re.findall(r"epoch \d/3 done: train loss (\S+) ", proc.stdout)]
+    assert [row["train_loss"] for row in rows] == pytest.approx(logged, abs=5e-5)
+    val = re.findall(r"epoch (\d)/3 val: top-1 (\S+) top-5 (\S+) loss (\S+) ", proc.stdout)  # epochs 2 and 3
+    assert [row[key] for row in rows[1:] for key in ("val_top1", "val_top5", "val_loss")] == pytest.approx(
+        [float(x) for v in val for x in v[1:]], abs=5e-5)
+    assert rows[0]["val_top1"] is None  # not evaluated after epoch 1 (val_interval 2)
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.loop import learning_rates
+
+    lrs = learning_rates(parse_config(["-c", config]).scheduler, updates_per_epoch=STEPS // 2)
+    # the lr of each epoch's last update
+    assert [row["lr"] for row in rows] == pytest.approx([lrs[e * STEPS // 2 - 1] for e in (1, 2, 3)], rel=1e-5)
+    assert all(row["img_per_s"] > 0 and row["seconds"] > 0 for row in rows)
+    with Image.open(save_dir / "curves.png") as picture:
+        assert picture.format == "PNG" and picture.size == (1300, 360)
 
 
 def test_checkpoint_holds_the_training_state(reference):
@@ -51,11 +77,11 @@ def test_checkpoint_holds_the_training_state(reference):
     assert 0 < np.abs(state["ema.head.weight"] - state["head.weight"]).max() < 0.1
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, data, reference, cache):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes, reference, compile_cache):
     _, reference_dir, _ = reference
-    config = tiny_config(tmp_path / "recipe.yaml", data, tmp_path / "ckpt", **RECIPE)
+    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", **REFERENCE_RECIPE)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
-                            env=script_env(cache),
+                            env=tool_env(compile_cache),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen = []
     for line in proc.stdout:  # kill in the middle of epoch 2, after the epoch-1 checkpoint
@@ -67,7 +93,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data, reference, cache
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
     assert sorted(f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".ckpt")) == [f"volo_d1_224-1_{STEPS}.ckpt"]
 
-    resumed = run_script("train.py", "-c", config, "--resume", "True", cache=cache)
+    resumed = run_tool("train.py", "-c", config, "--resume", "True", cache=compile_cache)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'ckpt'}/volo_d1_224-1_{STEPS}.ckpt: 1 of {EPOCHS} epochs done" in resumed.stdout
     assert "epoch 1/" not in resumed.stdout  # only the remaining epochs are trained
@@ -78,7 +104,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data, reference, cache
     assert last_json(resumed.stdout)["top1"] == last_json(reference[0].stdout)["top1"]
 
 
-def tiny_args(*argv):
+def tiny_config_of(*argv):
     from mindcv_volo.engine.config import parse_config
 
     return parse_config(["--model", "volo_d1_224", "--num_classes", "3", "--image_resize", "32",
@@ -87,11 +113,9 @@ def tiny_args(*argv):
 
 def test_no_weight_decay_on_pos_embed_cls_token_norms_and_biases():
     from mindcv_volo.engine.loop import build_optimizer
-    from mindcv_volo.engine.runtime import build_model
 
-    args = tiny_args("--weight_decay", "0.05")
-    model = build_model(args)
-    optimizer = build_optimizer(args, model, [1e-3] * 4)
+    model = tiny_volo()
+    optimizer = build_optimizer(tiny_config_of("--weight_decay", "0.05").optimizer, model, [1e-3] * 4)
     params = list(model.trainable_params())
     expected = {p.name for p in params if p.ndim == 1} | {"pos_embed", "cls_token"}
     # One weight decay per parameter, in the optimizer's order.
@@ -103,9 +127,9 @@ def test_no_weight_decay_on_pos_embed_cls_token_norms_and_biases():
 def test_learning_rate_schedule():
     from mindcv_volo.engine.loop import learning_rates
 
-    args = tiny_args("--lr", "1e-3", "--warmup_lr", "1e-5", "--min_lr", "1e-6", "--warmup_epochs", "2",
-                     "--epoch_size", "10", "--cooldown_epochs", "2")
-    lrs = learning_rates(args, updates_per_epoch=5)
+    config = tiny_config_of("--lr", "1e-3", "--warmup_lr", "1e-5", "--min_lr", "1e-6", "--warmup_epochs", "2",
+                            "--epoch_size", "10", "--cooldown_epochs", "2")
+    lrs = learning_rates(config.scheduler, updates_per_epoch=5)
     assert len(lrs) == 50
     assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.5 * (1e-5 + 1e-3))  # linear warmup
     assert lrs[10] == pytest.approx(1e-3)  # the peak, then cosine over 6 epochs
@@ -136,13 +160,11 @@ def check_amp_level(level):
 
     from mindcv_volo.engine.step import _Float32, apply_amp
     from mindcv_volo.engine.evaluate import EvalNetwork
-    from mindcv_volo.models import create
-
     images = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
     outputs = {}
     for amp in ("O0", level):
         ms.set_seed(0)
-        model = create("volo_d1_224", num_classes=3, **TINY_ARCH)
+        model = tiny_volo()
         network = EvalNetwork(apply_amp(model, amp))
         network.set_train(False)
         outputs[amp] = network(images).asnumpy()

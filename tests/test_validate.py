@@ -1,21 +1,23 @@
 """validate.py: the JSON line, from a recipe or from --model/--data_dir, plain or EMA weights."""
+import json
+
 import pytest
 
-from train_helpers import EPOCHS, STEPS, TINY_ARCH, cache, data, last_json, reference, run_script  # noqa: F401
+from conftest import EPOCHS, STEPS, TINY_ARCH, last_json, run_tool
 
 FIELDS = ["model", "top1", "top5", "loss", "num_samples", "img_per_s"]
 
 
 @pytest.fixture(scope="module")
-def trained(reference, data):
+def trained(reference, shapes):
     """The reference run's final checkpoint (EMA on); (config, checkpoint, data, train.py's JSON)."""
     proc, ckpt_dir, config = reference
-    return config, ckpt_dir / f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt", data, last_json(proc.stdout)
+    return config, ckpt_dir / f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt", shapes, last_json(proc.stdout)
 
 
 def test_validate_from_the_recipe_matches_train(trained):
     config, ckpt, _, train_result = trained
-    proc = run_script("validate.py", "-c", config, "--ckpt_path", ckpt, "--ema", "True")
+    proc = run_tool("validate.py", "-c", config, "--ckpt_path", ckpt, "--ema", "True")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = last_json(proc.stdout)
     assert list(result) == FIELDS
@@ -24,14 +26,12 @@ def test_validate_from_the_recipe_matches_train(trained):
     assert (result["top1"], result["top5"], result["num_samples"]) == (
         train_result["top1"], train_result["top5"], train_result["num_samples"])
     assert result["loss"] == pytest.approx(train_result["loss"], abs=1e-5)
-    assert "eval 6/6 batches" in proc.stdout  # progress
+    assert "eval batches 6/6" in proc.stdout  # progress
 
 
 def test_validate_by_model_name_on_another_split(trained):
     _, ckpt, data, _ = trained
-    import json
-
-    proc = run_script("validate.py", "--model", "volo_d1_224", "--ckpt_path", ckpt, "--data_dir", data,
+    proc = run_tool("validate.py", "--model", "volo_d1_224", "--ckpt_path", ckpt, "--data_dir", data,
                       "--split", "train", "--num_classes", "3", "--crop_pct", "1.0", "--batch_size", "5",
                       "--arch_overrides", json.dumps(TINY_ARCH))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

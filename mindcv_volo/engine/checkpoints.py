@@ -57,8 +57,10 @@ def optimizer_state(optimizer, model_params):
 class CheckpointKeeper:
     """Writes, prunes and restores training checkpoints for one run."""
 
-    def __init__(self, folder, model_name, model_params, optimizer, state_cell, ema, keep_max, policy="latest_k"):
-        """`model_params`: (name, Parameter) pairs of the model; `ema.ema` in the same order."""
+    def __init__(self, folder, model_name, model_params, optimizer, state_cell, ema, keep_max, policy="latest_k",
+                 description=None):
+        """`model_params`: (name, Parameter) pairs of the model; `ema.ema` in the same order; `description`:
+        what every checkpoint says of its model (model_spec.ModelSpec.describe)."""
         self.folder = folder
         self.model_name = model_name
         self.model_params = dict(model_params)  # (name, Parameter) pairs named before any wrapping
@@ -68,6 +70,7 @@ class CheckpointKeeper:
         self.keep_max = keep_max
         self.policy = policy
         self.scores = {}  # path -> validation top-1, for the top_k policy
+        self.description = description
 
     def entries(self, epoch, global_step, steps_per_epoch, val_top1=None):
         entries = {name: p.value() for name, p in self.model_params.items()}
@@ -92,7 +95,7 @@ class CheckpointKeeper:
 
     def save(self, epoch, global_step, steps_per_epoch, val_top1=None):
         path = os.path.join(self.folder, checkpoint_name(self.model_name, epoch, steps_per_epoch))
-        save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1), path)
+        save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1), path, self.description)
         self.scores[path] = val_top1
         logger.info("saved %s", path)
         self.prune()
@@ -108,7 +111,7 @@ class CheckpointKeeper:
 
     def prune(self):
         saved = [path for _, path in list_checkpoints(self.folder, self.model_name)]
-        if len(saved) <= self.keep_max:
+        if self.policy is None or len(saved) <= self.keep_max:  # policy null: every checkpoint stays
             return
         latest = saved[-1]
         if self.policy == "top_k":

@@ -1,193 +1,370 @@
-"""Training and validation options: one table, MindCV's option names, YAML defaults overridden by the command line.
+"""Options of every command: one table, MindCV's names and values, YAML defaults overridden by the command line.
 
 `train.py -c recipe.yaml --lr 1e-3`: the table gives the built-in defaults, the YAML file replaces some of
 them, and command-line options replace those. A value goes through the same conversion wherever it comes
-from, so `resume: "False"` in YAML and `--resume false` on the command line mean the same thing. Every
-mistake raises `UserError` before anything runs.
+from, so `resume: "False"` in YAML and `--resume false` on the command line mean the same thing.
+
+The table holds every option of MindCV 0.3.0's config.py, with MindCV's meaning, so MindCV's own recipes
+run unchanged; where this project had documented another name, both work (`aliases`). A MindCV option this
+project cannot honour is refused with the reason (`UNSUPPORTED`), never accepted and ignored. Every command
+(train, validate, infer, convert, export, relabel) reads its options from this table: one spelling per
+concept everywhere (`--ckpt_path`, `--num_classes`, ...; `--num-classes` works too). Every mistake raises
+`UserError` before anything runs.
+
+A parsed configuration is a `Config`: one immutable section per part of a run (`config.data.batch_size`,
+`config.optimizer.weight_decay`), so each part receives the section it needs and nothing writes back.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import difflib
 import json
-import os
 import sys
-import tempfile
 from typing import NamedTuple, Optional
 
 import yaml
 
 from ..errors import UserError
+from ..files import write_text
 
 
 class Option(NamedTuple):
     name: str
-    type: str  # "str", "int", "float", "bool", "floats" (a list) or "mapping"; a trailing "?" also allows null
+    type: str  # see _EXPECTED; a trailing "?" also allows null
     default: object
     choices: Optional[tuple]
     help: str
+    aliases: tuple = ()  # other names for the same option (MindCV's, or this project's earlier ones)
 
 
 O = Option
-# Grouped only for --help; names and meanings follow MindCV's config.py so its recipes read the same.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "pilcubic")
+AUTO_AUGMENT_PREFIXES = ("randaug", "autoaug", "3a", "trivialaugwide", "augmix")
+
+# Grouped by the part of a run that reads them; the group is also the section of the parsed Config.
 SECTIONS = {
     "system": [
         O("config", "str", "", None, "YAML file whose keys set the defaults; command-line options override it"),
-        O("mode", "int", 0, (0, 1), "MindSpore execution mode: 0 graph, 1 pynative"),
-        O("distribute", "bool", False, None, "data-parallel training on all devices (also on when started by msrun)"),
-        O("device_target", "str", "auto", ("Ascend", "GPU", "CPU", "auto"),
-          "device to run on; auto: what MindSpore has"),
-        O("seed", "int", 42, None, "random seed"),
+        O("mode", "mode", 0, (0, 1), "MindSpore execution mode: 0 (or graph) for GRAPH_MODE, 1 (or pynative)"),
+        O("distribute", "bool", False, None,
+          "data-parallel training: on by itself when started by msrun; without msrun one process trains"),
+        O("device_target", "str", "auto", ("Ascend", "GPU", "CPU", "auto"), "device to run on; auto: what MindSpore has"),
+        O("seed", "int", 42, None, "random seed (the same on every device)"),
+        O("cpu_threads", "int?", None, None, "MindSpore's CPU kernel threads; null: this process's share of the "
+          "cores (affinity, cgroup quota, divided among msrun's workers)"),
         O("log_interval", "int", 10, None, "log the training loss every this many steps"),
-        O("val_while_train", "bool", False, None, "validate during training"),
-        O("val_interval", "int", 1, None, "validate every this many epochs when val_while_train is on"),
     ],
-    "dataset": [
-        O("dataset", "str", "imagenet", None, "dataset name"),
+    "data": [
+        O("dataset", "str", "imagenet", None, "imagenet (or ''): an ImageFolder data set, data_dir/<split>/<class>/<image>"),
         O("data_dir", "str", "", None, "dataset root folder, holding the train_split and val_split folders"),
         O("train_split", "str", "train", None, "sub-folder of data_dir used for training"),
         O("val_split", "str", "val", None, "sub-folder of data_dir used for validation"),
-        O("split", "str?", None, None, "validate.py: sub-folder of data_dir to evaluate; null: val_split"),
-        O("num_parallel_workers", "int", 4, None, "data loading workers per device"),
-        O("shuffle", "bool", True, None, "shuffle the training set"),
+        O("split", "str?", None, None, "validate.py and relabel: sub-folder of data_dir to read; null: val_split"),
+        O("dataset_download", "bool", False, None, "MindCV: download mnist/cifar (not read here: must be false)"),
+        O("num_parallel_workers", "int", 4, None, "data loading workers per device (at most the CPU cores)"),
+        O("shuffle", "bool", True, None, "shuffle the training set (an order drawn from seed and epoch)"),
+        O("num_samples", "int?", None, None, "training images per epoch, drawn from the whole set; null: all"),
         O("batch_size", "int", 128, None, "images per device per step"),
         O("drop_remainder", "bool", True, None, "drop the last incomplete training batch"),
+        O("eval_shuffle", "bool", False, None, "MindCV: shuffle the evaluation data (changes no metric)"),
+        O("aug_repeats", "int", 0, None, "MindCV: repeated augmentation (not supported: must be 0 or 1)"),
+        O("dataset_sink_mode", "bool", False, None,
+          "MindCV: feed batches through the device's data queue; the loop here feeds from the host (logged)"),
     ],
     "augmentation": [
-        O("image_resize", "int", 224, None, "training crop size"),
+        O("image_resize", "int", 224, None, "training crop size; the model's img_size"),
         O("scale", "floats", [0.08, 1.0], None, "random-resized-crop area range"),
         O("ratio", "floats", [0.75, 1.333], None, "random-resized-crop aspect-ratio range"),
         O("hflip", "float", 0.5, None, "horizontal flip probability"),
         O("vflip", "float", 0.0, None, "vertical flip probability"),
-        O("color_jitter", "float?", 0.4, None, "color jitter strength; null: none"),
-        O("interpolation", "str", "bicubic", ("bilinear", "bicubic", "nearest"), "resize interpolation"),
+        O("color_jitter", "jitter?", 0.4, None,
+          "colour jitter: one strength, or [brightness, contrast, saturation(, hue)]; not applied with auto_augment"),
+        O("interpolation", "str", "bicubic", INTERPOLATIONS, "resize interpolation"),
         O("auto_augment", "str?", None, None, "auto-augment policy, e.g. randaug-m9-mstd0.5-inc1; null: none"),
+        O("aug_splits", "int", 0, None, "MindCV: AugMix splits for the JSD loss (not supported: must be 0)"),
         O("re_prob", "float", 0.0, None, "random erasing probability"),
+        O("re_scale", "floats", [0.02, 0.33], None, "random erasing: area range of the erased box"),
+        O("re_ratio", "floats", [0.3, 3.3], None, "random erasing: aspect-ratio range of the erased box"),
+        O("re_value", "erase_value", 0, None, "random erasing: the fill value, or 'random'"),
+        O("re_max_attempts", "int", 10, None, "random erasing: attempts to place the box"),
         O("mixup", "float", 0.0, None, "mixup alpha; 0: off"),
         O("cutmix", "float", 0.0, None, "cutmix alpha; 0: off"),
-        O("mixup_prob", "float", 1.0, None, "probability of applying mixup or cutmix to a batch"),
+        O("cutmix_prob", "float", 1.0, None, "probability of applying mixup or cutmix to a batch", ("mixup_prob",)),
         O("mixup_switch_prob", "float", 0.5, None, "probability of cutmix instead of mixup when both are on"),
-        O("crop_pct", "float?", None, None, "validation center-crop fraction; null: the model's own"),
+        O("crop_pct", "float?", None, None, "evaluation centre-crop fraction; null: the model's own"),
         # MindCV normalizes on the 0-255 pixel scale, so its recipes write mean/std that way.
-        O("mean", "floats", [123.675, 116.28, 103.53], None, "per-channel mean on the 0-255 pixel scale"),
-        O("std", "floats", [58.395, 57.12, 57.375], None, "per-channel std on the 0-255 pixel scale"),
+        O("mean", "floats?", None, None, "per-channel mean, 0-255 pixel scale; null: the checkpoint's, else ImageNet's"),
+        O("std", "floats?", None, None, "per-channel std, 0-255 pixel scale; null: the checkpoint's, else ImageNet's"),
     ],
     "model": [
-        O("model", "str", "volo_d1_224", None, "model name"),
-        O("num_classes", "int", 1000, None, "number of classes"),
+        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the checkpoint's"),
+        O("num_classes", "int?", None, None,
+          "number of classes; null: the training set's class folders, or the checkpoint's"),
         O("in_channels", "int", 3, None, "input image channels"),
         O("arch_overrides", "mapping", {}, None,
           "VOLO constructor arguments replacing the variant's (layers, embed_dims, num_heads, mlp_ratio, "
-          "stem_hidden_dim, img_size), e.g. '{layers: [1, 1, 1, 1], img_size: 32}' for a small model"),
-        O("pretrained", "bool", False, None, "start from the released pretrained weights"),
-        O("ckpt_path", "str", "", None, "checkpoint to load (and to resume from with resume)"),
-        O("drop_rate", "float", 0.0, None, "dropout rate before the classifier"),
-        O("drop_path_rate", "float", 0.1, None, "stochastic depth rate"),
-        O("ema", "bool", False, None, "keep an exponential moving average of the weights"),
-        O("ema_decay", "float", 0.9999, None, "EMA decay"),
-        O("amp_level", "str", "O0", ("O0", "O1", "O2", "O3"), "mixed-precision level"),
-        O("dataset_sink_mode", "bool", False, None, "feed data through MindSpore's dataset sink"),
+          "stem_hidden_dim, img_size, qkv_bias, attn_drop_rate), e.g. '{layers: [1, 1, 1, 1], img_size: 32}'"),
+        O("pretrained", "bool", False, None, "start from downloaded weights (none can be downloaded: convert them)"),
+        O("ckpt_path", "str", "", None, "checkpoint to start from, evaluate, export or resume", ("ckpt",)),
+        O("ema", "bool", False, None, "train: keep an exponential moving average; elsewhere: use a checkpoint's EMA weights"),
+        O("drop_rate", "float?", None, None, "dropout after the position embedding; null: the model's (0)"),
+        O("drop_path_rate", "float?", None, None, "stochastic depth rate of the last block; null: the model's (0)"),
+        O("recompute", "bool", False, None, "recompute each block's activations in the backward pass (less memory)"),
     ],
-    "checkpoint": [
-        O("resume", "bool", False, None, "resume training from ckpt_path: weights, optimizer state and epoch"),
-        O("ckpt_save_dir", "str", "./ckpt", None, "folder for checkpoints and the resolved config"),
-        O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs"),
-        O("ckpt_save_policy", "str", "latest_k", ("latest_k", "top_k"),
-          "keep the latest checkpoints, or the best ones (needs val_while_train)"),
-        O("keep_checkpoint_max", "int", 10, None, "number of checkpoints kept"),
+    "optimizer": [
+        O("opt", "str", "adamw", ("sgd", "momentum", "nesterov", "adam", "adamw", "lion", "nadam", "adan", "rmsprop",
+                                  "adagrad", "lamb"), "optimizer (MindCV's create_optimizer)"),
+        O("momentum", "float", 0.9, None, "momentum (sgd, momentum, rmsprop)"),
+        O("use_nesterov", "bool", False, None, "Nesterov momentum (sgd, momentum, adam)"),
+        O("weight_decay", "float", 0.05, None, "weight decay"),
+        O("weight_decay_filter", "str", "norm_and_bias", ("disable", "auto", "norm_and_bias"),
+          "parameters without weight decay: norm_and_bias (norms, biases, pos_embed, cls_token), auto (norms), "
+          "disable (none)"),
+        O("eps", "float?", None, None, "epsilon of adam, adamw, nadam, adan, lamb, rmsprop; null: the optimizer's"),
+        O("layer_decay", "float?", None, None, "MindCV: layer-wise lr decay (not supported for VOLO: must be null)"),
+    ],
+    "scheduler": [
+        O("epoch_size", "int", 300, None, "training epochs"),
+        O("scheduler", "str", "cosine_decay",
+          ("constant", "cosine_decay", "warmup_cosine_decay", "exponential_decay", "polynomial_decay", "step_decay",
+           "multi_step_decay", "one_cycle", "cyclic"), "learning-rate schedule (MindCV's create_scheduler)"),
+        O("lr", "float", 1.6e-3, None, "peak learning rate"),
+        O("min_lr", "float", 1e-5, None, "final learning rate (cosine, one_cycle, cyclic)"),
+        O("warmup_epochs", "int", 20, None, "epochs of linear warmup"),
+        O("warmup_factor", "float?", None, None, "warmup starts at lr * warmup_factor (MindCV's name)"),
+        O("warmup_lr", "float?", None, None, "warmup starts at this lr; null with no warmup_factor: 1e-6"),
+        O("cooldown_epochs", "int", 0, None, "epochs at min_lr after the decay (VOLO trains 10)"),
+        O("decay_epochs", "int?", None, None,
+          "cosine: decay length (null: what is left after warmup and cooldown); step: decay every this many epochs"),
+        O("decay_rate", "float", 0.9, None, "step, multi-step, exponential: factor per decay; polynomial: power"),
+        O("multi_step_decay_milestones", "ints", [30, 60, 90], None, "multi_step_decay: epochs at which lr decays"),
+        O("lr_epoch_stair", "bool", False, None, "one lr per epoch instead of one per step"),
+        O("num_cycles", "int", 1, None, "cosine_decay and cyclic: number of cycles"),
+        O("cycle_decay", "float", 1.0, None, "cosine_decay: factor on the peak lr of each new cycle"),
+    ],
+    "train_step": [
+        O("gradient_accumulation_steps", "int", 1, None, "steps whose gradients are summed per update"),
+        O("clip_grad", "bool", False, None, "clip the global gradient norm"),
+        O("clip_value", "float", 5.0, None, "gradient norm limit when clip_grad is on"),
+        O("ema_decay", "float", 0.9999, None, "EMA decay"),
+        O("amp_level", "str", "O0", ("O0", "O1", "O2", "O3"), "mixed-precision level (float16 on Ascend and GPU)"),
+        O("val_amp_level", "str?", None, None, "validate.py's mixed-precision level; null: amp_level"),
+        O("amp_cast_list", "str?", None, None, "MindCV: cells cast to float16 (not supported: amp_level decides)"),
+        O("loss_scale_type", "str", "fixed", ("fixed", "dynamic", "auto"),
+          "loss scaling; auto: dynamic at O2/O3 on an accelerator, fixed otherwise"),
+        O("loss_scale", "float", 1024.0, None, "(initial) loss scale"),
+        O("drop_overflow_update", "bool", False, None, "skip the update of a step whose gradients overflow"),
     ],
     "loss": [
-        O("loss", "str", "ce", ("ce", "token_label"), "ce: cross entropy; token_label: VOLO's token labeling"),
+        O("loss", "str", "ce", ("ce", "bce", "asl_single_label", "asl_multi_label", "token_label"),
+          "ce, bce, asl_*: MindCV's losses on the logits; token_label: VOLO's token labeling"),
         O("label_smoothing", "float", 0.0, None, "label smoothing"),
+        O("aux_factor", "float", 0.0, None, "MindCV: weight of auxiliary logits (VOLO's aux head: loss token_label)"),
+        O("reduction", "str", "mean", ("mean", "sum"), "reduction of the loss over the batch"),
         O("token_label_dir", "str", "", None, "folder of token-label maps (loss token_label)"),
         O("mix_token", "bool", False, None, "VOLO's MixToken augmentation (loss token_label)"),
         O("cls_weight", "float", 1.0, None, "weight of the class-token loss (loss token_label)"),
         O("dense_weight", "float", 0.5, None, "weight of the dense token loss (loss token_label)"),
     ],
-    "optimizer": [
-        O("opt", "str", "adamw", ("adamw", "adam", "sgd", "momentum", "lamb", "lion"), "optimizer"),
-        O("lr", "float", 1.6e-3, None, "peak learning rate"),
-        O("momentum", "float", 0.9, None, "momentum (sgd, momentum)"),
-        O("use_nesterov", "bool", False, None, "Nesterov momentum (sgd, momentum)"),
-        O("eps", "float", 1e-8, None, "epsilon of adaptive optimizers"),
-        O("weight_decay", "float", 0.05, None, "weight decay"),
-        O("filter_bias_and_bn", "bool", True, None, "no weight decay on biases and norm parameters"),
-        O("loss_scale_type", "str", "fixed", ("fixed", "dynamic"), "loss scaling for mixed precision"),
-        O("loss_scale", "float", 1024.0, None, "(initial) loss scale"),
-        O("drop_overflow_update", "bool", False, None, "skip the update of a step whose gradients overflow"),
-        O("clip_grad", "bool", False, None, "clip the gradient norm"),
-        O("clip_value", "float", 5.0, None, "gradient norm limit when clip_grad is on"),
-        O("gradient_accumulation_steps", "int", 1, None, "steps whose gradients are summed per update"),
+    "checkpoint": [
+        O("resume", "bool", False, None,
+          "continue from ckpt_path, or the latest checkpoint in ckpt_save_dir: weights, optimizer, epoch",
+          ("resume_opt",)),
+        O("ckpt_save_dir", "str", "./ckpt", None, "folder for checkpoints, the log, metrics and the resolved config"),
+        O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs (and at the end)"),
+        O("ckpt_save_policy", "str?", "latest_k", ("latest_k", "top_k"),
+          "keep the latest checkpoints, or the best ones (needs val_while_train); null: keep all"),
+        O("keep_checkpoint_max", "int", 10, None, "number of checkpoints kept"),
+        O("val_while_train", "bool", False, None, "validate during training"),
+        O("val_interval", "int", 1, None, "validate every this many epochs (and at the end) when val_while_train is on"),
     ],
-    "scheduler": [
-        O("epoch_size", "int", 300, None, "training epochs"),
-        O("scheduler", "str", "cosine_decay", ("cosine_decay", "warmup_cosine_decay", "constant", "step_decay"),
-          "learning-rate schedule"),
-        O("min_lr", "float", 1e-5, None, "final learning rate"),
-        O("warmup_epochs", "int", 20, None, "epochs of linear warmup"),
-        O("warmup_lr", "float", 1e-6, None, "learning rate at the start of warmup"),
-        O("cooldown_epochs", "int", 0, None, "epochs at min_lr after the decay (VOLO trains 10)"),
-        O("decay_epochs", "int?", None, None,
-          "cosine: decay length (null: what is left after warmup and cooldown); step: decay every this many epochs"),
-        O("decay_rate", "float", 0.9, None, "step_decay: factor applied every decay_epochs"),
+    "modelarts": [
+        O("enable_modelarts", "bool", False, None, "MindCV: run on ModelArts (not supported: must be false)"),
+        O("multi_data_url", "str", "", None, "MindCV (ModelArts): not supported"),
+        O("data_url", "str", "", None, "MindCV (ModelArts): not supported"),
+        O("ckpt_url", "str", "", None, "MindCV (ModelArts): not supported"),
+        O("train_url", "str", "", None, "MindCV (ModelArts): not supported"),
+    ],
+    "tools": [
+        O("src", "str", "", None, "convert: the official .pth.tar/.pth or timm .safetensors file"),
+        O("dst", "str", "", None, "convert: the MindSpore checkpoint to write (.ckpt)"),
+        O("out", "str", "", None, "export: the file to write (.mindir, .onnx); relabel: the folder for the maps"),
+        O("file_format", "str", "MINDIR", ("MINDIR", "ONNX"), "export: the format", ("format",)),
+        O("image_path", "str", "", None, "infer: an image, or a folder of images"),
+        O("top_k", "int", 5, None, "infer: classes printed per image; relabel: classes kept per token"),
+        O("image_size", "int?", None, None, "relabel: the teacher's input size; null: the model's"),
     ],
 }
 OPTIONS = {opt.name: opt for options in SECTIONS.values() for opt in options}
+ALIASES = {alias: opt.name for opt in OPTIONS.values() for alias in opt.aliases}
+SECTION_OF = {opt.name: section for section, options in SECTIONS.items() for opt in options}
+
+# MindCV options (and values) this project cannot honour, with the reason: a recipe setting one is refused.
+UNSUPPORTED = [
+    ("dataset", lambda v: v.lower() not in ("imagenet", ""), "this project reads ImageFolder data sets "
+     "(data_dir/<split>/<class>/<image>), not MindCV's built-in mnist/cifar readers; set dataset imagenet"),
+    ("dataset_download", lambda v: v, "downloads MindCV's built-in mnist/cifar sets; this project reads "
+                                      "ImageFolder folders: write the data as data_dir/<split>/<class>/<image>"),
+    ("aug_repeats", lambda v: v > 1, "repeated augmentation is not supported; set aug_repeats 0"),
+    ("aug_splits", lambda v: v > 0, "AugMix splits feed MindCV's JSD loss, which is not supported; set aug_splits 0"),
+    ("layer_decay", lambda v: v is not None, "layer-wise lr decay is not supported for VOLO; set layer_decay null"),
+    ("amp_cast_list", lambda v: v is not None,
+     "per-cell float16 lists are not supported: amp_level decides (O2 keeps norms in float32); set it null"),
+    ("aux_factor", lambda v: v != 0, "VOLO's aux head is trained by loss token_label (dense_weight); set aux_factor 0"),
+    ("pretrained", lambda v: v, "weights cannot be downloaded: convert the official ones with "
+                                "`python -m mindcv_volo.convert` and pass --ckpt_path instead"),
+    ("enable_modelarts", lambda v: v, "ModelArts is not supported; run where the data is"),
+    ("multi_data_url", bool, "ModelArts is not supported"),
+    ("data_url", bool, "ModelArts is not supported"),
+    ("ckpt_url", bool, "ModelArts is not supported"),
+    ("train_url", bool, "ModelArts is not supported"),
+]
+
+# Two ways to say one thing: a source (YAML file, command line) that sets one clears the other.
+EXCLUSIVE = [("warmup_factor", "warmup_lr")]
+
+# Old spellings whose values read differently: name -> (option, type, translation).
+LEGACY = {"filter_bias_and_bn": ("weight_decay_filter", "bool",
+                                 lambda value: "norm_and_bias" if value else "disable")}
+
+_RUN = tuple(name for name, section in SECTION_OF.items() if section != "tools")
+_MODEL_IO = ("config", "model", "ckpt_path", "num_classes", "arch_overrides", "ema")
+_DEVICE = ("mode", "device_target", "cpu_threads")
+
+
+class Command(NamedTuple):
+    description: str
+    options: tuple  # accepted on the command line; a YAML file may set any option of the table
+    defaults: dict = {}
+    aliases: dict = {}
+
+
+COMMANDS = {
+    "train": Command("Train VOLO (MindCV option names; YAML defaults, command-line overrides)", _RUN,
+                     {"model": "volo_d1_224"}),
+    "validate": Command("Evaluate a checkpoint; the last stdout line is one JSON object", _RUN),
+    "infer": Command("Classify images with a checkpoint: one JSON line per image",
+                     _MODEL_IO + _DEVICE + ("image_path", "top_k", "batch_size", "crop_pct", "interpolation",
+                                            "mean", "std", "num_parallel_workers"), {"batch_size": 8}),
+    "convert": Command("Official VOLO weights (.pth.tar/.pth, timm .safetensors) -> MindSpore .ckpt, without torch",
+                       _MODEL_IO + ("src", "dst")),
+    "export": Command("Export a VOLO checkpoint for deployment (MindIR, or ONNX)",
+                      _MODEL_IO + ("out", "file_format", "batch_size"), {"batch_size": 1}),
+    "relabel": Command("Make token-label maps with a teacher checkpoint", _MODEL_IO + _DEVICE + (
+        "data_dir", "split", "out", "top_k", "batch_size", "image_size", "log_interval", "num_parallel_workers"),
+        {"split": "train", "batch_size": 16}, {"teacher": "model"}),
+}
 
 _TRUE, _FALSE, _NULL = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"null", "none"}
 _EXPECTED = {"str": "a string", "int": "an integer", "float": "a number",
              "bool": "a boolean (true/false, yes/no, on/off, 1/0)", "floats": "a list of numbers",
-             "mapping": "a mapping of names to values, e.g. '{a: 1, b: [2, 3]}'"}
-_METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "floats": "FLOAT", "mapping": "YAML"}
+             "ints": "a list of integers", "mapping": "a mapping of names to values, e.g. '{a: 1, b: [2, 3]}'",
+             "jitter": "a number or a list of 3 or 4 numbers", "mode": "0, 1, graph or pynative",
+             "erase_value": "a number or 'random'"}
+_METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "floats": "FLOAT", "ints": "INT",
+            "mapping": "YAML", "jitter": "FLOAT", "mode": "MODE", "erase_value": "VALUE"}
 
 
-def parse_config(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
-    """Resolve every option of the table: table default < YAML file (-c/--config) < command line."""
+class Config:
+    """Parsed options: `config.<section>` is an immutable record of that section's options."""
+
+    def __init__(self, values):
+        self._values = dict(values)
+        for section, options in SECTIONS.items():
+            record = collections.namedtuple(section, [opt.name for opt in options])
+            setattr(self, section, record(**{opt.name: values[opt.name] for opt in options}))
+
+    def as_dict(self):
+        """Every option's value by name, e.g. to save the run's resolved configuration."""
+        return dict(self._values)
+
+    def replace(self, **values):
+        """A new Config with some values changed (for tests and for commands that fill in what is missing)."""
+        return Config({**self._values, **values})
+
+
+def parse_config(argv: list[str] | None = None, command: str = "train") -> Config:
+    """Resolve every option: table default < command's default < YAML file (-c/--config) < command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    spec = COMMANDS[command]
     # A first pass reads only -c, so the YAML values are known before the full parser (and its --help) is built.
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("-c", "--config", default="")
     path = pre.parse_known_args(argv)[0].config
-    values = {name: opt.default for name, opt in OPTIONS.items()}
+    values = {name: spec.defaults.get(name, opt.default) for name, opt in OPTIONS.items()}
     if path:
-        for key, raw in _load_yaml(path).items():
-            values[key] = _convert(OPTIONS[key], raw, f"{key} in {path}")
+        _update(values, _read_source(_load_yaml(path), spec, lambda key: f"{key} in {path}"))
 
-    given, extras = _build_parser(description, values).parse_known_args(argv)
+    given, extras = _build_parser(spec, values).parse_known_args(argv)
     if extras:
         flags = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-")]
         if not flags:
             raise UserError(f"unexpected command-line arguments: {' '.join(extras)} (options are written --name value)")
-        hints = ", ".join(flag + _did_you_mean(flag.lstrip("-"), "--{}") for flag in flags)
+        names = [_flag(name) for name in spec.options if name != "config"]
+        hints = ", ".join(flag + _did_you_mean(flag, names, "{}") for flag in flags)
         raise UserError(f"unknown command-line option{'s' * (len(flags) > 1)}: {hints}; "
                         "run with --help to list the valid options")
-    for key, raw in vars(given).items():
-        values[key] = _convert(OPTIONS[key], raw, f"--{key} on the command line")
+    _update(values, _read_source(vars(given), spec, lambda key: f"{_flag(key)} on the command line"))
     values["config"] = path  # a `config:` key inside a YAML file (e.g. a saved one) is not the file we read
-    return argparse.Namespace(**values)
+    _check_supported(values)
+    return Config(values)
 
 
-def save_config(args, path: str) -> None:
-    """Write the table's options of `args` (Namespace or dict) to `path` as YAML with sorted keys, atomically."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    # Only table options: attributes a script adds at run time would make the file fail to load again.
-    text = yaml.safe_dump({k: v for k, v in values.items() if k in OPTIONS}, sort_keys=True, default_flow_style=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+def save_config(config: Config, path: str) -> None:
+    """Write every option of `config` to `path` as YAML with sorted keys, atomically."""
+    text = yaml.safe_dump(config.as_dict(), sort_keys=True, default_flow_style=False)
     try:
-        os.makedirs(folder, exist_ok=True)
-        # Same folder, so os.replace is a rename: a crash leaves the old file or the new one, never half of one.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a config is meant to be read by others
-        os.replace(tmp, path)
+        write_text(path, text)
     except OSError as err:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
         raise UserError(f"cannot write config {path}: {err.strerror or err}") from None
+
+
+def _flag(name):
+    return f"--{name}"
+
+
+def _update(values, source):
+    for first, second in EXCLUSIVE:
+        if first in source and second in source and None not in (source[first], source[second]):
+            raise UserError(f"{first} and {second} both say where warmup starts; give one of them")
+        for name, other in ((first, second), (second, first)):
+            if name in source:
+                values[other] = None
+    values.update(source)
+
+
+def _read_source(raw, spec, where):
+    """{option: value} from one source (a YAML mapping, or the command line's given options), converted;
+    aliases and legacy names resolved, and an option given twice under two names refused."""
+    resolved, seen = {}, {}
+    for key, value in raw.items():
+        name = spec.aliases.get(key) or ALIASES.get(key) or key
+        if key in LEGACY:
+            name, kind, translate = LEGACY[key]
+            value = translate(_convert(Option(key, kind, None, None, ""), value, where(key)))
+        else:
+            value = _convert(OPTIONS[name], value, where(key))
+        if name in seen and seen[name] != key:
+            raise UserError(f"{where(seen[name])} and {key} set the same option ({name}); give one of them")
+        seen[name] = key
+        resolved[name] = value
+    return resolved
+
+
+def _check_supported(values):
+    for name, refused, why in UNSUPPORTED:
+        if refused(values[name]):
+            raise UserError(f"{name} {values[name]!r}: {why}")
+    if values["loss"] == "token_label" and (values["mixup"] > 0 or values["cutmix"] > 0):
+        raise UserError("loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix; "
+                        "set mixup 0 and cutmix 0")
+    if values["scheduler"] in ("one_cycle", "cyclic") and values["warmup_epochs"] > 0:
+        raise UserError(f"scheduler {values['scheduler']} rises from min_lr itself: set warmup_epochs 0")
+    auto_augment = values["auto_augment"]
+    if auto_augment and not auto_augment.startswith(AUTO_AUGMENT_PREFIXES):
+        raise UserError(f"auto_augment {auto_augment!r}: the policy must start with one of "
+                        f"{', '.join(AUTO_AUGMENT_PREFIXES)} (e.g. randaug-m9-mstd0.5-inc1)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,20 +374,28 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; run with --help to list the valid options")
 
 
-def _build_parser(description, values):
+def _build_parser(spec, values):
     # SUPPRESS: only options actually given appear in the result, so they can override the YAML values.
-    parser = _Parser(description=description, usage="%(prog)s [-c CONFIG.yaml] [--option value ...]",
+    parser = _Parser(description=spec.description, usage="%(prog)s [-c CONFIG.yaml] [--option value ...]",
                      allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for section, options in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for opt in options:
-            base = opt.type.rstrip("?")
-            flags = ["-c", "--config"] if opt.name == "config" else [f"--{opt.name}"]
-            # Lists: `--scale 0.08 1.0` or `--scale 0.08,1.0`; booleans: a bare `--resume` means true.
-            extra = {"nargs": "+"} if base == "floats" else {"nargs": "?", "const": "true"} if base == "bool" else {}
-            metavar = "{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else _METAVAR[base]
-            text = f"{opt.help} (default: {json.dumps(values[opt.name])})"
-            group.add_argument(*flags, metavar=metavar, help=text.replace("%", "%%"), **extra)
+    groups, command_aliases = {}, {}
+    for alias, name in spec.aliases.items():
+        command_aliases.setdefault(name, []).append(alias)
+    for name in spec.options:
+        opt = OPTIONS[name]
+        section = SECTION_OF[name]
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+        base = opt.type.rstrip("?")
+        names = [name, *opt.aliases, *command_aliases.get(name, [])]
+        flags = ["-c", "--config"] if name == "config" else []
+        for each in names:  # snake_case as MindCV, and the dashed spelling
+            flags += [f"--{each}"] + ([f"--{each.replace('_', '-')}"] if "_" in each else [])
+        # Lists: `--scale 0.08 1.0` or `--scale 0.08,1.0`; booleans: a bare `--resume` means true.
+        extra = ({"nargs": "+"} if base in ("floats", "ints", "jitter")
+                 else {"nargs": "?", "const": "true"} if base == "bool" else {})
+        metavar = "{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else _METAVAR[base]
+        text = f"{opt.help} (default: {json.dumps(values[name])})"
+        group.add_argument(*flags, dest=name, metavar=metavar, help=text.replace("%", "%%"), **extra)
     return parser
 
 
@@ -235,38 +420,38 @@ def _load_yaml(path):
         raise UserError(f"{path} must hold a mapping of option names to values (`key: value` lines), "
                         f"not a {type(data).__name__}")
     data = {str(key): value for key, value in data.items()}
-    unknown = [key for key in data if key not in OPTIONS]
+    known = set(OPTIONS) | set(ALIASES) | set(LEGACY)
+    unknown = [key for key in data if key not in known]
     if unknown:
-        hints = ", ".join(f"'{key}'" + _did_you_mean(key, "'{}'") for key in unknown)
+        hints = ", ".join(f"'{key}'" + _did_you_mean(key, OPTIONS, "'{}'") for key in unknown)
         raise UserError(f"unknown key{'s' * (len(unknown) > 1)} in {path}: {hints}; "
                         "run with --help to list the valid keys")
     return data
 
 
-def _did_you_mean(name, form):
-    close = difflib.get_close_matches(name, OPTIONS, n=3)
+def _did_you_mean(name, candidates, form):
+    close = difflib.get_close_matches(name, list(candidates), n=3)
     return f" (did you mean {' or '.join(form.format(c) for c in close)}?)" if close else ""
 
 
 def _convert(opt, value, source):
     """`value` (from YAML or the command line) as `opt.type`; UserError naming `source` if it does not fit."""
     base = opt.type.rstrip("?")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]  # one word given to a list option on the command line: `--color_jitter null`
     try:
         if opt.type.endswith("?") and (value is None or isinstance(value, str) and value.strip().lower() in _NULL):
-            result = None
-        elif base == "floats":
-            result = [_scalar("float", item) for item in _items(value)]
-            if not result:
-                raise ValueError
-        elif base == "mapping":
-            result = _mapping(value)
-        else:
-            result = _scalar(base, value)
+            return None
+        result = _CONVERTERS[base](value)
     except ValueError:
         expected = _EXPECTED[base] + " or null" * opt.type.endswith("?")
         raise UserError(f"{source} must be {expected}, got {value!r}") from None
-    if opt.choices is not None and result is not None and result not in opt.choices:
-        raise UserError(f"{source} must be one of {', '.join(map(str, opt.choices))}; got {value!r}")
+    if opt.choices is not None:
+        # MindCV reads loss and optimizer names in any case ('CE'); every choice here is read that way
+        canonical = {str(choice).lower(): choice for choice in opt.choices}
+        if str(result).lower() not in canonical:
+            raise UserError(f"{source} must be one of {', '.join(map(str, opt.choices))}; got {value!r}")
+        result = canonical[str(result).lower()]
     return result
 
 
@@ -300,6 +485,39 @@ def _items(value):
     return items
 
 
+def _numbers(kind):
+    def convert(value):
+        result = [_scalar(kind, item) for item in _items(value)]
+        if not result:
+            raise ValueError(value)
+        return result
+
+    return convert
+
+
+def _jitter(value):
+    """One strength (a number), or per-channel strengths [brightness, contrast, saturation(, hue)]."""
+    items = _items(value)
+    if len(items) == 1:
+        return _scalar("float", items[0])
+    if len(items) not in (3, 4):
+        raise ValueError(value)
+    return [_scalar("float", item) for item in items]
+
+
+def _mode(value):
+    words = {"graph": 0, "pynative": 1}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    return _scalar("int", value)
+
+
+def _erase_value(value):
+    if isinstance(value, str) and value.strip().lower() == "random":
+        return "random"
+    return _scalar("float", value)
+
+
 def _mapping(value):
     """A YAML mapping, or its text (`{layers: [1, 1, 1, 1]}` on the command line), as a dict with str keys."""
     if isinstance(value, str):
@@ -310,3 +528,9 @@ def _mapping(value):
     if not isinstance(value, dict):
         raise ValueError(value)
     return {str(key): item for key, item in value.items()}
+
+
+_CONVERTERS = {"str": lambda v: _scalar("str", v), "int": lambda v: _scalar("int", v),
+               "float": lambda v: _scalar("float", v), "bool": lambda v: _scalar("bool", v),
+               "floats": _numbers("float"), "ints": _numbers("int"), "mapping": _mapping, "jitter": _jitter,
+               "mode": _mode, "erase_value": _erase_value}

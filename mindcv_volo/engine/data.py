@@ -9,13 +9,15 @@ global batches, and every rank takes its own slice of each global batch (a Subse
   * a resumed run sees exactly the order of a run that was never stopped.
 The augmentation's random state is also re-seeded from (seed, epoch) when an epoch's pipeline is built.
 
-Evaluation uses the model's own preprocessing (`eval_transforms`): resize to size / crop_pct (PIL bicubic,
-as the official), center crop, mean/std normalisation, on every image of the split in file order, each
-rank a stride.
+Evaluation uses the model's own preprocessing (`Preprocessing`, `eval_transforms`: the one definition used
+by validation, inference and the relabelling teacher): resize to size / crop_pct (PIL bicubic, as the
+official), center crop, mean/std normalisation, on every image of the split in file order, each rank a
+stride.
 """
 import math
 import os
 import re
+from typing import NamedTuple, Optional
 
 import numpy as np
 import mindspore.dataset as ds
@@ -25,6 +27,8 @@ from mindcv.data import create_dataset, create_loader, create_transforms
 from mindcv.data.mixup import Mixup
 
 from ..errors import UserError
+from ..models.volo import IMAGENET_MEAN, IMAGENET_STD
+from .runtime import available_cores
 
 class SplitInfo:
     """One split folder of an ImageFolder data set: its classes (sorted sub-folders) and image count."""
@@ -80,38 +84,66 @@ def rank_slice(order, batch_size, rank, world):
 
 
 def train_steps(num_images, global_batch, accumulation, drop_remainder):
-    """Micro-steps of an epoch: whole global batches, a multiple of the accumulation steps."""
+    """Micro-steps of an epoch over `num_images` (the split's, or num_samples of them): whole global batches,
+    a multiple of the accumulation steps."""
     batches = num_images // global_batch if drop_remainder else math.ceil(num_images / global_batch)
     return batches // accumulation * accumulation
 
 
-def train_transforms(args):
+def train_transforms(aug):
+    """MindCV's training transforms for the `augmentation` section (mean/std null: ImageNet's)."""
     return create_transforms(
-        "imagenet", image_resize=args.image_resize, is_training=True, auto_augment=args.auto_augment,
-        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, interpolation=args.interpolation, mean=list(args.mean),
-        std=list(args.std), re_prob=args.re_prob)
+        "imagenet", image_resize=aug.image_resize, is_training=True, auto_augment=aug.auto_augment,
+        scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip,
+        color_jitter=aug.color_jitter, interpolation=aug.interpolation, mean=list(aug.mean or IMAGENET_MEAN_255),
+        std=list(aug.std or IMAGENET_STD_255), re_prob=aug.re_prob, re_scale=tuple(aug.re_scale),
+        re_ratio=tuple(aug.re_ratio), re_value=aug.re_value, re_max_attempts=aug.re_max_attempts)
 
 
-def eval_transforms(image_size, crop_pct, interpolation, mean, std):
-    """The model's evaluation preprocessing, as the official (timm on PIL images) does it.
+class Preprocessing(NamedTuple):
+    """How a model's input is made from an image: the fact checkpoints carry and every evaluator uses."""
+    size: int
+    crop_pct: Optional[float]  # None: the whole image, resized to size x size (the relabelling teacher's view)
+    interpolation: str
+    mean: tuple  # per channel, 0-255 pixel scale
+    std: tuple
 
-    Decode to a PIL image, resize the shorter side to floor(size / crop_pct) with PIL's filter (MindSpore's
-    Resize runs PIL on PIL images; on arrays it runs a kernel without PIL's antialiasing, which moves the
-    pixels of a downscaled photo by ~10 levels), center crop, then mean/std on the 0-255 scale, CHW.
-    MindCV's eval transforms are the same steps on arrays.
-    """
-    return [vision.Decode(to_pil=True), vision.Resize(int(math.floor(image_size / crop_pct)), _INTER[interpolation]),
-            vision.CenterCrop(image_size), vision.ToNumpy(), vision.Normalize(mean=list(mean), std=list(std)),
-            vision.HWC2CHW()]
+    def transforms(self):
+        """The steps, as the official (timm on PIL images) does them.
+
+        Decode to a PIL image, resize the shorter side to floor(size / crop_pct) with PIL's filter (MindSpore's
+        Resize runs PIL on PIL images; on arrays it runs a kernel without PIL's antialiasing, which moves the
+        pixels of a downscaled photo by ~10 levels), center crop, then mean/std on the 0-255 scale, CHW.
+        MindCV's eval transforms are the same steps on arrays.
+        """
+        if self.crop_pct is None:
+            resize = [vision.Resize((self.size, self.size), _INTER[self.interpolation])]
+        else:
+            resize = [vision.Resize(int(math.floor(self.size / self.crop_pct)), _INTER[self.interpolation]),
+                      vision.CenterCrop(self.size)]
+        return [vision.Decode(to_pil=True), *resize, vision.ToNumpy(),
+                vision.Normalize(mean=list(self.mean), std=list(self.std)), vision.HWC2CHW()]
+
+    def load(self, path):
+        """One image file as the model's input: float32 (3, size, size); a UserError naming an unreadable file."""
+        try:
+            image = np.fromfile(path, np.uint8)
+            for step in self.transforms():
+                image = step(image)
+        except (OSError, RuntimeError, ValueError):
+            raise UserError(f"cannot read image {path}: corrupt or not an image") from None
+        return image.astype(np.float32)
 
 
-_INTER = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}
+IMAGENET_MEAN_255 = tuple(round(m * 255, 3) for m in IMAGENET_MEAN)
+IMAGENET_STD_255 = tuple(round(s * 255, 3) for s in IMAGENET_STD)
+_INTER = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST, "area": Inter.AREA,
+          "pilcubic": Inter.PILCUBIC}
 
 
 def _workers(requested):
     """MindSpore refuses more data workers than CPU cores (recipes written for big hosts ask for 8)."""
-    return max(1, min(requested, os.cpu_count() or 1))
+    return max(1, min(requested, available_cores()))
 
 
 def _image_folder(folder, indices, workers):
@@ -122,31 +154,33 @@ def _image_folder(folder, indices, workers):
     return dataset
 
 
-def create_train_loader(args, split, epoch, steps, rank, world):
-    """This rank's batches of one epoch: (image float32 NCHW, label int32 (B,) or float32 (B, K) with mixup)."""
-    global_batch = args.batch_size * world
-    order = epoch_order(split.count, global_batch, steps, args.seed, epoch, args.shuffle)
-    seed = order_seed(args.seed, epoch)
-    ds.config.set_seed(seed % (2 ** 32))  # the augmentation's random state, per (seed, epoch)
-    np.random.seed(seed % (2 ** 32))  # MindCV's Mixup draws from numpy's global generator
-    workers = _workers(args.num_parallel_workers)
-    dataset = _image_folder(split.folder, rank_slice(order, args.batch_size, rank, world), workers)
-    loader = create_loader(dataset, args.batch_size, drop_remainder=True, is_training=True,
-                           transform=train_transforms(args), num_parallel_workers=workers)
-    if args.mixup > 0 or args.cutmix > 0:
-        mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                    switch_prob=args.mixup_switch_prob, label_smoothing=0.0, num_classes=args.num_classes)
+def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime):
+    """This rank's batches of one epoch: (image float32 NCHW, label int32 (B,) or float32 (B, K) with mixup).
+
+    `data`, `aug`: the run's data and augmentation sections; `runtime`: its rank and world size.
+    """
+    order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
+    epoch_seed = order_seed(seed, epoch)
+    ds.config.set_seed(epoch_seed % (2 ** 32))  # the augmentation's random state, per (seed, epoch)
+    np.random.seed(epoch_seed % (2 ** 32))  # MindCV's Mixup draws from numpy's global generator
+    workers = _workers(data.num_parallel_workers)
+    dataset = _image_folder(split.folder, rank_slice(order, data.batch_size, runtime.rank, runtime.world), workers)
+    loader = create_loader(dataset, data.batch_size, drop_remainder=True, is_training=True,
+                           transform=train_transforms(aug), num_parallel_workers=workers)
+    if aug.mixup > 0 or aug.cutmix > 0:
+        mix = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.cutmix_prob,
+                    switch_prob=aug.mixup_switch_prob, label_smoothing=0.0, num_classes=num_classes)
         # One worker: the batches then meet numpy's generator in order, so the mixing is reproducible.
         loader = loader.map(operations=mix, input_columns=["image", "label"], num_parallel_workers=1)
     return loader
 
 
-def create_eval_loader(split, batch_size, transforms, rank=0, world=1, workers=4):
+def create_eval_loader(split, batch_size, preprocessing, rank=0, world=1, workers=4):
     """Every image of the split once, in file order; rank r takes images r, r + world, ... (last batch short)."""
     workers = _workers(workers)
     dataset = _image_folder(split.folder, range(rank, split.count, world), workers)
-    return create_loader(dataset, batch_size, drop_remainder=False, is_training=False, transform=transforms,
-                         num_parallel_workers=workers)
+    return create_loader(dataset, batch_size, drop_remainder=False, is_training=False,
+                         transform=preprocessing.transforms(), num_parallel_workers=workers)
 
 
 _BAD_FILE = re.compile(r"The corresponding data file is: (.+?)\.(?: |\n|$)")

@@ -1,16 +1,19 @@
 """Evaluation: top-1/top-5/loss of a model on an ImageFolder split, shared by validate.py and train.py.
 
+    python validate.py --ckpt_path X --data_dir D [--split val] [--ema True]
     python validate.py -c CONFIG.yaml --ckpt_path X
-    python validate.py --model volo_d1_224 --ckpt_path X --data_dir D [--split val] [--ema True]
 
-Preprocessing is the model's own (resize to size / crop_pct, bicubic, center crop, mean/std). The logits
-come from one compiled graph (a short last batch is padded and the padding ignored); the metrics are
-computed on the host in float64. Under msrun each rank evaluates every world-th image and the sums are
-all-reduced, so every rank returns the numbers of the whole split. The last line on stdout is one JSON
-object: {"model", "top1", "top5", "loss", "num_samples", "img_per_s"} (top1/top5 as fractions).
+Preprocessing is the model's own (the checkpoint's description, or the variant's: resize to
+size / crop_pct, bicubic, center crop, mean/std). The logits come from one compiled graph (a short last
+batch is padded and the padding ignored); the metrics are computed on the host in float64 per image.
+Under msrun each rank evaluates every world-th image and the per-image results are gathered, so every
+rank returns exactly the numbers of a single process on the whole split (the loss is an exactly rounded
+sum, whatever the order). The last line on stdout is one JSON object:
+{"model", "top1", "top5", "loss", "num_samples", "img_per_s"} (top1/top5 as fractions).
 """
 import json
 import logging
+import math
 import time
 
 import mindspore as ms
@@ -18,11 +21,17 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..errors import UserError
-from .data import SplitInfo, create_eval_loader, eval_transforms, iterate
-from .runtime import amp_level, build_model, eval_preprocessing, load_weights, setup_logging, setup_runtime
+from .data import SplitInfo, create_eval_loader, iterate
+from .model_spec import load_model, preprocessing
+from .runtime import amp_level, describe, progress, setup_runtime
 from .step import apply_amp
 
 logger = logging.getLogger("mindcv_volo")
+
+# Activation bytes per image of inference, per token-channel of the blocks; calibrated on volo_d1_224
+# (~95 MB per image measured on CPU, 1.65 M token-channels).
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 58
+CPU_MEMORY_SHARE = 0.5  # of the memory available, for evaluation batches on CPU
 
 
 class EvalNetwork(nn.Cell):
@@ -36,57 +45,70 @@ class EvalNetwork(nn.Cell):
         return self.model(images).astype(ms.float32)
 
 
-def batch_metrics(logits, labels, topk=5):
-    """(top-1 hits, top-k hits, summed cross entropy) of one batch, in float64 on the host."""
+def image_metrics(logits, labels, topk=5):
+    """Per image: (top-1 hit, top-k hit, cross entropy), in float64 on the host."""
     logits = logits.astype(np.float64)
     labels = labels.astype(np.int64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = -log_probs[np.arange(len(labels)), labels].sum()
     k = min(topk, logits.shape[1])
     best = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return (best[:, 0] == labels).sum(), (best == labels[:, None]).any(axis=1).sum(), loss
+    return best[:, 0] == labels, (best == labels[:, None]).any(axis=1), -log_probs[np.arange(len(labels)), labels]
 
 
-class _AllReduceSum(nn.Cell):
-    """Sum over devices, compiled (the eager comm_func.all_reduce has no CPU kernel in MindSpore 2.10)."""
+class _AllGather(nn.Cell):
+    """Rows of every device, compiled (the eager comm_func ops have no CPU kernel in MindSpore 2.10)."""
 
     def __init__(self):
         super().__init__()
-        self.all_reduce = ops.AllReduce()
+        self.all_gather = ops.AllGather()
 
     @ms.jit
     def construct(self, x):
-        return self.all_reduce(x)
+        return self.all_gather(x)
 
 
-def _all_reduce_sum(values, world):
+def _gather_results(hits1, hits5, losses, world):
+    """Every device's per-image results, as (hits1, hits5, losses) of the whole split.
+
+    The losses travel as the two int32 halves of their float64 bits, so nothing is rounded on the way;
+    ranks holding fewer images pad with rows marked absent.
+    """
     if world == 1:
-        return values
-    return _AllReduceSum()(Tensor(np.asarray(values, np.float32))).asnumpy().astype(np.float64)
+        return hits1, hits5, losses
+    count = np.array([[len(losses)]], np.int32)
+    most = int(_AllGather()(Tensor(count)).asnumpy().max())
+    rows = np.zeros((most, 5), np.int32)
+    rows[:len(losses), 0] = 1  # present
+    rows[:len(losses), 1] = hits1
+    rows[:len(losses), 2] = hits5
+    rows[:len(losses), 3:] = np.ascontiguousarray(losses, np.float64).view(np.int32).reshape(-1, 2)
+    gathered = _AllGather()(Tensor(rows)).asnumpy()
+    gathered = gathered[gathered[:, 0] == 1]
+    return gathered[:, 1], gathered[:, 2], np.ascontiguousarray(gathered[:, 3:]).view(np.float64).reshape(-1)
 
 
-def evaluate(network, loader, batch_size, world=1, log_every=0):
-    """{"top1", "top5", "loss", "num_samples", "img_per_s"} of `network` (an EvalNetwork) over `loader`."""
+def evaluate(network, loader, batch_size, world=1):
+    """{"top1", "top5", "loss", "num_samples", "img_per_s"} of `network` (an EvalNetwork) over `loader`,
+    the whole split's under msrun."""
     network.set_train(False)
-    sums = np.zeros(4)  # top-1 hits, top-5 hits, loss sum, samples
+    hits1, hits5, losses = [], [], []
     start = time.time()
-    total = loader.get_dataset_size()
-    for index, (images, labels) in enumerate(iterate(loader)):
+    for images, labels in progress(iterate(loader), loader.get_dataset_size(), "eval batches"):
         count = len(labels)
         if count < batch_size:  # one graph for every batch: pad the last one, ignore the padding
             images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
-        logits = network(Tensor(images)).asnumpy()[:count]
-        sums += (*batch_metrics(logits, labels), count)
-        if log_every and (index + 1) % log_every == 0 or index + 1 == total:
-            logger.info("eval %d/%d batches, top-1 so far %.4f", index + 1, total, sums[0] / max(sums[3], 1))
+        for results, part in zip((hits1, hits5, losses), image_metrics(network(Tensor(images)).asnumpy()[:count],
+                                                                       labels)):
+            results.append(part)
     elapsed = time.time() - start
-    sums = _all_reduce_sum(sums, world)
-    samples = int(round(sums[3]))
-    if samples == 0:
+    if not losses:
         raise UserError("no image was evaluated")
-    return {"top1": sums[0] / samples, "top5": sums[1] / samples, "loss": sums[2] / samples,
-            "num_samples": samples, "img_per_s": samples / max(elapsed, 1e-9)}
+    hits1, hits5, losses = _gather_results(*(np.concatenate(r) for r in (hits1, hits5, losses)), world)
+    samples = len(losses)
+    return {"top1": int(hits1.sum()) / samples, "top5": int(hits5.sum()) / samples,
+            "loss": math.fsum(losses) / samples, "num_samples": samples,
+            "img_per_s": samples / max(elapsed, 1e-9)}
 
 
 def result_line(model_name, metrics):
@@ -97,29 +119,51 @@ def result_line(model_name, metrics):
     return json.dumps(fields)
 
 
-def eval_loader_for(args, model, split, rank=0, world=1):
-    size, crop_pct, interpolation = eval_preprocessing(args, model)
-    transforms = eval_transforms(size, crop_pct, interpolation, args.mean, args.std)
-    return create_eval_loader(split, args.batch_size, transforms, rank, world, args.num_parallel_workers)
+def cpu_batch_size(model, requested):
+    """The largest batch up to `requested` whose activations take at most half the available memory (an
+    estimate from the model's token-channels; a 128-image batch of volo_d1_224 peaked at 15 GB on CPU)."""
+    tokens = (model.img_size // 8) ** 2  # stage 0 at stride 8, the transformer stages at stride 16
+    stages = [model.network[0], *model.network[2:]]
+    per_image = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * sum(
+        len(stage) * (tokens if index == 0 else tokens // 4) * stage[0].norm1.gamma.shape[0]
+        for index, stage in enumerate(stages))
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo", encoding="ascii")
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return requested
+    return max(1, min(requested, int(available * CPU_MEMORY_SHARE // per_image)))
 
 
-def validate(args):
+def validate(config):
     """validate.py: evaluate `ckpt_path` on `data_dir/split`; returns the JSON line (printed by rank 0)."""
-    rank, world = setup_runtime(args)
-    setup_logging(rank)
-    if not args.ckpt_path:
-        raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (a checkpoint of this model)")
-    split = SplitInfo(args.data_dir, args.split or args.val_split)
-    split.check_num_classes(args.num_classes)
-    model = build_model(args)
-    load_weights(model, args.ckpt_path, ema=args.ema)
-    network = EvalNetwork(apply_amp(model, amp_level(args)))
-    size, crop_pct, _ = eval_preprocessing(args, model)
-    logger.info("evaluating %s on %s: %d images, %d px (crop_pct %s), device %s%s", args.model, split.folder,
-                split.count, size, crop_pct, args.device, f", {world} workers" if world > 1 else "")
-    metrics = evaluate(network, eval_loader_for(args, model, split, rank, world), args.batch_size, world,
-                       log_every=20)
-    line = result_line(args.model, metrics)
-    if rank == 0:
+    runtime = setup_runtime(config.system)
+    if not config.model.ckpt_path:
+        raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert)")
+    data = config.data
+    split = SplitInfo(data.data_dir, data.split or data.val_split)
+    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+    if spec.num_classes < len(split.classes):
+        raise UserError(f"{split.folder} has {len(split.classes)} classes but the model has {spec.num_classes}; "
+                        "a checkpoint of this data's classes is needed")
+    if spec.num_classes != len(split.classes):
+        logger.warning("warning: the model has %d classes, %s has %d: class folder i is scored as class i",
+                       spec.num_classes, split.folder, len(split.classes))
+    batch_size = data.batch_size
+    if runtime.device == "CPU":
+        batch_size = cpu_batch_size(model, data.batch_size)
+        if batch_size < data.batch_size:
+            logger.info("batch %d instead of %d: what fits half the available memory on this CPU", batch_size,
+                        data.batch_size)
+    level = amp_level(config.train_step.val_amp_level or config.train_step.amp_level, runtime.device)
+    network = EvalNetwork(apply_amp(model, level))
+    prep = preprocessing(model, spec, config.augmentation, description)
+    logger.info("evaluating %s on %s: %d images, %d px (crop_pct %s); %s", spec.name, split.folder, split.count,
+                prep.size, prep.crop_pct, describe(runtime, config.system.device_target == "auto"))
+    if config.data.eval_shuffle:
+        logger.info("eval_shuffle: every image is read once, and the order changes no metric")
+    loader = create_eval_loader(split, batch_size, prep, runtime.rank, runtime.world, data.num_parallel_workers)
+    line = result_line(spec.name, evaluate(network, loader, batch_size, runtime.world))
+    if runtime.is_main:
         print(line, flush=True)
     return line

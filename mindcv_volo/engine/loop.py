@@ -9,48 +9,104 @@ from mindcv.optim import create_optimizer
 from mindcv.scheduler import create_scheduler
 
 from ..errors import UserError
-from .config import save_config
-from .data import SplitInfo, create_train_loader, iterate, train_steps
-from .evaluate import EvalNetwork, eval_loader_for, evaluate, result_line
+from ..weights.checkpoint import load_checkpoint_into
 from .checkpoints import CheckpointKeeper, list_checkpoints
-from .runtime import add_log_file, amp_level, build_model, load_weights, setup_logging, setup_runtime
-from .step import apply_amp, build_loss_network, build_train_steps
+from .config import save_config
+from .data import SplitInfo, create_eval_loader, create_train_loader, iterate, train_steps
+from .evaluate import EvalNetwork, evaluate, result_line
+from .metrics import MetricsLog
+from .model_spec import build_model, preprocessing, resolve
+from .runtime import add_log_file, amp_level, describe, setup_runtime
+from .step import apply_amp, build_train_steps
 
 logger = logging.getLogger("mindcv_volo")
 
+COSINE = ("cosine_decay", "warmup_cosine_decay")
+# optimizers with an epsilon of their own, and the name MindCV's create_optimizer passes it under
+EPS_OPTIMIZERS = ("adam", "adamw", "nadam", "adan", "lamb", "rmsprop")
 
-def learning_rates(args, updates_per_epoch):
-    """One learning rate per optimizer update (MindCV's scheduler): linear warmup, cosine, cooldown at min_lr."""
-    if args.scheduler == "step_decay" and not args.decay_epochs:
+
+def schedule_epochs(scheduler_options):
+    """(warmup, decay, cooldown) epochs of the run. A run shorter than its recipe's warmup, cooldown or cosine
+    decay (a smoke run of a 300-epoch recipe) gets them shortened, with one warning, and trains."""
+    epochs, warmup, cooldown = (scheduler_options.epoch_size, scheduler_options.warmup_epochs,
+                                scheduler_options.cooldown_epochs)
+    decay = scheduler_options.decay_epochs
+    if warmup + cooldown >= epochs:  # keep one epoch to decay in
+        room = epochs - 1
+        new_warmup = room * warmup // max(warmup + cooldown, 1)
+        warmup, cooldown = new_warmup, room - new_warmup
+    if scheduler_options.scheduler in COSINE and (decay is None or warmup + decay + cooldown > epochs):
+        decay = epochs - warmup - cooldown
+    changed = [f"{name} {old} -> {new}" for name, old, new in (
+        ("warmup_epochs", scheduler_options.warmup_epochs, warmup),
+        ("cooldown_epochs", scheduler_options.cooldown_epochs, cooldown),
+        ("decay_epochs", scheduler_options.decay_epochs, decay)) if old is not None and old != new]
+    if changed:
+        logger.warning("warning: epoch_size %d is shorter than the recipe's schedule: %s", epochs, ", ".join(changed))
+    return warmup, decay, cooldown
+
+
+def learning_rates(scheduler_options, updates_per_epoch):
+    """One learning rate per optimizer update (MindCV's create_scheduler): warmup, the schedule, cooldown."""
+    s = scheduler_options
+    warmup, decay, _ = schedule_epochs(s)
+    if s.scheduler == "step_decay" and not decay:
         raise UserError("scheduler step_decay needs decay_epochs (decay every this many epochs)")
-    decay_epochs = args.decay_epochs or args.epoch_size - args.warmup_epochs - args.cooldown_epochs
-    if decay_epochs <= 0 and args.scheduler != "constant":
-        raise UserError(f"warmup_epochs {args.warmup_epochs} + cooldown_epochs {args.cooldown_epochs} leave no "
-                        f"epoch to decay in epoch_size {args.epoch_size}; lower them or raise epoch_size")
-    warmup_factor = min(args.warmup_lr / args.lr, 1.0) if args.lr > 0 else 0.0
-    lrs = create_scheduler(updates_per_epoch, scheduler=args.scheduler, lr=args.lr, min_lr=args.min_lr,
-                           warmup_epochs=args.warmup_epochs, warmup_factor=warmup_factor,
-                           decay_epochs=max(decay_epochs, 1), decay_rate=args.decay_rate, num_epochs=args.epoch_size)
+    if s.warmup_factor is not None:
+        warmup_factor = s.warmup_factor
+    else:
+        warmup_factor = min((1e-6 if s.warmup_lr is None else s.warmup_lr) / s.lr, 1.0) if s.lr > 0 else 0.0
+    lrs = create_scheduler(updates_per_epoch, scheduler=s.scheduler, lr=s.lr, min_lr=s.min_lr, warmup_epochs=warmup,
+                           warmup_factor=warmup_factor, decay_epochs=max(decay or 1, 1), decay_rate=s.decay_rate,
+                           milestones=list(s.multi_step_decay_milestones), num_epochs=s.epoch_size,
+                           num_cycles=s.num_cycles, cycle_decay=s.cycle_decay, lr_epoch_stair=s.lr_epoch_stair)
     return [float(lr) for lr in lrs]
 
 
-def build_optimizer(args, model, lrs):
-    """MindCV's optimizer; no weight decay on the model's no_weight_decay() names, norms and biases."""
-    return create_optimizer(model, opt=args.opt, lr=lrs, weight_decay=args.weight_decay, momentum=args.momentum,
-                            nesterov=args.use_nesterov,
-                            weight_decay_filter="norm_and_bias" if args.filter_bias_and_bn else "disable")
+def build_optimizer(optimizer_options, model, lrs):
+    """MindCV's optimizer; weight_decay_filter norm_and_bias also spares the model's no_weight_decay() names."""
+    o = optimizer_options
+    extra = {}
+    if o.eps is not None:
+        if o.opt not in EPS_OPTIMIZERS:
+            logger.info("eps %g: %s has no epsilon; it is not used", o.eps, o.opt)
+        elif o.opt != "rmsprop":  # create_optimizer passes its own eps argument to rmsprop only
+            extra["eps"] = o.eps
+    return create_optimizer(model, opt=o.opt, lr=lrs, weight_decay=o.weight_decay, momentum=o.momentum,
+                            nesterov=o.use_nesterov, weight_decay_filter=o.weight_decay_filter,
+                            **({"eps": o.eps} if o.eps is not None and o.opt == "rmsprop" else {}), **extra)
 
 
-def check_options(args):
+def dynamic_loss_scale(step_options, level, device):
+    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it (O2/O3 on an accelerator)."""
+    if step_options.loss_scale_type == "auto":
+        dynamic = level in ("O2", "O3") and device != "CPU"
+        logger.info("loss_scale_type auto: %s", "dynamic" if dynamic else "fixed")
+        return dynamic
+    return step_options.loss_scale_type == "dynamic"
+
+
+def check_options(config):
+    values = config.as_dict()
     positive = ("batch_size", "epoch_size", "gradient_accumulation_steps", "ckpt_save_interval",
                 "keep_checkpoint_max", "log_interval", "val_interval", "num_parallel_workers", "image_resize")
     for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(args, name)}")
-    if args.loss_scale <= 0:
-        raise UserError(f"loss_scale must be positive, got {args.loss_scale}")
-    if args.ckpt_save_policy == "top_k" and not args.val_while_train:
+        if values[name] < 1:
+            raise UserError(f"{name} must be at least 1, got {values[name]}")
+    if values["loss_scale"] <= 0:
+        raise UserError(f"loss_scale must be positive, got {values['loss_scale']}")
+    if values["ckpt_save_policy"] == "top_k" and not values["val_while_train"]:
         raise UserError("ckpt_save_policy top_k ranks checkpoints by validation top-1: turn on val_while_train")
+
+
+def log_options_that_do_not_apply(config):
+    """One line for each option a recipe sets that changes nothing on this run."""
+    if config.data.dataset_sink_mode:
+        logger.info("dataset_sink_mode: the loop feeds each step from the host (its inputs are drawn per step "
+                    "on the host), on every device")
+    if config.augmentation.auto_augment and config.augmentation.color_jitter is not None:
+        logger.info("color_jitter is not applied with auto_augment (MindCV's training transforms)")
 
 
 def format_time(seconds):
@@ -59,80 +115,90 @@ def format_time(seconds):
 
 
 class Run:
-    """Everything one train.py run builds before its first step."""
+    """Everything one train.py run builds before its first step, from the parsed `config` and the loss
+    builder (`engine.step`'s seam)."""
 
-    def __init__(self, args):
-        check_options(args)
-        self.args = args
-        self.rank, self.world = setup_runtime(args)
-        self.is_main = self.rank == 0
-        setup_logging(self.rank)
+    def __init__(self, config, build_loss):
+        check_options(config)
+        self.config = config
+        data, aug, steps = config.data, config.augmentation, config.train_step
+        self.runtime = setup_runtime(config.system, config.system.distribute)
+        log_options_that_do_not_apply(config)
 
-        self.train_split = SplitInfo(args.data_dir, args.train_split)
-        self.train_split.check_num_classes(args.num_classes)
+        self.train_split = SplitInfo(data.data_dir, data.train_split)
         self.val_split = self._val_split()
-        self.global_batch = args.batch_size * self.world
-        per_update = self.global_batch * args.gradient_accumulation_steps
-        if self.train_split.count < per_update:
-            raise UserError(f"batch_size {args.batch_size} x {self.world} device(s) x "
-                            f"{args.gradient_accumulation_steps} accumulation step(s) = {per_update} images per "
-                            f"update is more than the {self.train_split.count} images in {self.train_split.folder}; "
+        self.global_batch = data.batch_size * self.runtime.world
+        per_update = self.global_batch * steps.gradient_accumulation_steps
+        images = min(self.train_split.count, data.num_samples or self.train_split.count)
+        if images < per_update:
+            raise UserError(f"batch_size {data.batch_size} x {self.runtime.world} device(s) x "
+                            f"{steps.gradient_accumulation_steps} accumulation step(s) = {per_update} images per "
+                            f"update is more than the {images} images an epoch of {self.train_split.folder} has; "
                             "lower batch_size")
-        self.steps = train_steps(self.train_split.count, self.global_batch, args.gradient_accumulation_steps,
-                                 args.drop_remainder)
-        self.updates = self.steps // args.gradient_accumulation_steps
+        self.steps = train_steps(images, self.global_batch, steps.gradient_accumulation_steps, data.drop_remainder)
+        self.updates = self.steps // steps.gradient_accumulation_steps
 
-        self.model = build_model(args)
-        if self.model.img_size != args.image_resize:
-            raise UserError(f"image_resize {args.image_resize} differs from the model's img_size "
+        classes = self.train_split.classes
+        self.spec = resolve(config.model, num_classes=len(classes), class_names=classes)
+        self.train_split.check_num_classes(self.spec.num_classes)
+        self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate)
+        if self.model.img_size != aug.image_resize:
+            raise UserError(f"image_resize {aug.image_resize} differs from the model's img_size "
                             f"{self.model.img_size}; set image_resize to {self.model.img_size} (or img_size "
                             "in arch_overrides)")
-        if args.ckpt_path and not args.resume:
-            load_weights(self.model, args.ckpt_path, adapt=True)  # fine-tuning start point
+        if config.model.ckpt_path and not config.checkpoint.resume:
+            logger.info("starting from %s", config.model.ckpt_path)
+            load_checkpoint_into(self.model, config.model.ckpt_path, adapt=True)  # fine-tuning start point
+        self.preprocessing = preprocessing(self.model, self.spec, aug)
         params = [(p.name, p) for p in self.model.get_parameters()]  # named before any wrapping
-        self.amp_level = amp_level(args)
+        self.amp_level = amp_level(steps.amp_level, self.runtime.device)
         network = apply_amp(self.model, self.amp_level)
         self.eval_network = EvalNetwork(network)
-        self.loss_network = build_loss_network(network, args)
-        self.lrs = learning_rates(args, self.updates)
-        self.optimizer = build_optimizer(args, self.model, self.lrs)
+        self.loss_network = build_loss(network, config.loss, self.spec.num_classes, config.system.seed, self.runtime)
+        self.lrs = learning_rates(config.scheduler, self.updates)
+        self.optimizer = build_optimizer(config.optimizer, self.model, self.lrs)
+        self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level, self.runtime.device)
         self.micro_step, self.update_step, self.state, self.ema = build_train_steps(
-            self.loss_network, self.optimizer, self.model, args)
-        self.keeper = CheckpointKeeper(args.ckpt_save_dir, args.model, params, self.optimizer, self.state,
-                                       self.ema, args.keep_checkpoint_max, args.ckpt_save_policy)
+            self.loss_network, self.optimizer, self.model, steps, config.model.ema, self.dynamic_scale)
+        ckpt = config.checkpoint
+        self.keeper = CheckpointKeeper(ckpt.ckpt_save_dir, self.spec.name, params, self.optimizer, self.state,
+                                       self.ema, ckpt.keep_checkpoint_max, ckpt.ckpt_save_policy,
+                                       self.spec.describe(self.preprocessing))
         # Only now, with every input checked, does the run write anything.
-        if self.is_main:
-            add_log_file(os.path.join(args.ckpt_save_dir, "train.log"))
+        if self.runtime.is_main:
+            add_log_file(os.path.join(ckpt.ckpt_save_dir, "train.log"))
         self.start_epoch, self.global_step = self._resume()
-        if self.is_main and not args.resume:
+        if self.runtime.is_main and not ckpt.resume:
             self.keeper.discard_earlier()
-        if self.is_main:
-            save_config(args, os.path.join(args.ckpt_save_dir, "config.yaml"))
-        logger.info("device %s%s, %s mode, %d worker%s, AMP %s", args.device, " (auto)" * (args.device_target == "auto"),
-                    "graph" if args.mode == 0 else "pynative", self.world, "s" * (self.world > 1), self.amp_level)
+        self.metrics = MetricsLog(ckpt.ckpt_save_dir, self.start_epoch) if self.runtime.is_main else None
+        if self.runtime.is_main:
+            save_config(config.replace(model=self.spec.name, num_classes=self.spec.num_classes),
+                        os.path.join(ckpt.ckpt_save_dir, "config.yaml"))
+        logger.info("%s, AMP %s", describe(self.runtime, config.system.device_target == "auto"), self.amp_level)
 
     def _val_split(self):
-        args = self.args
-        folder = os.path.join(args.data_dir, args.val_split)
+        data = self.config.data
+        folder = os.path.join(data.data_dir, data.val_split)
         if not os.path.isdir(folder):
-            if args.val_while_train:
+            if self.config.checkpoint.val_while_train:
                 raise UserError(f"val_while_train is on but the split folder is missing: {folder}")
             logger.info("no validation split at %s: the run ends without an evaluation", folder)
             return None
-        split = SplitInfo(args.data_dir, args.val_split)
+        split = SplitInfo(data.data_dir, data.val_split)
         self.train_split.check_same_classes(split)
         return split
 
     def _resume(self):
-        args = self.args
-        if not args.resume:
+        ckpt = self.config.checkpoint
+        if not ckpt.resume:
             return 0, 0
-        if args.ckpt_path:
-            path = args.ckpt_path
+        if self.config.model.ckpt_path:
+            path = self.config.model.ckpt_path
         else:
-            saved = list_checkpoints(args.ckpt_save_dir, args.model)
+            saved = list_checkpoints(ckpt.ckpt_save_dir, self.spec.name)
             if not saved:
-                logger.info("resume: no checkpoint of %s in %s, starting from epoch 1", args.model, args.ckpt_save_dir)
+                logger.info("resume: no checkpoint of %s in %s, starting from epoch 1", self.spec.name,
+                            ckpt.ckpt_save_dir)
                 return 0, 0
             path = saved[-1][1]
         state = self.keeper.restore(path)
@@ -140,49 +206,56 @@ class Run:
             raise UserError(f"{path} was saved with {state['steps_per_epoch']} steps per epoch, this run has "
                             f"{self.steps} (other batch_size, device count or data?); resume with the same setup")
         logger.info("resumed from %s: %d of %d epochs done, global step %d", path, state["epoch"],
-                    args.epoch_size, state["global_step"])
+                    self.config.scheduler.epoch_size, state["global_step"])
         return int(state["epoch"]), int(state["global_step"])
 
     # -----------------------------------------------------------------------------------------------------
 
     def train(self):
-        args = self.args
+        config, epochs = self.config, self.config.scheduler.epoch_size
+        ckpt = config.checkpoint
+        accumulation = config.train_step.gradient_accumulation_steps
         logger.info("training %s on %d images of %d classes: %d epochs x %d steps, global batch %d%s, lr %g",
-                    args.model, self.train_split.count, len(self.train_split.classes), args.epoch_size, self.steps,
-                    self.global_batch, f" x {args.gradient_accumulation_steps} accumulated"
-                    if args.gradient_accumulation_steps > 1 else "", args.lr)
+                    self.spec.name, self.train_split.count, len(self.train_split.classes), epochs, self.steps,
+                    self.global_batch, f" x {accumulation} accumulated" if accumulation > 1 else "",
+                    config.scheduler.lr)
         self.run_start = time.time()
         self.steps_done = 0
         metrics = None
-        for epoch in range(self.start_epoch, args.epoch_size):
-            self.train_epoch(epoch)
+        for epoch in range(self.start_epoch, epochs):
+            train_loss, img_per_s, seconds = self.train_epoch(epoch)
             done = epoch + 1
             metrics = None
-            if self.val_split is not None and args.val_while_train and (done % args.val_interval == 0
-                                                                         or done == args.epoch_size):
+            if self.val_split is not None and ckpt.val_while_train and (done % ckpt.val_interval == 0
+                                                                        or done == epochs):
                 metrics = self.validate()
-                logger.info("epoch %d/%d val: top-1 %.4f top-5 %.4f loss %.4f", done, args.epoch_size,
-                            metrics["top1"], metrics["top5"], metrics["loss"])
-            if self.is_main and (done % args.ckpt_save_interval == 0 or done == args.epoch_size):
-                self.keeper.save(done, self.global_step, self.steps, metrics and metrics["top1"])
-        if self.world > 1:
+                logger.info("epoch %d/%d val: top-1 %.4f top-5 %.4f loss %.4f (all %d images)", done, epochs,
+                            metrics["top1"], metrics["top5"], metrics["loss"], metrics["num_samples"])
+            if self.runtime.is_main:
+                lr = self.lrs[min(self.global_step, len(self.lrs)) - 1]
+                self.metrics.add(done, train_loss, lr, img_per_s, seconds, metrics)
+                if done % ckpt.ckpt_save_interval == 0 or done == epochs:
+                    self.keeper.save(done, self.global_step, self.steps, metrics and metrics["top1"])
+        if self.runtime.world > 1:
             # Every rank says what it ends with, so a launcher (and the tests) can see they agree.
-            print(f"rank {self.rank} weights sha256 {self.keeper.fingerprint()}", flush=True)
+            print(f"rank {self.runtime.rank} weights sha256 {self.keeper.fingerprint()}", flush=True)
         if self.val_split is None:
             return None
         if metrics is None:
             metrics = self.validate()
-        line = result_line(args.model, metrics)
-        if self.is_main:
+        line = result_line(self.spec.name, metrics)
+        if self.runtime.is_main:
             print(line, flush=True)
         return line
 
     def train_epoch(self, epoch):
-        args = self.args
-        accumulation = args.gradient_accumulation_steps
-        # A loss that needs other columns (label maps) brings its own loader; see build_loss_network.
+        config = self.config
+        accumulation = config.train_step.gradient_accumulation_steps
+        log_interval, epochs = config.system.log_interval, config.scheduler.epoch_size
+        # A loss that needs other columns (label maps) brings its own loader; see engine.step.
         make_loader = getattr(self.loss_network, "create_train_loader", create_train_loader)
-        loader = make_loader(args, self.train_split, epoch, self.steps, self.rank, self.world)
+        loader = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
+                             self.spec.num_classes, config.system.seed, self.runtime)
         losses, skipped = [], 0
         epoch_start = interval_start = time.time()
         for step, batch in enumerate(iterate(loader)):
@@ -192,7 +265,7 @@ class Run:
             loss, overflow = float(loss.asnumpy()), bool(overflow.asnumpy())
             lr = self.lrs[min(self.global_step, len(self.lrs) - 1)]
             if not math.isfinite(loss) or overflow:
-                if args.loss_scale_type != "dynamic" and not args.drop_overflow_update:
+                if not self.dynamic_scale and not config.train_step.drop_overflow_update:
                     raise UserError(
                         f"training stopped: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} "
                         f"({loss}) at epoch {epoch + 1} step {step + 1} (lr {lr:.3g}, loss scale "
@@ -206,38 +279,41 @@ class Run:
             if applies:
                 self.global_step += 1
             self.steps_done += 1
-            if (step + 1) % args.log_interval == 0 or step + 1 == self.steps:
+            if (step + 1) % log_interval == 0 or step + 1 == self.steps:
                 now = time.time()
-                span = (step % args.log_interval) + 1
+                span = (step % log_interval) + 1
                 rate = span * self.global_batch / max(now - interval_start, 1e-9)
                 per_step = (now - self.run_start) / self.steps_done
-                left = (args.epoch_size - epoch - 1) * self.steps + self.steps - step - 1
+                left = (epochs - epoch - 1) * self.steps + self.steps - step - 1
                 logger.info("epoch %d/%d step %d/%d loss %.4f lr %.3e grad-norm %.3f img/s %.1f eta %s",
-                            epoch + 1, args.epoch_size, step + 1, self.steps, loss, lr,
+                            epoch + 1, epochs, step + 1, self.steps, loss, lr,
                             float(norm.asnumpy()), rate, format_time(left * per_step))
                 interval_start = now
         seconds = time.time() - epoch_start
         mean_loss = float(np.mean(losses)) if losses else float("nan")
-        logger.info("epoch %d/%d done: train loss %.4f, %.1f s, %.1f img/s%s", epoch + 1, args.epoch_size,
-                    mean_loss, seconds, self.steps * self.global_batch / max(seconds, 1e-9),
-                    f", {skipped} step(s) skipped" if skipped else "")
+        img_per_s = self.steps * self.global_batch / max(seconds, 1e-9)
+        logger.info("epoch %d/%d done: train loss %.4f (rank %d's batches), %.1f s, %.1f img/s%s", epoch + 1, epochs,
+                    mean_loss, self.runtime.rank, seconds, img_per_s, f", {skipped} step(s) skipped" if skipped else "")
+        return mean_loss, img_per_s, seconds
 
     def validate(self):
-        """Metrics of the current weights (the EMA weights when ema is on) on the validation split."""
-        loader = eval_loader_for(self.args, self.model, self.val_split, self.rank, self.world)
+        """Metrics of the current weights (the EMA weights when ema is on) on the whole validation split."""
+        data = self.config.data
+        loader = create_eval_loader(self.val_split, data.batch_size, self.preprocessing, self.runtime.rank,
+                                    self.runtime.world, data.num_parallel_workers)
         if self.ema is None:
-            return evaluate(self.eval_network, loader, self.args.batch_size, self.world)
+            return evaluate(self.eval_network, loader, data.batch_size, self.runtime.world)
         swap = [(p, e) for p, e in zip(self.ema.params, self.ema.ema)]
         saved = [p.value().copy() for p, _ in swap]
         for param, ema in swap:
             param.set_data(ema.value().copy())
         try:
-            return evaluate(self.eval_network, loader, self.args.batch_size, self.world)
+            return evaluate(self.eval_network, loader, data.batch_size, self.runtime.world)
         finally:
             for (param, _), value in zip(swap, saved):
                 param.set_data(value)
 
 
-def train(args):
+def train(config, build_loss):
     """train.py: build the run and train it; returns the final JSON line (None without a val split)."""
-    return Run(args).train()
+    return Run(config, build_loss).train()

@@ -1,26 +1,45 @@
-"""Run-time setup shared by train.py and validate.py: device, execution mode, msrun, logging, the model."""
+"""Run-time setup shared by every command: device, execution mode, CPU threads, msrun, logging."""
 import logging
+import math
 import os
 import sys
+from typing import NamedTuple
 
 import mindspore as ms
 
 from ..errors import UserError
-from ..models import create, data_config
-from ..weights.checkpoint import load_checkpoint_into
 
 logger = logging.getLogger("mindcv_volo")
 
 DEVICES = ("Ascend", "GPU", "CPU")
-# Arguments of the VOLO constructor a recipe may replace through `arch_overrides`.
-ARCH_KEYS = ("layers", "embed_dims", "num_heads", "mlp_ratio", "stem_hidden_dim", "img_size", "qkv_bias",
-             "attn_drop_rate")
-_LISTS = ("layers", "embed_dims", "num_heads")
 
 
-def launched_by_msrun():
-    """msrun (and mpirun-style launchers) give every worker these variables; RANK_SIZE > 1 means data parallel."""
-    return int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1) > 1
+class Runtime(NamedTuple):
+    """What the setup resolved: the device (never "auto"), the mode, this process's rank and the world size."""
+    device: str
+    mode: int
+    rank: int
+    world: int
+    threads: int
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def under_msrun():
+    """Started by msrun: it gives each process (workers and its scheduler) MS_ROLE."""
+    return bool(os.environ.get("MS_ROLE"))
+
+
+def launcher_ranks():
+    """(rank, world) an mpirun-style launcher (or a user sharding by hand) gives in RANK_ID / RANK_SIZE."""
+    return int(os.environ.get("RANK_ID") or 0), int(os.environ.get("RANK_SIZE") or 1)
+
+
+def launched_workers():
+    """Processes the launcher started on this machine (msrun's MS_WORKER_NUM; one node assumed), else 1."""
+    return int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
 
 
 def resolve_device(target):
@@ -33,26 +52,80 @@ def resolve_device(target):
     return next(d for d in DEVICES if ms.hal.is_available(d))
 
 
-def setup_runtime(args):
-    """Execution mode, device and (under msrun) data parallelism; returns (rank, world size)."""
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == 0 else ms.PYNATIVE_MODE)
-    device = resolve_device(args.device_target)
+def available_cores():
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def cpu_threads(requested=None):
+    """MindSpore's CPU kernel threads: `requested`, else this process's share of the cores.
+
+    MindSpore defaults to 25 threads whatever the machine; on 2 cores that costs ~15% of a training step,
+    and msrun's workers share the cores. Settable once per process, before the first kernel.
+    """
+    threads = requested or max(1, available_cores() // launched_workers())
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(threads)
+    except RuntimeError:  # set already in this process (MindSpore allows it once): that setting stays
+        pass
+    return threads
+
+
+def setup_runtime(system, distribute=False, communicate=True):
+    """Execution mode, device, CPU threads, this process's rank and its logging, from the `system` section.
+
+    The one rule for several processes: under msrun, or with RANK_SIZE > 1 (a rank table on Ascend), the
+    processes join one group (`init`) and train data parallel. A command whose processes need no
+    communication (`communicate=False`: relabel's shards) takes RANK_ID / RANK_SIZE as they are.
+    """
+    ms.set_context(mode=ms.GRAPH_MODE if system.mode == 0 else ms.PYNATIVE_MODE)
+    device = resolve_device(system.device_target)
     ms.set_device(device)
-    args.device = device
-    rank, world = 0, 1
-    if args.distribute or launched_by_msrun():
-        if not launched_by_msrun():
-            raise UserError("distribute is on but this process was not started by msrun; run "
-                            "`msrun --worker_num N ... python train.py ...` or drop --distribute")
+    threads = cpu_threads(system.cpu_threads)
+    rank, world = launcher_ranks()
+    if under_msrun() or (communicate and world > 1):
         from mindspore.communication import get_group_size, get_rank, init
 
+        # msrun also starts a scheduler process running the script: init() serves the cluster there and
+        # exits with it; in the workers it returns, with the rank assigned
         init()
         rank, world = get_rank(), get_group_size()
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                     device_num=world)
-    ms.set_seed(args.seed)  # same seed on every rank: identical initial weights
-    args.rank_id, args.device_num = rank, world
-    return rank, world
+        if world > 1 and communicate:
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                         device_num=world)
+    setup_logging(rank)
+    if distribute and world == 1:
+        logger.info("distribute is on, but this process was not started by msrun: it runs alone on one %s", device)
+    ms.set_seed(system.seed)  # same seed on every rank: identical initial weights
+    return Runtime(device, system.mode, rank, world, threads)
+
+
+def describe(runtime, auto):
+    """One log line: what the run executes on."""
+    return (f"device {runtime.device}{' (auto)' * auto}, {'graph' if runtime.mode == 0 else 'pynative'} mode, "
+            f"{runtime.world} worker{'s' * (runtime.world > 1)}, {runtime.threads} CPU thread"
+            f"{'s' * (runtime.threads > 1)}")
+
+
+def progress(iterable, total, what, log_every=20):
+    """`iterable`, with a progress bar on a terminal (tqdm) and a plain log line every `log_every` items
+    otherwise (a log file or a CI console gets lines, not carriage returns)."""
+    if sys.stderr.isatty() and logger.isEnabledFor(logging.INFO):
+        from tqdm import tqdm
+
+        yield from tqdm(iterable, total=total, desc=what, leave=False, dynamic_ncols=True)
+        return
+    for index, item in enumerate(iterable):
+        yield item
+        if (index + 1) % log_every == 0 or index + 1 == total:
+            logger.info("%s %d/%d", what, index + 1, total)
 
 
 def setup_logging(rank):
@@ -74,52 +147,17 @@ def add_log_file(path):
     logger.addHandler(handler)
 
 
-def arch_overrides(args):
-    """`arch_overrides` checked: known keys, lists of four integers where the constructor takes them."""
-    overrides = dict(args.arch_overrides or {})
-    unknown = sorted(set(overrides) - set(ARCH_KEYS))
-    if unknown:
-        raise UserError(f"arch_overrides: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
-                        f"valid keys: {', '.join(ARCH_KEYS)}")
-    for key in _LISTS:
-        value = overrides.get(key)
-        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 4
-                                      and all(isinstance(v, int) and v > 0 for v in value)):
-            raise UserError(f"arch_overrides: {key} must be a list of four positive integers, got {value!r}")
-    return overrides
+def amp_level(level, device):
+    """The AMP level a run uses: the recipe's on accelerators, O0 on CPU's own formulation.
 
-
-def build_model(args, **extra):
-    """The registered model `args.model` with the run's class count, drop rates and arch_overrides."""
-    overrides = arch_overrides(args)
-    try:
-        return create(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
-                      drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
-                      pretrained=args.pretrained, **overrides, **extra)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"cannot build {args.model} with arch_overrides {overrides}: {err}") from None
-
-
-def amp_level(args):
-    """The AMP level the run uses: the recipe's on accelerators, O0 on CPU.
-
-    On CPU float16 is no faster than float32, and the model's CPU paths (channels-last convolutions
-    called as methods) do not pass through the cells' float16 casts, so a recipe written for Ascend or
-    GPU runs there in float32, and says so.
+    On CPU float16 is no faster than float32, and the CPU formulation (channels-last convolutions called as
+    methods, float32 kernels) does not pass through the cells' float16 casts, so a recipe written for Ascend
+    or GPU runs there in float32, and says so. With MINDCV_VOLO_CPU_PATHS=0 (the accelerator formulation on
+    CPU, for checking) the recipe's level is kept.
     """
-    if args.amp_level != "O0" and args.device == "CPU":
-        logger.info("amp_level %s is for accelerators: on CPU the run computes in float32 (O0)", args.amp_level)
+    from ..models.layers import uses_cpu_paths
+
+    if level != "O0" and device == "CPU" and uses_cpu_paths():
+        logger.info("amp_level %s is for accelerators: on CPU the run computes in float32 (O0)", level)
         return "O0"
-    return args.amp_level
-
-
-def eval_preprocessing(args, model):
-    """(image size, crop_pct, interpolation) of evaluation: the model's own, crop_pct overridable."""
-    config = data_config(args.model)
-    crop_pct = args.crop_pct if args.crop_pct is not None else config["crop_pct"]
-    return model.img_size, crop_pct, config["interpolation"]
-
-
-def load_weights(model, path, ema=False, adapt=False):
-    logger.info("loading %s%s", path, " (EMA weights)" if ema else "")
-    return load_checkpoint_into(model, path, ema=ema, adapt=adapt)
+    return level

@@ -1,33 +1,41 @@
-"""The compiled train step: loss network, mixed precision, loss scale, clipping, accumulation, EMA.
+"""The compiled train step: the loss seam, mixed precision, loss scale, clipping, accumulation, EMA.
 
-The seam for the loss is `build_loss_network(model, args)`: it returns a Cell whose `construct(*inputs)`
-returns the scalar loss, and whose host-side `step_inputs(batch, epoch, step)` turns one loader batch into
-those inputs. The train step differentiates whatever that Cell computes and passes `*inputs` through, so a
-loss that needs more inputs (token labeling: dense targets and a MixToken mask drawn on the host per
-step) only brings its own Cell and its own `step_inputs`; nothing else changes.
+The seam for the loss: a loss builder `build(model, loss_options, num_classes, seed, runtime)` returns a
+Cell whose `construct(*inputs)` returns the scalar loss, and whose host-side `step_inputs(batch, epoch,
+step)` turns one loader batch into those inputs. The train step differentiates whatever that Cell computes
+and passes `*inputs` through, so a loss that needs more inputs (token labeling: dense targets and a
+MixToken mask drawn on the host per step) only brings its own Cell and its own `step_inputs`; nothing else
+changes. Contract for every loss (what the train step relies on):
+  * `construct(*inputs)` returns the loss of this device's batch as a float32 scalar;
+  * `step_inputs(batch, epoch, step)` (host side, once per micro-step) returns the tuple of Tensors passed
+    to `construct`, built from the loader's batch (numpy arrays in the loader's column order) and anything
+    drawn for this step, from a generator seeded with (seed, epoch, step, rank) so a resumed run draws the
+    same values;
+  * shapes and dtypes of the inputs stay the same at every step (one compiled graph);
+  * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime)`
+    replaces `data.create_train_loader` (same arguments, same (seed, epoch) order via `data.epoch_order`
+    and `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
+`classification_loss` serves MindCV's losses (ce, bce, asl_*); token labeling's is
+`token_labeling.training.build_token_label_loss`.
 """
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.communication import get_group_size
 from mindcv.loss import create_loss
 
-from ..errors import UserError
-
-# ---------------------------------------------------------------------------------------------------------
-# Losses
-
 
 class ClassificationLoss(nn.Cell):
-    """`loss: ce`: MindCV's cross entropy (label smoothing; soft targets from mixup/cutmix) on `model(images)`.
+    """MindCV's loss (`create_loss`: ce, bce, asl_*; label smoothing; soft targets from mixup/cutmix) on
+    `model(images)`.
 
     Inputs (images float (B, C, H, W), labels int (B,) or float (B, K)); the logits are cast to float32
     first, so the loss is computed in float32 at every AMP level.
     """
 
-    def __init__(self, model, label_smoothing=0.0):
+    def __init__(self, model, name="ce", label_smoothing=0.0, reduction="mean"):
         super().__init__(auto_prefix=False)  # the model's parameters keep their own names
         self.model = model
-        self.loss_fn = create_loss("CE", label_smoothing=label_smoothing)
+        self.loss_fn = create_loss(name, label_smoothing=label_smoothing, reduction=reduction)
 
     def construct(self, images, labels):
         return self.loss_fn(self.model(images).astype(ms.float32), labels)
@@ -38,39 +46,9 @@ class ClassificationLoss(nn.Cell):
         return Tensor(images), Tensor(labels)
 
 
-def build_loss_network(model, args):
-    """The Cell the train step differentiates: `construct(*inputs)` -> scalar float32 loss.
-
-    Contract for every loss (what the train step relies on):
-      * `construct(*inputs)` returns the mean loss of this device's batch as a float32 scalar;
-      * `step_inputs(batch, epoch, step)` (host side, called once per micro-step) returns the tuple of
-        Tensors passed to `construct`, built from the loader's batch (a tuple of numpy arrays in the
-        loader's column order) and anything drawn for this step. Randomness drawn here must come from a
-        numpy generator seeded with (args.seed, epoch, step), so a resumed run draws the same values;
-      * shapes and dtypes of the inputs stay the same at every step (one compiled graph);
-      * optionally, a method `create_train_loader(args, split, epoch, steps, rank, world)` replaces
-        `data.create_train_loader` (same arguments, same (seed, epoch) order via `data.epoch_order` and
-        `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
-      `args.rank_id` and `args.device_num` are set by the time the builder runs.
-
-    `loss: token_label` (`token_labeling`): `model.forward_train(images, mix_mask)` with the token-label
-    loss, the MixToken box drawn per step in `step_inputs`, label maps through its own loader.
-    """
-    builder = LOSS_BUILDERS.get(args.loss)
-    if builder is None:
-        raise UserError(f"loss {args.loss} is not available in this version; choose one of: "
-                        f"{', '.join(sorted(LOSS_BUILDERS))}")
-    return builder(model, args)
-
-
-def _token_label_loss(model, args):
-    from ..token_labeling.training import build_token_label_loss  # imported here: it builds on this module
-
-    return build_token_label_loss(model, args)
-
-
-LOSS_BUILDERS = {"ce": lambda model, args: ClassificationLoss(model, args.label_smoothing),
-                 "token_label": _token_label_loss}
+def classification_loss(model, loss_options, num_classes, seed, runtime):
+    """The loss builder of MindCV's losses (the seam's signature)."""
+    return ClassificationLoss(model, loss_options.loss, loss_options.label_smoothing, loss_options.reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,13 +230,14 @@ class TrainStep(nn.Cell):
         ops.assign(self.state.good_steps, new_good)
 
 
-def build_train_steps(loss_network, optimizer, model, args):
-    """(micro-step cell, update-step cell, TrainState, EMA or None); the two cells are one when not accumulating."""
-    state = TrainState(args.loss_scale)
-    ema = EMA(list(model.get_parameters()), args.ema_decay) if args.ema else None
-    accumulation = args.gradient_accumulation_steps
-    common = dict(accumulation=accumulation, clip_value=args.clip_value if args.clip_grad else 0.0, ema=ema,
-                  dynamic_scale=args.loss_scale_type == "dynamic")
+def build_train_steps(loss_network, optimizer, model, step_options, ema=False, dynamic_scale=False):
+    """(micro-step cell, update-step cell, TrainState, EMA or None) for the `train_step` section; the two
+    cells are one when not accumulating."""
+    state = TrainState(step_options.loss_scale)
+    ema = EMA(list(model.get_parameters()), step_options.ema_decay) if ema else None
+    accumulation = step_options.gradient_accumulation_steps
+    common = dict(accumulation=accumulation, clip_value=step_options.clip_value if step_options.clip_grad else 0.0,
+                  ema=ema, dynamic_scale=dynamic_scale)
     if accumulation > 1:
         common["buffers"] = optimizer.parameters.clone(prefix="accum", init="zeros")
     update = TrainStep(loss_network, optimizer, state, apply_update=True, **common)

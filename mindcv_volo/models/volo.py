@@ -401,6 +401,27 @@ def data_config(name):
 default_cfgs = {name: data_config(name) for name in (*VARIANTS, *ALIASES)}
 
 
+# VOLO constructor arguments a recipe may replace through `arch_overrides`; the lists take one value per stage.
+ARCH_KEYS = ("layers", "embed_dims", "num_heads", "mlp_ratio", "stem_hidden_dim", "img_size", "qkv_bias",
+             "attn_drop_rate")
+_STAGE_LISTS = ("layers", "embed_dims", "num_heads")
+
+
+def check_arch_overrides(overrides):
+    """`overrides` (a mapping) as a dict, or a UserError: known keys, lists of four positive integers."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(ARCH_KEYS))
+    if unknown:
+        raise UserError(f"arch_overrides: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                        f"valid keys: {', '.join(ARCH_KEYS)}")
+    for key in _STAGE_LISTS:
+        value = overrides.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 4
+                                      and all(isinstance(v, int) and v > 0 for v in value)):
+            raise UserError(f"arch_overrides: {key} must be a list of four positive integers, got {value!r}")
+    return overrides
+
+
 def build_volo(name, pretrained=False, **kwargs):
     """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...)."""
     if pretrained:

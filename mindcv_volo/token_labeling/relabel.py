@@ -1,55 +1,35 @@
-"""Make token-label maps with any teacher: `python -m mindcv_volo.relabel --teacher MODEL --ckpt X --data_dir D --out DIR`.
+"""Make token-label maps with any teacher: `python -m mindcv_volo.relabel --ckpt_path X --data_dir D --out DIR`.
 
 The teacher runs over every image of D/<split> (ImageFolder) and writes, per image, the top-k classes
 and logits of each of its output tokens (format: token_labeling.label_maps). The teacher is
-  * a VOLO of this project (e.g. volo_d5_512 converted from the official weights): the aux head on
-    each token of forward_features, i.e. the (B, N, K) per-token logits, on the img/16 grid;
-  * or any MindCV model whose forward_features gives a grid (B, C, H, W) or tokens (B, [1 +] H*W, C):
-    its classifier (aux_head / classifier / head / fc Dense) is applied to every position, as
-    TokenLabeling's generate_label.py does.
-The teacher sees the whole image resized to its input size (bicubic, no crop, ImageNet mean/std), so a
-map covers exactly the image that training crops from (the official teacher saw a centre crop but
-training treats its map as the whole image).
+  * a VOLO of this project (e.g. volo_d5_512 converted from the official weights; the checkpoint names
+    it): the aux head on each token of forward_features, i.e. the (B, N, K) per-token logits, on the
+    img/16 grid;
+  * or any MindCV model (--model NAME) whose forward_features gives a grid (B, C, H, W) or tokens
+    (B, [1 +] H*W, C): its classifier (aux_head / classifier / head / fc Dense) is applied to every
+    position, as TokenLabeling's generate_label.py does.
+The teacher sees the whole image resized to its input size (`Preprocessing` with no crop: bicubic,
+ImageNet mean/std), so a map covers exactly the image that training crops from (the official teacher
+saw a centre crop but training treats its map as the whole image).
 
 Resumable: images whose map exists are skipped and every file is written atomically, so a killed run
 is restarted with the same command. Under msrun (or with RANK_ID/RANK_SIZE set) rank r of n takes images
 r, r + n, ...; no communication is needed.
 """
+import logging
 import os
-import sys
 import time
 
 import numpy as np
-from PIL import Image
 
+from ..engine.data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
+from ..engine.runtime import describe, progress, setup_runtime
 from ..errors import UserError
 from .label_maps import label_map_path, list_images, write_label_map, write_meta
 
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
+logger = logging.getLogger("mindcv_volo")
+
 HEAD_NAMES = ("aux_head", "classifier", "head", "fc")  # per-token classifier, in order of preference
-
-
-def shard():
-    """(rank, world) of this process: msrun's cluster if launched by msrun, else RANK_ID/RANK_SIZE, else (0, 1)."""
-    if os.environ.get("MS_ROLE"):
-        # msrun also starts a scheduler process running this script: init() serves the cluster there and
-        # exits with it; in the workers it returns the rank (assigned when node ranks are not given).
-        from mindspore.communication import get_group_size, get_rank, init
-        init()
-        return get_rank(), get_group_size()
-    return int(os.environ.get("RANK_ID", "0")), int(os.environ.get("RANK_SIZE", "1"))
-
-
-def set_device(target, mode):
-    import mindspore as ms
-
-    from ..engine.runtime import resolve_device
-
-    target = resolve_device(target)  # "auto": the first present; a missing device is a one-line error
-    ms.set_device(target)
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    return target
 
 
 class TeacherTopK:
@@ -63,7 +43,7 @@ class TeacherTopK:
         self.has_class_token = isinstance(model, VOLO)  # otherwise told by the token count
         head = model.aux_head if self.has_class_token else _classifier(model)
         if top_k > head.out_channels:
-            raise UserError(f"--top-k {top_k} is more than the teacher's {head.out_channels} classes")
+            raise UserError(f"--top_k {top_k} is more than the teacher's {head.out_channels} classes")
         self.num_classes = head.out_channels
 
         class TokenTopK(nn.Cell):
@@ -109,88 +89,87 @@ def _classifier(model):
                     "cannot turn its features into per-token labels")
 
 
-def build_teacher(args):
-    """The teacher with its checkpoint loaded strictly; its class count is the checkpoint's."""
+def build_teacher(config):
+    """(the teacher with its checkpoint loaded strictly, its name, its input size); its classes are the
+    checkpoint's."""
     import mindcv.models.registry as registry
 
-    from ..models import MODEL_NAMES, create
-    from ..weights.checkpoint import model_entries, read_checkpoint
+    from ..engine.model_spec import build_model, fit_hint, resolve
+    from ..models import MODEL_NAMES
+    from ..weights.checkpoint import model_entries, read_checkpoint, read_description
     from ..weights.state import adapt_state, assign_state, check_state
 
-    state = model_entries(read_checkpoint(args.ckpt), args.ema, args.ckpt)
-    kwargs = dict(args.arch_overrides)
-    if args.teacher in MODEL_NAMES:
-        if "head.weight" in state:
-            kwargs["num_classes"] = int(state["head.weight"].shape[0])
-        if args.image_size:
-            kwargs["img_size"] = args.image_size
-        model = create(args.teacher, **kwargs)
-        state = adapt_state(model, state, args.ckpt)  # resizes pos_embed to --image-size
-        image_size = model.img_size
-    elif registry.is_model(args.teacher):
-        from mindcv.models import create_model
-
-        model = create_model(args.teacher, **kwargs)
-        head = _classifier(model)
-        head_weight = state.get(head.weight.name)
-        if head_weight is not None and head_weight.shape[0] != head.out_channels:
-            model = create_model(args.teacher, **{**kwargs, "num_classes": int(head_weight.shape[0])})
-        image_size = args.image_size or 224
-    else:
-        raise UserError(f"unknown teacher '{args.teacher}': neither a VOLO of this project "
+    path, image_size = config.model.ckpt_path, config.tools.image_size
+    state = model_entries(read_checkpoint(path), config.model.ema, path)
+    description = read_description(path)
+    name = config.model.model or description.get("model")
+    if name is None or name in MODEL_NAMES:
+        spec = resolve(config.model, description, num_classes=_head_classes(state, "head.weight"))
+        model = build_model(spec, **({"img_size": image_size} if image_size else {}))
+        state = adapt_state(model, state, path)  # resizes pos_embed to --image_size
+        check_state(model, state, path, fit_hint(spec, path, description))
+        assign_state(model, state)
+        return model, spec.name, model.img_size
+    if not registry.is_model(name):
+        raise UserError(f"unknown teacher '{name}': neither a VOLO of this project "
                         f"({', '.join(sorted(MODEL_NAMES))}) nor a MindCV model (mindcv.models.list_models())")
-    check_state(model, state, args.ckpt)
+    from mindcv.models import create_model
+
+    kwargs = dict(config.model.arch_overrides)
+    model = create_model(name, **kwargs)
+    classes = _head_classes(state, _classifier(model).weight.name)
+    if classes is not None and classes != _classifier(model).out_channels:
+        model = create_model(name, **{**kwargs, "num_classes": classes})
+    check_state(model, state, path)
     assign_state(model, state)
-    return model, image_size
+    return model, name, image_size or 224
 
 
-def load_image(path, size):
-    """The whole image resized to size x size (bicubic), normalised, CHW float32."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    except OSError as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-    return ((np.asarray(img, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+def _head_classes(state, head_weight_name):
+    weight = state.get(head_weight_name)
+    return None if weight is None else int(weight.shape[0])
 
 
-def relabel(args):
-    """Write the label map of every image of `args.data_dir/args.split` that has none yet."""
-    folder = os.path.join(args.data_dir, args.split)
+def relabel(config):
+    """Write the label map of every image of data_dir/split that has none yet (this rank's share)."""
+    data, tools = config.data, config.tools
+    if not (config.model.ckpt_path and tools.out and data.data_dir):
+        raise UserError("relabel needs --ckpt_path (the teacher), --data_dir and --out (the folder for the maps)")
+    for name in ("top_k", "batch_size", "log_interval"):
+        value = config.as_dict()[name]
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    folder = os.path.join(data.data_dir, data.split)
     items = list_images(folder)  # checks the folder before the (slow) teacher is built
-    device = set_device(args.device_target, args.mode)
-    rank, world = shard()
-    mine = items[rank::world]
-    todo = [rel for rel, _ in mine if not os.path.exists(label_map_path(args.out, rel))]
+    runtime = setup_runtime(config.system, communicate=False)
+    mine = items[runtime.rank::runtime.world]
+    todo = [rel for rel, _ in mine if not os.path.exists(label_map_path(tools.out, rel))]
     if not todo:
-        print(f"relabel: rank {rank}/{world}: all {len(mine)} maps exist in {args.out}, nothing to do",
-              file=sys.stderr, flush=True)
+        logger.warning("relabel: rank %d/%d: all %d maps exist in %s, nothing to do", runtime.rank, runtime.world,
+                       len(mine), tools.out)
         return
-    model, size = build_teacher(args)
-    teacher = TeacherTopK(model, args.top_k)
-    print(f"relabel: {len(items)} images in {folder}; rank {rank}/{world} takes {len(mine)}, "
-          f"{len(mine) - len(todo)} already done; teacher {args.teacher} ({teacher.num_classes} classes, "
-          f"{size} px, {device}) -> {args.out}", file=sys.stderr, flush=True)
+    model, name, size = build_teacher(config)
+    teacher = TeacherTopK(model, tools.top_k)
+    view = Preprocessing(size, None, "bicubic", IMAGENET_MEAN_255, IMAGENET_STD_255)
+    logger.info("relabel: %d images in %s; rank %d/%d takes %d, %d already done; teacher %s (%d classes, %d px); "
+                "%s -> %s", len(items), folder, runtime.rank, runtime.world, len(mine), len(mine) - len(todo),
+                name, teacher.num_classes, size, describe(runtime, False), tools.out)
     grid = None
     start = time.time()
-    for b, first in enumerate(range(0, len(todo), args.batch_size)):
-        names = todo[first:first + args.batch_size]
-        images = np.stack([load_image(os.path.join(folder, rel), size) for rel in names])
-        if len(names) < args.batch_size:  # pad the last batch: one input shape, one compiled graph
-            images = np.concatenate([images, np.repeat(images[-1:], args.batch_size - len(names), 0)])
+    batches = range(0, len(todo), data.batch_size)
+    for first in progress(batches, len(batches), "relabel batches", config.system.log_interval):
+        names = todo[first:first + data.batch_size]
+        images = np.stack([view.load(os.path.join(folder, rel)) for rel in names])
+        if len(names) < data.batch_size:  # pad the last batch: one input shape, one compiled graph
+            images = np.concatenate([images, np.repeat(images[-1:], data.batch_size - len(names), 0)])
         values, indices = teacher(images)
         grid = values.shape[1:3]
         for i, rel in enumerate(names):
-            write_label_map(label_map_path(args.out, rel), indices[i], values[i], teacher.num_classes)
-        done = first + len(names)
-        if (b + 1) % args.log_interval == 0 or done == len(todo):
-            rate = done / max(time.time() - start, 1e-9)
-            print(f"relabel: {done}/{len(todo)} images, {rate:.1f} img/s, ETA {(len(todo) - done) / rate:.0f} s",
-                  file=sys.stderr, flush=True)
+            write_label_map(label_map_path(tools.out, rel), indices[i], values[i], teacher.num_classes)
     if grid is not None:
-        write_meta(args.out, teacher=args.teacher, checkpoint=os.path.abspath(args.ckpt),
-                   num_classes=teacher.num_classes, top_k=args.top_k, grid=list(map(int, grid)),
-                   image_size=size, split=args.split, scores="logits",
+        write_meta(tools.out, teacher=name, checkpoint=os.path.abspath(config.model.ckpt_path),
+                   num_classes=teacher.num_classes, top_k=tools.top_k, grid=list(map(int, grid)), image_size=size,
+                   split=data.split, scores="logits",
                    view="whole image resized to image_size x image_size, bicubic, no crop")
-    print(f"relabel: done, {len(todo)} maps written, {len(mine) - len(todo)} skipped", file=sys.stderr, flush=True)
-
+    logger.info("relabel: done, %d maps written (%.1f img/s), %d skipped", len(todo),
+                len(todo) / max(time.time() - start, 1e-9), len(mine) - len(todo))

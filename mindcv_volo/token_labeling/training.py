@@ -13,8 +13,7 @@ import numpy as np
 from mindcv.data.transforms_factory import transforms_imagenet_train
 from mindspore import Tensor
 
-from ..engine.data import epoch_order, order_seed, rank_slice
-from ..errors import UserError
+from ..engine.data import IMAGENET_MEAN_255, IMAGENET_STD_255, epoch_order, order_seed, rank_slice
 from ..models.volo import TOKEN_STRIDE
 from .label_maps import ImageFolderWithMaps, RandomResizedCropWithMap
 from .loss import LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy
@@ -37,46 +36,45 @@ class GroundTruthTokenLoss(LabelsWithLoss):
 class LabelMapTokenLoss(LabelMapsWithLoss):
     """Batches in MAP_COLUMNS order: the teacher's top-k per crop and per token are the targets."""
 
-    def __init__(self, model, loss_fn, num_classes, mixer):
+    def __init__(self, model, loss_fn, num_classes, mixer, map_dir):
         super().__init__(model, loss_fn, num_classes)
         self.mixer = mixer
+        self.map_dir = map_dir
 
     def step_inputs(self, batch, epoch, step):
         return (*(Tensor(column) for column in batch), *self.mixer(epoch, step))
 
-    @staticmethod
-    def create_train_loader(args, split, epoch, steps, rank, world):
-        return create_label_map_loader(args, split, epoch, steps, rank, world)
+    def create_train_loader(self, split, epoch, steps, data, aug, num_classes, seed, runtime):
+        return create_label_map_loader(self.map_dir, split, epoch, steps, data, aug, num_classes, seed, runtime)
 
 
-def build_token_label_loss(model, args):
-    if args.mixup > 0 or args.cutmix > 0:
-        raise UserError("loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix; "
-                        "set mixup 0 and cutmix 0")
-    loss_fn = TokenLabelCrossEntropy(args.cls_weight, args.dense_weight, args.label_smoothing)
-    mixer = MixTokenSampler(args.seed, model.img_size // TOKEN_STRIDE, args.rank_id, args.mix_token)
-    cell = LabelMapTokenLoss if args.token_label_dir else GroundTruthTokenLoss
-    return cell(model, loss_fn, args.num_classes, mixer)
+def build_token_label_loss(model, loss_options, num_classes, seed, runtime):
+    """The loss builder of `loss: token_label` (engine.step's seam): label maps when token_label_dir is set."""
+    loss_fn = TokenLabelCrossEntropy(loss_options.cls_weight, loss_options.dense_weight, loss_options.label_smoothing)
+    mixer = MixTokenSampler(seed, model.img_size // TOKEN_STRIDE, runtime.rank, loss_options.mix_token)
+    if loss_options.token_label_dir:
+        return LabelMapTokenLoss(model, loss_fn, num_classes, mixer, loss_options.token_label_dir)
+    return GroundTruthTokenLoss(model, loss_fn, num_classes, mixer)
 
 
-def create_label_map_loader(args, split, epoch, steps, rank, world):
+def create_label_map_loader(map_dir, split, epoch, steps, data, aug, num_classes, seed, runtime):
     """This rank's batches of one epoch with their label maps, in the same (seed, epoch) order as train.py's."""
-    order = epoch_order(split.count, args.batch_size * world, steps, args.seed, epoch, args.shuffle)
-    source = ImageFolderWithMaps(split.folder, args.token_label_dir, args.num_classes)
+    order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
+    source = ImageFolderWithMaps(split.folder, map_dir, num_classes)
     # One worker reading and cropping: the crops then meet the generator in order (reproducible resume).
-    indices = [int(i) for i in rank_slice(order, args.batch_size, rank, world)]
+    indices = [int(i) for i in rank_slice(order, data.batch_size, runtime.rank, runtime.world)]
     dataset = ds.GeneratorDataset(source, column_names=source.columns, num_parallel_workers=1,
                                   sampler=ds.SubsetSampler(indices))
-    crop = RandomResizedCropWithMap(args.image_resize, scale=args.scale, ratio=args.ratio,
-                                    interpolation=args.interpolation, hflip=args.hflip,
-                                    rng=np.random.default_rng([args.seed, epoch, rank]))
+    crop = RandomResizedCropWithMap(aug.image_resize, scale=aug.scale, ratio=aug.ratio,
+                                    interpolation=aug.interpolation, hflip=aug.hflip,
+                                    rng=np.random.default_rng([seed, epoch, runtime.rank]))
     dataset = dataset.map(operations=crop, input_columns=["image", "map_indices", "map_scores"],
                           output_columns=MAP_COLUMNS[:1] + MAP_COLUMNS[2:], num_parallel_workers=1)
-    ds.config.set_seed(order_seed(args.seed, epoch) % (2 ** 32))  # RandAugment and erasing, per (seed, epoch)
+    ds.config.set_seed(order_seed(seed, epoch) % (2 ** 32))  # RandAugment and erasing, per (seed, epoch)
     _, augment, finish = transforms_imagenet_train(
-        image_resize=args.image_resize, auto_augment=args.auto_augment, color_jitter=args.color_jitter,
-        interpolation=args.interpolation, mean=list(args.mean), std=list(args.std), re_prob=args.re_prob,
-        separate=True)
+        image_resize=aug.image_resize, auto_augment=aug.auto_augment, color_jitter=aug.color_jitter,
+        interpolation=aug.interpolation, mean=list(aug.mean or IMAGENET_MEAN_255),
+        std=list(aug.std or IMAGENET_STD_255), re_prob=aug.re_prob, re_scale=tuple(aug.re_scale),
+        re_ratio=tuple(aug.re_ratio), re_value=aug.re_value, re_max_attempts=aug.re_max_attempts, separate=True)
     dataset = dataset.map(operations=augment + finish, input_columns=["image"], num_parallel_workers=1)
-    return dataset.project(MAP_COLUMNS).batch(args.batch_size, drop_remainder=True)
-
+    return dataset.project(MAP_COLUMNS).batch(data.batch_size, drop_remainder=True)

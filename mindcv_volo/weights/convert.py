@@ -9,12 +9,13 @@ from .state import adapt_state, assign_state, check_state, from_official_names
 from .torch_zip import load_state_dict_file
 
 
-def convert_into(model, src, dst=None):
-    """Load the official weights in `src` into `model` (any VOLO instance); write `dst` if given."""
-    state = from_official_names(model, load_state_dict_file(src))
+def convert_into(model, src, dst=None, ema=False, description=None):
+    """Load the official weights in `src` (its EMA weights with `ema`) into `model` (any VOLO instance);
+    write `dst`, with its `description`, if given."""
+    state = from_official_names(model, load_state_dict_file(src, ema))
     state = adapt_state(model, state, src)
     check_state(model, state, src)
     assign_state(model, state)
     if dst:
-        save_checkpoint({param.name: param for param in model.get_parameters()}, dst)
+        save_checkpoint({param.name: param for param in model.get_parameters()}, dst, description)
     return model

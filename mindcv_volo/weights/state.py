@@ -39,15 +39,22 @@ def from_official_names(model, state):
             if key.rpartition(".")[2] not in TORCH_ONLY_LEAVES}
 
 
-def check_state(model, state, source):
-    """Raise a UserError naming every missing, unexpected and mis-shaped entry of `state`."""
+SHOWN_PROBLEMS = 6  # a checkpoint of another architecture differs everywhere: the first few say enough
+
+
+def check_state(model, state, source, hint=""):
+    """Raise a UserError naming the missing, unexpected and mis-shaped entries of `state` (the first few, and
+    how many), then `hint`: what would fit."""
     shapes = model_shapes(model)
     problems = [f"missing {name} {shape}" for name, shape in shapes.items() if name not in state]
     problems += [f"unexpected {name}" for name in state if name not in shapes]
     problems += [f"mis-shaped {name}: file {tuple(np.shape(value))}, model {shapes[name]}"
                  for name, value in state.items() if name in shapes and tuple(np.shape(value)) != shapes[name]]
     if problems:
-        raise UserError(f"{source} does not fit the model ({len(problems)} problems): " + "; ".join(problems))
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise UserError(f"{source} does not fit the model ({len(problems)} problems): {shown}{more}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def adapt_state(model, state, source):

@@ -209,15 +209,17 @@ def _load_safetensors(path):
 
 # Where training scripts put the weights, in order of preference: the plain weights first
 # (`state_dict`: timm/DeiT/VOLO training scripts; `model`: DeiT-style releases), the EMA copy last.
-_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
+EMA_KEY = "state_dict_ema"  # the official training scripts (timm) save the EMA weights under it
+_STATE_DICT_KEYS = ("state_dict", "model", EMA_KEY)
 
 
-def load_state_dict_file(path):
+def load_state_dict_file(path, ema=False):
     """Load a state dict {name: numpy array} from a .safetensors or a torch.save checkpoint file.
 
     A checkpoint may be a bare state dict or a dict holding it under one of `_STATE_DICT_KEYS`
-    (first one present wins). A `module.` prefix shared by every key (DistributedDataParallel) is
-    removed. All entries are kept, including BatchNorm `num_batches_tracked`.
+    (first one present wins); with `ema`, the EMA weights (`state_dict_ema`) are taken, and a file without
+    them is an error. A `module.` prefix shared by every key (DistributedDataParallel) is removed. All
+    entries are kept, including BatchNorm `num_batches_tracked`.
     """
     path = os.fspath(path)
     head = _read_head(path)  # a missing file is reported here, the same way for both formats
@@ -227,6 +229,10 @@ def load_state_dict_file(path):
         state = read_torch_checkpoint(path)
     if not isinstance(state, dict):
         raise UserError(f"{path}: holds a {type(state).__name__}, not a dict of weights (state dict)")
+    if ema:
+        if not isinstance(state.get(EMA_KEY), dict):
+            raise UserError(f"{path}: holds no EMA weights ({EMA_KEY}); convert without --ema")
+        state = state[EMA_KEY]
     for key in _STATE_DICT_KEYS:
         if isinstance(state.get(key), dict):
             state = state[key]
