@@ -1,6 +1,6 @@
 """scikit-learn's handwritten digits (1,797 8x8 grey images, 10 classes) as an ImageFolder data set.
 
-    python -m mindcv_volo.digits --out DIR [--val-fraction 0.2] [--seed 0]
+    python -m mindcv_volo.digits --out DIR [--val_fraction 0.2] [--seed 0]
 
 writes DIR/train/<digit>/<index>.png and DIR/val/<digit>/<index>.png: a fixed stratified split (the same
 files for the same seed), 8-bit RGB PNGs upscaled from 8x8 to `--size` pixels (nearest), so the training
@@ -11,11 +11,11 @@ leaves a half-written data set behind.
 import argparse
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from .errors import UserError, run_cli
+from .files import atomic_path
 
 SPLITS = ("train", "val")
 
@@ -57,28 +57,23 @@ def write_split(folder, images, labels, indices, size):
 def write_digits(out, val_fraction=0.2, seed=0, size=32):
     """Write the ImageFolder set under `out`; returns {split: image count}."""
     if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     images, labels = load_digits_arrays()
     splits = dict(zip(SPLITS, stratified_split(labels, val_fraction, seed)))
-    os.makedirs(out, exist_ok=True)
     for split, indices in splits.items():
         target = os.path.join(out, split)
-        tmp = tempfile.mkdtemp(dir=out, prefix=f".{split}.")
-        try:
+        with atomic_path(target) as tmp:
             write_split(tmp, images, labels, indices, size)
             if os.path.isdir(target):
                 shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp)
     return {split: len(indices) for split, indices in splits.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mindcv_volo.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder to write train/ and val/ into")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
+    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=0.2,
+                        help="share of each class held out (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     parser.add_argument("--size", type=int, default=32, help="side of the written PNGs in pixels (default 32)")
     args = parser.parse_args(argv)

@@ -82,13 +82,11 @@ def cases(tmp_path_factory):
                           + "; ".join([problem("network.0.0.attn.attn.weight", "(162, 16)", "(81, 16)"),
                                        problem("network.0.0.attn.attn.bias", "(162,)", "(81,)"), hint])),
         "truncated checkpoint": (("validate.py", "-c", config, "--ckpt_path", truncated),
-                                 f"{truncated} is not a readable MindSpore checkpoint (truncated or another "
-                                 f"format?): Failed to read the checkpoint file {truncated}. The file may be "
-                                 "corrupted, and the content cannot be parsed."),
+                                 f"{truncated} is not a readable MindSpore checkpoint (truncated, or another format: "
+                                 "convert PyTorch files with `python -m mindcv_volo.convert`)"),
         "random checkpoint": (("validate.py", "-c", config, "--ckpt_path", random_bytes),
-                              f"{random_bytes} is not a readable MindSpore checkpoint (truncated or another "
-                              f"format?): Failed to read the checkpoint file {random_bytes}. The file may be "
-                              "corrupted, and the content cannot be parsed."),
+                              f"{random_bytes} is not a readable MindSpore checkpoint (truncated, or another format: "
+                              "convert PyTorch files with `python -m mindcv_volo.convert`)"),
         "missing checkpoint": (("validate.py", "-c", config, "--ckpt_path", root / "none.ckpt"),
                                f"checkpoint not found: {root / 'none.ckpt'}"),
         "no checkpoint given": (("validate.py", "-c", config),

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from mindspore import nn, ops
 
+from ..files import atomic_path
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -fopenmp-simd: the `omp simd` loop hints only (no OpenMP runtime). -ffp-contract=off: no FMA contraction,
 # which only some instruction sets have. -fno-trapping-math lets the loops' selects vectorize; it changes no
@@ -41,6 +43,10 @@ X86_LEVELS = (("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm"
               ("x86-64", set()))
 
 _library = None  # path of the built library; "" once the build has failed
+
+
+class _BuildFailed(Exception):
+    """The compiler refused: nothing is moved into the cache."""
 _portable_depth = 0
 
 
@@ -104,13 +110,13 @@ def build(target=None):
         if path.exists():
             return str(path), None
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{path.name}.{os.getpid()}"
-            proc = subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                return None, f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-            os.replace(partial, path)
+            with atomic_path(path) as partial:
+                proc = subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise _BuildFailed(f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
             return str(path), None
+        except _BuildFailed as failure:
+            return None, str(failure)
         except OSError:
             continue
     return None, f"no writable cache folder ({_cache_dir()})"

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..files import atomic_path, write_text
 from ..weights.torch_zip import read_torch_checkpoint
 
 FORMAT = "mindcv_volo.label_maps/1"
@@ -74,27 +75,14 @@ def write_label_map(path, indices, scores, num_classes):
     if indices.shape != scores.shape or indices.ndim != 3:
         raise ValueError(f"indices {indices.shape} and scores {scores.shape} must both be (G_h, G_w, k)")
     index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, indices=indices.astype(index_dtype), scores=scores.astype(np.float16),
-                     num_classes=np.int32(num_classes))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, indices=indices.astype(index_dtype), scores=scores.astype(np.float16),
+                 num_classes=np.int32(num_classes))
 
 
 def write_meta(map_dir, **fields):
     """MAP_DIR/labelmaps.json, atomically; ranks writing the same content concurrently is harmless."""
-    os.makedirs(map_dir, exist_ok=True)
-    path = os.path.join(map_dir, META_FILE)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, **fields}, f, indent=1)
-    os.replace(tmp, path)
+    write_text(os.path.join(map_dir, META_FILE), json.dumps({"format": FORMAT, **fields}, indent=1))
 
 
 def read_label_map(path):

@@ -40,9 +40,9 @@ def _load(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         return ms.load_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as err:
-        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated or another format?): "
-                        f"{str(err).splitlines()[0]}") from None
+    except (ValueError, RuntimeError, OSError):
+        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated, or another format: convert "
+                        "PyTorch files with `python -m mindcv_volo.convert`)") from None
 
 
 def read_checkpoint(path):
