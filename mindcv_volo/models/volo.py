@@ -291,8 +291,9 @@ class VOLO(nn.Cell):
         x = self.network[0](x)
         x = self.network[1](x) + self.pos_embed
         x = self.pos_drop(x)
-        for stage in self.network[2:]:
-            x = stage(x)
+        # Indexed, not sliced: in PyNative a slice is a new CellList, which renames its cells' parameters.
+        for index in range(2, len(self.network)):
+            x = self.network[index](x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def forward_cls(self, tokens):
@@ -319,8 +320,8 @@ class VOLO(nn.Cell):
         x = self.network[0](self.embed(x))
         maps = [x.transpose(0, 3, 1, 2)]
         x = self.pos_drop(self.network[1](x) + self.pos_embed)
-        for stage in self.network[2:]:
-            x = stage(x)
+        for index in range(2, len(self.network)):
+            x = self.network[index](x)
             maps.append(x.transpose(0, 3, 1, 2))
         return tuple(maps[i] for i in self.out_indices)
 
