@@ -275,12 +275,38 @@ class VOLO(nn.Cell):
         self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
                                          for _ in range(2)])
         self.norm = layer_norm(embed_dims[-1])
-        self.head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head, self.aux_head = self._class_heads(num_classes)
+
+    def _class_heads(self, num_classes):
+        """(head, aux_head) for `num_classes`, initialised as the official model; identities for 0 classes."""
+        if num_classes == 0:
+            return nn.Identity(), nn.Identity()
+        return dense(self.num_features, num_classes), dense(self.num_features, num_classes)
 
     def no_weight_decay(self):
         """Parameter names the official recipe trains without weight decay."""
         return {"pos_embed", "cls_token"}
+
+    def get_classifier(self):
+        """The class-token classifier (timm's API; `aux_head` is the per-token one)."""
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        """New `head` and `aux_head` for `num_classes` (0: identities, the model then gives features), as timm.
+
+        The new heads are initialised as the constructor does (truncated normal 0.02 weights, zero biases) and
+        their parameters carry the names the model's others do (`head.weight`, ..., behind whatever prefix a
+        parent cell has given them), so checkpoints save and load as for a model built with `num_classes`.
+        In GRAPH_MODE call it before the first call that compiles the model (or a cell holding it): a graph
+        already compiled keeps the heads it was compiled with.
+        """
+        self.num_classes = num_classes
+        self.head, self.aux_head = self._class_heads(num_classes)
+        # A parent cell prefixes parameter names once, when the model is set on it; cells set later only get
+        # their own attribute name. cls_token's name shows the prefix the model's parameters carry.
+        prefix = self.cls_token.name[:-len("cls_token")]
+        for name in ("head", "aux_head"):
+            getattr(self, name).update_parameters_name(f"{prefix}{name}.")
 
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
