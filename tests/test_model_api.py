@@ -128,3 +128,27 @@ def test_reset_inside_a_parent_cell_keeps_the_parents_prefix():
     Parent(model)  # prefixes every parameter name with "net."
     model.reset_classifier(7)
     assert param_shapes(model) == [("net." + name, shape) for name, shape in param_shapes(tiny(num_classes=7))]
+
+
+# --- forward_head -----------------------------------------------------------------------------------
+
+class Head(Wrapper):
+    """Tokens, pre-logits, logits from the tokens, and model(x), in one graph."""
+
+    def construct(self, x):
+        tokens = self.model.forward_features(x)
+        return tokens, self.model.forward_head(tokens, pre_logits=True), self.model.forward_head(tokens), self.model(x)
+
+
+def test_forward_head_pre_logits_is_the_normed_class_token(mode):
+    model = tiny()
+    tokens, pre_logits, logits, model_logits = (t.asnumpy() for t in Head(model)(images()))
+    assert pre_logits.shape == (2, 32)
+    np.testing.assert_array_equal(pre_logits, tokens[:, 0])
+    np.testing.assert_allclose(pre_logits.mean(-1), 0, atol=1e-5)  # after the norm (gamma 1, beta 0 at init)
+    np.testing.assert_allclose(logits, model_logits, atol=1e-6)
+    # the default head is the official eval output, by hand
+    weight, bias = model.head.weight.asnumpy(), model.head.bias.asnumpy()
+    aux_weight, aux_bias = model.aux_head.weight.asnumpy(), model.aux_head.bias.asnumpy()
+    expected = pre_logits @ weight.T + bias + 0.5 * (tokens[:, 1:] @ aux_weight.T + aux_bias).max(axis=1)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)

@@ -334,9 +334,17 @@ class VOLO(nn.Cell):
         """Image -> normed tokens (B, 1 + N, C), class token first."""
         return self.forward_cls(self.forward_tokens(self.embed(x)))
 
-    def forward_head(self, tokens):
+    def forward_head(self, tokens, pre_logits=False):
+        """Normed tokens (B, 1 + N, C) -> logits: head(class token) + 0.5 * max over tokens of aux_head(tokens),
+        the official eval output (without classes, the class token).
+
+        `pre_logits=True` returns what the class head sees, the normed class token (B, C), as timm's VOLO.
+        """
         cls_token, patch_tokens = split_class_token(tokens)
-        cls_logits = self.head(cls_token.squeeze(1))
+        cls_token = cls_token.squeeze(1)
+        if pre_logits:
+            return cls_token
+        cls_logits = self.head(cls_token)
         if self.num_classes == 0:
             return cls_logits
         return cls_logits + 0.5 * self.aux_head(patch_tokens).max(axis=1)
