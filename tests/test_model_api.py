@@ -152,3 +152,110 @@ def test_forward_head_pre_logits_is_the_normed_class_token(mode):
     aux_weight, aux_bias = model.aux_head.weight.asnumpy(), model.aux_head.bias.asnumpy()
     expected = pre_logits @ weight.T + bias + 0.5 * (tokens[:, 1:] @ aux_weight.T + aux_bias).max(axis=1)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+# --- forward_intermediates --------------------------------------------------------------------------
+
+class Intermediates(Wrapper):
+    """forward_intermediates with the keyword arguments fixed when the cell is built (graph constants)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model)
+        self.kwargs = kwargs
+
+    def construct(self, x):
+        return self.model.forward_intermediates(x, **self.kwargs)
+
+
+class LiteralIndices(Wrapper):
+    """The indices written in `construct` itself: a list literal and an int."""
+
+    def construct(self, x):
+        tokens, maps = self.model.forward_intermediates(x, indices=[0, -1])
+        last_two = self.model.forward_intermediates(x, indices=2, intermediates_only=True)
+        return tokens, maps, last_two
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny model, an input, its four stage outputs computed cell by cell (NCHW) and its forward_features."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_seed(0)
+    model = tiny()
+    x = images()
+    stage0 = model.network[0](model.embed(x))
+    stage1 = model.network[2](model.network[1](stage0) + model.pos_embed)
+    stage2 = model.network[3](stage1)
+    stage3 = model.network[4](stage2)
+    expected = dict(maps=[m.asnumpy().transpose(0, 3, 1, 2) for m in (stage0, stage1, stage2, stage3)],
+                    tokens=model.forward_features(x).asnumpy())
+    # features_only gives the same maps: stride 8 (16 channels), then three at stride 16 (32 channels)
+    features_only = tiny(features_only=True)
+    for param, value in zip(features_only.get_parameters(), model.get_parameters()):
+        param.set_data(value.data.copy())
+    maps = features_only(x)
+    ms.set_context(mode=previous)
+    assert [m.shape for m in maps] == [(2, 16, 4, 4), (2, 32, 2, 2), (2, 32, 2, 2), (2, 32, 2, 2)]
+    assert_maps(maps, expected, [0, 1, 2, 3])
+    return model, x, expected
+
+
+def assert_maps(maps, expected, stages):
+    assert len(maps) == len(stages)
+    for got, stage in zip(maps, stages):
+        np.testing.assert_allclose(got.asnumpy(), expected["maps"][stage], atol=1e-5, err_msg=f"stage {stage}")
+
+
+@pytest.mark.parametrize("indices, stages", [(None, [0, 1, 2, 3]), (3, [1, 2, 3]), ([0, 2], [0, 2]),
+                                             ((-1, -4), [3, 0])])
+def test_intermediates_equal_features_only_and_tokens_equal_forward_features(reference, indices, stages, mode):
+    model, x, expected = reference
+    tokens, maps = Intermediates(model, indices=indices)(x)
+    np.testing.assert_allclose(tokens.asnumpy(), expected["tokens"], atol=1e-5)
+    assert_maps(maps, expected, stages)
+
+
+def test_intermediates_with_indices_written_in_construct(reference, mode):
+    model, x, expected = reference
+    tokens, maps, last_two = LiteralIndices(model)(x)
+    np.testing.assert_allclose(tokens.asnumpy(), expected["tokens"], atol=1e-5)
+    assert_maps(maps, expected, [0, 3])
+    assert_maps(last_two, expected, [2, 3])
+
+
+def test_intermediates_called_from_python(reference, mode):
+    model, x, expected = reference
+    assert_maps(model.forward_intermediates(x, indices=[1, 2], intermediates_only=True), expected, [1, 2])
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_intermediates_only_and_stop_early(reference, stop_early, mode):
+    model, x, expected = reference
+    maps = Intermediates(model, indices=[0, 1], stop_early=stop_early, intermediates_only=True)(x)
+    assert_maps(maps, expected, [0, 1])
+
+
+def test_intermediates_norm_and_nhwc(reference, mode):
+    model, x, expected = reference
+    _, maps = Intermediates(model, norm=True, output_fmt="NHWC")(x)
+    gamma, beta = model.norm.gamma.asnumpy(), model.norm.beta.asnumpy()
+    # stage 0 (other channels) is left as it is; stages 1-3 get the final LayerNorm over channels (eps 1e-5)
+    np.testing.assert_allclose(maps[0].asnumpy(), expected["maps"][0].transpose(0, 2, 3, 1), atol=1e-5)
+    for stage in (1, 2, 3):
+        raw = expected["maps"][stage].transpose(0, 2, 3, 1).astype(np.float64)
+        normed = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-5) * gamma + beta
+        np.testing.assert_allclose(maps[stage].asnumpy(), normed, atol=1e-4, err_msg=f"stage {stage}")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(indices=0), r"last-n \(0\) is out of range \(1 to 4\)"),
+    (dict(indices=[4]), r"feature index 4 is out of range \(0 to 3\)"),
+    (dict(indices=[-5]), r"feature index -1 is out of range \(0 to 3\)"),
+    (dict(output_fmt="NLC"), "output_fmt must be 'NCHW' or 'NHWC'"),
+    (dict(indices=[1], stop_early=True), "stop_early=True stops after stage 1, before the final tokens"),
+])
+def test_intermediates_refuse_what_they_cannot_give(reference, kwargs, message):
+    model, x, _ = reference
+    with pytest.raises(ValueError, match=message):
+        model.forward_intermediates(x, **kwargs)
