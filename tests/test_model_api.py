@@ -1,10 +1,12 @@
 """timm's model API on VOLO: classifier reset, pre-logits, intermediates, gradient checkpointing (recompute)."""
+import contextlib
+
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
 
-from mindcv_volo.models import VOLO
+from mindcv_volo.models import VOLO, cpu_kernels
 from mindcv_volo.weights import load_checkpoint_into, save_checkpoint
 
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 4, 4, 4), num_classes=5, stem_hidden_dim=8)
@@ -259,3 +261,100 @@ def test_intermediates_refuse_what_they_cannot_give(reference, kwargs, message):
     model, x, _ = reference
     with pytest.raises(ValueError, match=message):
         model.forward_intermediates(x, **kwargs)
+
+
+# --- set_grad_checkpointing (recompute) -------------------------------------------------------------
+
+class WeightedLogits(nn.Cell):
+    """sum(w * model(x)): a loss whose gradient reaches every parameter through both heads."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.weights = ms.Tensor(np.random.default_rng(1).normal(size=(2, 5)).astype(np.float32))
+
+    def construct(self, x):
+        return (self.model(x) * self.weights).sum()
+
+
+def training_gradients(checkpointing, drop_path_rate, steps=1):
+    """Gradients of the tiny model's loss at each of `steps` calls, from the same seed and weights."""
+    ms.set_seed(0)
+    model = VOLO(img_size=IMG, drop_path_rate=drop_path_rate, **TINY)
+    model.set_train(True)
+    if checkpointing:
+        model.set_grad_checkpointing()
+    grad_fn = ms.value_and_grad(WeightedLogits(model), None, model.trainable_params())
+    return [[g.asnumpy() for g in grad_fn(images())[1]] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("kernels", ["fused", "portable"])
+def test_recompute_gives_the_gradients_of_the_plain_model_in_graph_mode(kernels):
+    """Drop path on: the recomputed blocks must draw the masks of the forward pass. Two steps: the masks
+    change between steps (so they matter) and must still agree."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        with cpu_kernels.portable_ops() if kernels == "portable" else contextlib.nullcontext():
+            plain, recomputed = (training_gradients(checkpointing, drop_path_rate=0.3, steps=2)
+                                 for checkpointing in (False, True))
+    finally:
+        ms.set_context(mode=previous)
+    for step in range(2):
+        for ours, theirs in zip(recomputed[step], plain[step]):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(plain[0], plain[1])) > 1e-2  # the masks did change
+
+
+def test_recompute_in_pynative_gives_the_same_gradients():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        plain, recomputed = (training_gradients(checkpointing, drop_path_rate=0.0) for checkpointing in (False, True))
+    finally:
+        ms.set_context(mode=previous)
+    for ours, theirs in zip(recomputed[0], plain[0]):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing, runs", [(False, ["mlp", "head"]), (True, ["mlp", "head", "mlp"])])
+def test_recompute_in_pynative_reruns_the_blocks_in_the_backward_pass(checkpointing, runs):
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        model = tiny()
+        model.set_train(True)
+        if checkpointing:
+            model.set_grad_checkpointing()
+        calls = []
+        model.network[2][0].mlp.register_forward_hook(lambda *_: calls.append("mlp"))  # inside a block
+        model.head.register_forward_hook(lambda *_: calls.append("head"))  # outside every block
+        ms.grad(WeightedLogits(model), None, model.trainable_params())(images())
+    finally:
+        ms.set_context(mode=previous)
+    assert calls == runs
+
+
+def test_recompute_with_drop_path_is_refused_in_pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        with pytest.raises(RuntimeError, match="redraw the drop-path masks"):
+            tiny(drop_path_rate=0.1).set_grad_checkpointing()
+    finally:
+        ms.set_context(mode=previous)
+
+
+def test_recompute_covers_every_block_and_cannot_be_turned_off():
+    model = tiny()
+    model.set_grad_checkpointing(False)  # off while off: nothing to do
+    assert not model.grad_checkpointing
+    blocks = model.blocks()
+    # 1 outlooker + 3 transformers + 2 class blocks, in network order
+    assert [type(b).__name__ for b in blocks] == ["Outlooker"] + ["Transformer"] * 3 + ["ClassBlock"] * 2
+    assert blocks[1] is model.network[2][0] and blocks[-1] is model.post_network[1]
+    model.set_grad_checkpointing()
+    model.set_grad_checkpointing()  # again: no effect
+    assert model.grad_checkpointing
+    with pytest.raises(RuntimeError, match="cannot be turned off"):
+        model.set_grad_checkpointing(False)

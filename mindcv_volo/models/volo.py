@@ -274,6 +274,8 @@ class VOLO(nn.Cell):
         self.num_classes = num_classes
         self.img_size = img_size
         self.num_features = embed_dims[-1]
+        self.drop_path_rate = drop_path_rate
+        self.grad_checkpointing = False
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
         self.feature_info = [dict(chs=embed_dims[0], reduction=PATCH_SIZE, name="network.0")] + [
@@ -332,6 +334,39 @@ class VOLO(nn.Cell):
         prefix = self.cls_token.name[:-len("cls_token")]
         for name in ("head", "aux_head"):
             getattr(self, name).update_parameters_name(f"{prefix}{name}.")
+
+    def blocks(self):
+        """Every block: the outlookers, the transformers, then the class-attention blocks."""
+        return [block for index in range(NUM_STAGES) for block in self.stage(index)] + list(self.post_network)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Gradient checkpointing, as timm's: every block's activations are recomputed in the backward pass
+        instead of kept from the forward pass (MindSpore's `Cell.recompute()` on each block of `blocks()`).
+
+        GRAPH_MODE: the gradients are those without it (measured bit for bit on CPU, fused kernels on or off,
+        drop path included: a recomputed random op redraws the same values). What it saves and costs for
+        volo_d1_224: `benchmarks/recompute.py` and the README.
+        PYNATIVE_MODE: MindSpore re-runs each block in the backward pass; DropPath draws new masks there
+        (`ops.rand` takes new seeds on every PyNative call), which would make the gradients wrong, so with
+        drop_path_rate > 0 it is refused in PyNative mode (switching to PyNative after enabling is not caught).
+        Call it before the first call that compiles the model in GRAPH_MODE: a graph already compiled stays
+        as it was (measured: recompute set after the first compile changed nothing).
+        `enable=False` after enabling raises: MindSpore 2.10 has no inverse of `Cell.recompute()` (a cell can
+        be configured once); build the model anew instead.
+        """
+        if not enable:
+            if self.grad_checkpointing:
+                raise RuntimeError("gradient checkpointing cannot be turned off: MindSpore has no inverse of "
+                                   "Cell.recompute(); build the model anew (and load its weights) instead")
+            return
+        if self.grad_checkpointing:
+            return
+        if self.drop_path_rate > 0 and ms.get_context("mode") == ms.PYNATIVE_MODE:
+            raise RuntimeError("gradient checkpointing in PYNATIVE_MODE would redraw the drop-path masks in the "
+                               "backward pass (wrong gradients): use GRAPH_MODE, or drop_path_rate=0")
+        for block in self.blocks():
+            block.recompute()
+        self.grad_checkpointing = True
 
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
