@@ -306,9 +306,9 @@ class VOLO(nn.Cell):
 
     def _class_heads(self, num_classes):
         """(head, aux_head) for `num_classes`, initialised as the official model; identities for 0 classes."""
-        if num_classes == 0:
-            return nn.Identity(), nn.Identity()
-        return dense(self.num_features, num_classes), dense(self.num_features, num_classes)
+        if num_classes > 0:
+            return dense(self.num_features, num_classes), dense(self.num_features, num_classes)
+        return nn.Identity(), nn.Identity()
 
     def no_weight_decay(self):
         """Parameter names the official recipe trains without weight decay."""
