@@ -20,6 +20,7 @@ from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
 TOKEN_STRIDE = PATCH_SIZE * POOLING_SCALE
+NUM_STAGES = 4  # the outlookers, then three transformer stages
 
 
 class OutlookAttention(nn.Cell):
@@ -231,13 +232,37 @@ def block_drop_path_rates(layers, drop_path_rate):
     return rates
 
 
+def take_indices(count, indices):
+    """timm's `feature_take_indices`: which of `count` features to take, and the largest of them.
+
+    None takes all; an int n the last n; a sequence those indices, negative ones counted from the end.
+    """
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {count})")
+        taken = [count - indices + i for i in range(indices)]
+    else:
+        taken = [count + i if i < 0 else i for i in indices]
+        for index in taken:
+            if not 0 <= index < count:
+                raise ValueError(f"feature index {index} is out of range (0 to {count - 1})")
+    return taken, max(taken)
+
+
+def flatten_grid(x):
+    """Channels-last (B, H, W, C) -> tokens (B, H * W, C)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 class VOLO(nn.Cell):
     """VOLO: outlooker stage (img/8), downsample, three transformer stages (img/16), two class blocks.
 
     `construct` gives the official eval output: head(class token) + 0.5 * max over tokens of
     aux_head(tokens). `forward_train` gives the token-labeling outputs (class logits, per-token logits).
     With `features_only=True`, `construct` returns the feature maps of the stages in `out_indices`
-    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16).
+    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`).
     """
 
     def __init__(self, layers, embed_dims, num_heads, mlp_ratio=3.0, stem_hidden_dim=64, img_size=224,
@@ -249,6 +274,8 @@ class VOLO(nn.Cell):
         self.num_classes = num_classes
         self.img_size = img_size
         self.num_features = embed_dims[-1]
+        self.drop_path_rate = drop_path_rate
+        self.grad_checkpointing = False
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
         self.feature_info = [dict(chs=embed_dims[0], reduction=PATCH_SIZE, name="network.0")] + [
@@ -275,25 +302,98 @@ class VOLO(nn.Cell):
         self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
                                          for _ in range(2)])
         self.norm = layer_norm(embed_dims[-1])
-        self.head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = dense(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head, self.aux_head = self._class_heads(num_classes)
+
+    def _class_heads(self, num_classes):
+        """(head, aux_head) for `num_classes`, initialised as the official model; identities for 0 classes."""
+        if num_classes > 0:
+            return dense(self.num_features, num_classes), dense(self.num_features, num_classes)
+        return nn.Identity(), nn.Identity()
 
     def no_weight_decay(self):
         """Parameter names the official recipe trains without weight decay."""
         return {"pos_embed", "cls_token"}
 
+    def get_classifier(self):
+        """The class-token classifier (timm's API; `aux_head` is the per-token one)."""
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        """New `head` and `aux_head` for `num_classes` (0: identities, the model then gives features), as timm.
+
+        The new heads are initialised as the constructor does (truncated normal 0.02 weights, zero biases) and
+        their parameters carry the names the model's others do (`head.weight`, ..., behind whatever prefix a
+        parent cell has given them), so checkpoints save and load as for a model built with `num_classes`.
+        In GRAPH_MODE call it before the first call that compiles the model (or a cell holding it): a graph
+        already compiled keeps the heads it was compiled with.
+        """
+        self.num_classes = num_classes
+        self.head, self.aux_head = self._class_heads(num_classes)
+        # A parent cell prefixes parameter names once, when the model is set on it; cells set later only get
+        # their own attribute name. cls_token's name shows the prefix the model's parameters carry.
+        prefix = self.cls_token.name[:-len("cls_token")]
+        for name in ("head", "aux_head"):
+            getattr(self, name).update_parameters_name(f"{prefix}{name}.")
+
+    def blocks(self):
+        """Every block: the outlookers, the transformers, then the class-attention blocks."""
+        return [block for index in range(NUM_STAGES) for block in self.stage(index)] + list(self.post_network)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Gradient checkpointing, as timm's: every block's activations are recomputed in the backward pass
+        instead of kept from the forward pass (MindSpore's `Cell.recompute()` on each block of `blocks()`).
+
+        GRAPH_MODE: the gradients are those without it (measured bit for bit on CPU, fused kernels on or off,
+        drop path included: a recomputed random op redraws the same values). What it saves and costs for
+        volo_d1_224: `benchmarks/recompute.py` and the README.
+        PYNATIVE_MODE: MindSpore re-runs each block in the backward pass; DropPath draws new masks there
+        (`ops.rand` takes new seeds on every PyNative call), which would make the gradients wrong, so with
+        drop_path_rate > 0 it is refused in PyNative mode (switching to PyNative after enabling is not caught).
+        Call it before the first call that compiles the model in GRAPH_MODE: a graph already compiled stays
+        as it was (measured: recompute set after the first compile changed nothing).
+        `enable=False` after enabling raises: MindSpore 2.10 has no inverse of `Cell.recompute()` (a cell can
+        be configured once); build the model anew instead.
+        """
+        if not enable:
+            if self.grad_checkpointing:
+                raise RuntimeError("gradient checkpointing cannot be turned off: MindSpore has no inverse of "
+                                   "Cell.recompute(); build the model anew (and load its weights) instead")
+            return
+        if self.grad_checkpointing:
+            return
+        if self.drop_path_rate > 0 and ms.get_context("mode") == ms.PYNATIVE_MODE:
+            raise RuntimeError("gradient checkpointing in PYNATIVE_MODE would redraw the drop-path masks in the "
+                               "backward pass (wrong gradients): use GRAPH_MODE, or drop_path_rate=0")
+        for block in self.blocks():
+            block.recompute()
+        self.grad_checkpointing = True
+
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
         return self.patch_embed.channels_last(x)
 
+    def stage(self, index):
+        """The cell of stage `index`: 0 the outlookers (network.0), 1-3 the transformers (network.2-4)."""
+        return self.network[0 if index == 0 else index + 1]
+
+    def run_stages(self, x, last=NUM_STAGES - 1):
+        """Stride-8 tokens -> the channels-last outputs of stages 0 .. `last` (a list).
+
+        The downsample (network.1) and the position embedding come before stage 1. The CellList is indexed,
+        never sliced: in PyNative a slice is a new CellList, which renames its cells' parameters.
+        """
+        x = self.stage(0)(x)
+        outputs = [x]
+        if last > 0:
+            x = self.pos_drop(self.network[1](x) + self.pos_embed)
+        for index in range(1, last + 1):
+            x = self.stage(index)(x)
+            outputs.append(x)
+        return outputs
+
     def forward_tokens(self, x):
         """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
-        x = self.network[0](x)
-        x = self.network[1](x) + self.pos_embed
-        x = self.pos_drop(x)
-        for stage in self.network[2:]:
-            x = stage(x)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return flatten_grid(self.run_stages(x)[-1])
 
     def forward_cls(self, tokens):
         """Prepend the class token and run the class blocks, then the final norm: (B, 1 + N, C)."""
@@ -307,22 +407,59 @@ class VOLO(nn.Cell):
         """Image -> normed tokens (B, 1 + N, C), class token first."""
         return self.forward_cls(self.forward_tokens(self.embed(x)))
 
-    def forward_head(self, tokens):
+    def forward_head(self, tokens, pre_logits=False):
+        """Normed tokens (B, 1 + N, C) -> logits: head(class token) + 0.5 * max over tokens of aux_head(tokens),
+        the official eval output (without classes, the class token).
+
+        `pre_logits=True` returns what the class head sees, the normed class token (B, C), as timm's VOLO.
+        """
         cls_token, patch_tokens = split_class_token(tokens)
-        cls_logits = self.head(cls_token.squeeze(1))
+        cls_token = cls_token.squeeze(1)
+        if pre_logits:
+            return cls_token
+        cls_logits = self.head(cls_token)
         if self.num_classes == 0:
             return cls_logits
         return cls_logits + 0.5 * self.aux_head(patch_tokens).max(axis=1)
 
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's intermediates API: image -> (normed tokens (B, 1 + N, C) as forward_features, [stage maps]),
+        or with `intermediates_only` the list of maps alone.
+
+        VOLO has 4 stages: 0 the outlookers (network.0, stride 8, embed_dims[0] channels), 1-3 the three
+        transformer stages (network.2-4, stride 16, embed_dims[-1] channels); the downsample (network.1) and
+        the position embedding belong to stage 1. The maps are the stage outputs, the ones `features_only`
+        gives, in `output_fmt` "NCHW" or "NHWC".
+        - `indices` as timm's `feature_take_indices`: None every stage, an int n the last n, a sequence those
+          stages (negative ones count from the end); the maps come in that order.
+        - `norm=True` puts the final norm on the stride-16 maps (stage 0 has other channels: as timm, unnormed).
+        - `stop_early=True` runs no stage after the last one taken. The final tokens need every stage, so it is
+          refused for an earlier last stage unless `intermediates_only`.
+        In GRAPH_MODE the arguments after `x` decide the graph's shape: pass Python constants (literals, or
+        attributes of the calling cell) when the graph compiles, never tensors.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        taken, last_taken = take_indices(NUM_STAGES, indices)
+        if stop_early and not intermediates_only and last_taken < NUM_STAGES - 1:
+            raise ValueError(f"stop_early=True stops after stage {last_taken}, before the final tokens: "
+                             "pass intermediates_only=True, or stop_early=False")
+        outputs = self.run_stages(self.embed(x), last_taken if stop_early else NUM_STAGES - 1)
+        maps = [self._feature_map(outputs[index], norm and index > 0, output_fmt) for index in taken]
+        if intermediates_only:
+            return maps
+        return self.forward_cls(flatten_grid(outputs[-1])), maps
+
+    def _feature_map(self, x, norm, output_fmt):
+        """A channels-last stage output as forward_intermediates returns it."""
+        if norm:
+            x = self.norm(x)
+        return x.transpose(0, 3, 1, 2) if output_fmt == "NCHW" else x
+
     def forward_stages(self, x):
-        """Image -> the four stage outputs as NCHW maps (stride 8, then three at stride 16)."""
-        x = self.network[0](self.embed(x))
-        maps = [x.transpose(0, 3, 1, 2)]
-        x = self.pos_drop(self.network[1](x) + self.pos_embed)
-        for stage in self.network[2:]:
-            x = stage(x)
-            maps.append(x.transpose(0, 3, 1, 2))
-        return tuple(maps[i] for i in self.out_indices)
+        """Image -> the NCHW maps of the stages in `out_indices` (features_only)."""
+        return tuple(self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True))
 
     def forward_train(self, x, mix_mask=None):
         """Token-labeling outputs: (class logits (B, K), per-token logits (B, N, K)).
