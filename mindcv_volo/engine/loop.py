@@ -142,6 +142,11 @@ class Run:
         self.spec = resolve(config.model, num_classes=len(classes), class_names=classes)
         self.train_split.check_num_classes(self.spec.num_classes)
         self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate)
+        if config.model.recompute:
+            try:
+                self.model.set_grad_checkpointing(True)
+            except RuntimeError as err:
+                raise UserError(f"recompute: {err}") from None
         if self.model.img_size != aug.image_resize:
             raise UserError(f"image_resize {aug.image_resize} differs from the model's img_size "
                             f"{self.model.img_size}; set image_resize to {self.model.img_size} (or img_size "
