@@ -14,7 +14,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 from mindspore.ops import constexpr
 
 from . import cpu_kernels
-from .layers import batch_matmul, matmul_nt, uses_cpu_paths, uses_fused_cpu_kernels
+from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose, uses_cpu_paths, uses_fused_cpu_kernels
 
 
 def output_size(size, kernel_size, padding, stride):
@@ -190,6 +190,7 @@ class Conv2d(nn.Cell):
         self.is_patchify = kernel_size == stride and padding == 0
         if self.use_matmul:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)  # for `channels_last`; no parameters
+            self.swap = swap_axes_kernel()
 
     def construct(self, x):
         if not self.use_matmul:
@@ -234,7 +235,7 @@ class Conv2d(nn.Cell):
             patches = self.unfold(x)
             out_h, out_w = patches.shape[1], patches.shape[2]
         # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
-        weight = self.weight.astype(x.dtype).transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
+        weight = transpose(self.weight.astype(x.dtype), (0, 2, 3, 1), self.swap).reshape(self.out_channels, -1)
         out = matmul_nt(patches.reshape(batch * out_h * out_w, k * k * channels), weight)
         if self.bias is not None:
             out = out + self.bias.astype(x.dtype)
