@@ -307,6 +307,8 @@ class BiasAddFunction(Float32KernelCell):
         return dout, self.backward_op(dout)
 
 
+def _swapped_shape(x):
+    return x[0], x[2], x[1], x[3]
 
 
 class SwapAxesFunction(nn.Cell):
@@ -317,7 +319,10 @@ class SwapAxesFunction(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.op = custom_op("SwapAxesForward", lambda x: (x[0], x[2], x[1], x[3]), same_shape)
+        # two instances of the one kernel: sharing one between construct and bprop makes a graph cycle once
+        # the cell is inside a recomputed cell
+        self.forward_op, self.backward_op = (custom_op("SwapAxesForward", _swapped_shape, same_shape)
+                                             for _ in range(2))
         self.kernel = True
 
     def add_flags(self, **flags):
@@ -327,10 +332,10 @@ class SwapAxesFunction(nn.Cell):
 
     def construct(self, x):
         if self.kernel:
-            return self.op(x)
+            return self.forward_op(x)
         return x.transpose(0, 2, 1, 3)
 
     def bprop(self, x, out, dout):
         if self.kernel:
-            return (self.op(dout),)
+            return (self.backward_op(dout),)
         return (dout.transpose(0, 2, 1, 3),)
