@@ -11,20 +11,23 @@ One JSON line per run, each run in a fresh process (so runs never see each other
 Stages (MindSpore): `start` (the bare interpreter), `import_framework` (mindspore), `configure` (context, thread
 pool, memory options), `import_model_code` (mindcv_volo, which imports mindcv), `build_model`, `inputs`,
 `build_train_cell` (training: the optimizer's moments), then `call_1` (compile + first run), `call_2`, ...
-For each stage: `rss_mb` after it, `anon_mb` / `file_mb` (anonymous memory / pages of mapped files, mostly the
-framework's shared libraries: both count in RSS), `heap_mb` / `heap_free_mb` / `mmap_mb` (glibc's malloc, all
-arenas: obtained from the system by the heaps, free inside them, in direct mmap chunks), `peak_mb` = the high-water mark during that stage (the
-kernel's VmHWM, reset before each stage through /proc/self/clear_refs), `threads`. `peak_rss_mb` is the
-process's high-water mark, the figure `benchmark.py` reports (ru_maxrss; the resets lower what ru_maxrss
-reads, so here it is the largest stage peak). `param_mb` is the parameters' float32 size.
-With several batch sizes the parent adds `slope_mb_per_image` (least squares of peak_rss_mb on the batch size).
+For each stage: `rss_mb` after it, `anon_mb` / `file_mb` (anonymous memory / pages of mapped files, mostly
+the framework's shared libraries: both count in RSS), `heap_mb` / `heap_free_mb` / `mmap_mb` (glibc's malloc,
+all arenas: obtained from the system by the heaps, free inside them, in direct mmap chunks), `peak_mb` = the
+high-water mark during that stage (the kernel's VmHWM, reset before each stage through /proc/self/clear_refs),
+`threads`. `peak_rss_mb` is the process's high-water mark, the figure `benchmark.py` reports (ru_maxrss; the
+resets lower what ru_maxrss reads, so here it is the largest stage peak). `param_mb` is the parameters'
+float32 size. With several batch sizes the parent adds `slope_mb_per_image` (least squares of peak_rss_mb on
+the batch size).
 
 Options that change MindSpore's memory behaviour: `--threads N` (device_context.cpu.op_tuning.threads_num,
 default: MindSpore's own, 25), `--jit-level`, `--memory-level` (ms.runtime.set_memory optimize_level),
-`--pool-init/--pool-increase/--pool-max` (the other set_memory sizes, e.g. 1GB), `--recompute` (Cell.recompute()
-on every Outlooker/Transformer/ClassBlock; training only), `--env K=V` (set in the child before any import:
-MS_ALLOC_CONF, MS_DEV_*, MALLOC_ARENA_MAX, ...). `--timeline` samples RSS every 2 ms in a thread during each
-call and reports when the peak came, as a fraction of the call.
+`--pool-init/--pool-increase/--pool-max` (the other set_memory sizes, e.g. 1GB), `--recompute [CLASSES]`
+(Cell.recompute() on every cell of these class names, by default every Outlooker/Transformer/ClassBlock),
+`--compile-first` (Cell.compile() as its own stage), `--trim` (compile first, then glibc's malloc_trim(0) before the first call), `--env K=V`
+(set in the child before any import: MS_ALLOC_CONF, MS_DEV_*, MALLOC_ARENA_MAX, LD_PRELOAD, ...).
+`--timeline` samples RSS every 2 ms in a thread during each call and reports when the peak came, as a
+fraction of the call.
 """
 import argparse
 import ctypes
@@ -126,6 +129,14 @@ class Sampler:
                     samples=len(self.samples))
 
 
+def malloc_trim():
+    """Hand glibc's free heap pages back to the system (all arenas, the middle of the heap too)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_calls(stages, step, calls, timeline):
     for i in range(calls):
         start = time.perf_counter()
@@ -164,10 +175,9 @@ def child_mindspore(a, stages):
     net = mindcv_volo.create(a["model"], img_size=a["img_size"], num_classes=a["num_classes"])
     param_mb = sum(int(np.prod(p.shape)) for p in net.get_parameters()) * 4 / 2 ** 20
     if a["recompute"]:
-        from mindcv_volo.models.volo import ClassBlock, Outlooker, Transformer
-
+        names = a["recompute"].split(",")
         for _, cell in net.cells_and_names():
-            if isinstance(cell, (Outlooker, Transformer, ClassBlock)):
+            if type(cell).__name__ in names:
                 cell.recompute()
     stages.mark("build_model", param_mb=round(param_mb, 1))
     rng = np.random.default_rng(a["seed"])
@@ -178,6 +188,8 @@ def child_mindspore(a, stages):
 
         def step():
             return net(x).asnumpy()
+
+        compile_args, compiled = (x,), net
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from benchmark import make_train_step  # the same train cell as benchmark.py
@@ -190,6 +202,14 @@ def child_mindspore(a, stages):
         def step():
             return train_step(x, labels).asnumpy()
 
+        compile_args, compiled = (x, labels), train_step
+
+    if a["compile_first"] or a["trim"]:
+        compiled.compile(*compile_args)  # graph build + kernel build, no run
+        stages.mark("compile")
+    if a["trim"]:
+        malloc_trim()
+        stages.mark("malloc_trim")
     run_calls(stages, step, a["calls"], a["timeline"])
     extra = dict(framework="mindspore", version=ms.__version__, param_mb=round(param_mb, 1))
     try:
@@ -215,7 +235,8 @@ def child_torch(a, stages):
     from timm.models import volo
 
     stages.mark("import_model_code")
-    net = getattr(volo, a["model"])(num_classes=a["num_classes"], **({"img_size": a["img_size"]} if a["img_size"] else {}))
+    sizes = {"img_size": a["img_size"]} if a["img_size"] else {}
+    net = getattr(volo, a["model"])(num_classes=a["num_classes"], **sizes)
     param_mb = sum(p.numel() for p in net.parameters()) * 4 / 2 ** 20
     stages.mark("build_model", param_mb=round(param_mb, 1))
     img_size = a["img_size"] or int(a["model"].rsplit("_", 1)[1])
@@ -274,7 +295,12 @@ def parse_args():
     p.add_argument("--pool-init", default=None, help="set_memory init_size, e.g. 1GB")
     p.add_argument("--pool-increase", default=None, help="set_memory increase_size")
     p.add_argument("--pool-max", default=None, help="set_memory max_size")
-    p.add_argument("--recompute", action="store_true", help="Cell.recompute() on every block (training)")
+    p.add_argument("--recompute", nargs="?", const="Outlooker,Transformer,ClassBlock", default=None,
+                   metavar="CLASSES", help="Cell.recompute() on every cell of these classes (default: every block)")
+    p.add_argument("--compile-first", action="store_true",
+                   help="MindSpore: Cell.compile() as a stage of its own before the first call")
+    p.add_argument("--trim", action="store_true",
+                   help="MindSpore: compile first, then malloc_trim(0) (return glibc's free heap) before the calls")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment of the child")
     p.add_argument("--timeline", action="store_true", help="sample RSS during each call")
     p.add_argument("--label", default=None, help="a name for the run, copied into the record")
