@@ -140,6 +140,7 @@ KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be spli
     "BatchNormReluBackward": lambda x: ([x.reshape(-1, 197), x[:197], x[197:394], x[::-1].reshape(-1, 197)],
                                         [(x.size // 197, 197), (197,), (197,)]),
     "BiasAddBackward": lambda x: ([x.reshape(-1, 197)], [(197,)]),
+    "SwapAxesForward": lambda x: ([x.reshape(8, 197, 197, 1)], [(8, 197, 197, 1)]),
 }
 
 
@@ -320,3 +321,55 @@ def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():
     x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
     expected = x @ layer.weight.asnumpy().T + layer.bias.asnumpy()
     np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 16), (3, 70, 40, 2), (1, 3, 2500, 1), (64, 600, 12, 32)])
+def test_swap_axes_values_and_gradients(mode, shape):
+    """Both loops (runs of >= 8 values, tiled planes for shorter runs), large enough to be split over threads;
+    a copy: equal, not close."""
+    x = RNG.standard_normal(shape).astype(np.float32)
+    cell = cpu_kernels.SwapAxesFunction()
+    assert np.array_equal(cell(Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))
+    dy = RNG.standard_normal(x.transpose(0, 2, 1, 3).shape).astype(np.float32)
+    grad = ms.grad(WeightedSum(cell, dy))(Tensor(x)).asnumpy()
+    assert np.array_equal(grad, dy.transpose(0, 2, 1, 3))
+
+
+# every permutation VOLO transposes with (attention, class attention, outlook attention, stem, weights)
+VOLO_PERMUTATIONS = [((2, 49, 4, 16), (0, 2, 1, 3)), ((2, 49, 4, 16), (0, 2, 3, 1)), ((2, 4, 49, 16), (0, 2, 1, 3)),
+                     ((2, 16, 9, 4, 8), (0, 1, 3, 2, 4)), ((2, 3, 32, 32), (0, 2, 3, 1)), ((8, 4, 3, 3), (0, 2, 3, 1)),
+                     ((2, 4, 1, 16), (0, 2, 1, 3))]
+
+
+@pytest.mark.parametrize("shape, perm", VOLO_PERMUTATIONS)
+def test_transpose_takes_the_swap_kernel_with_the_same_result(mode, shape, perm):
+    from mindcv_volo.models.layers import swap_plan, transpose
+
+    assert swap_plan(shape, perm) is not None
+    x = RNG.standard_normal(shape).astype(np.float32)
+
+    class Transpose(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.swap = cpu_kernels.SwapAxesFunction()
+
+        def construct(self, x):
+            return transpose(x, perm, self.swap)
+
+    assert np.array_equal(Transpose()(Tensor(x)).asnumpy(), x.transpose(perm))
+
+
+def test_swap_plan_refuses_other_permutations():
+    from mindcv_volo.models.layers import swap_plan
+
+    assert swap_plan((2, 3, 4, 5), (0, 1, 2, 3)) is None  # identity
+    assert swap_plan((2, 3, 4, 5), (0, 3, 1, 2)) == ((2, 12, 5, 1), (2, 5, 3, 4))
+    assert swap_plan((2, 3, 4, 5), (1, 0, 3, 2)) is None  # two separate swaps
+    assert swap_plan((2, 3, 4, 5), (2, 1, 0, 3)) is None  # reverses three axes
+
+
+def test_swap_axes_keeps_mindspore_transpose_under_float16_flags(mode):
+    x = RNG.standard_normal((2, 3, 4, 5)).astype(np.float16)
+    cell = cpu_kernels.SwapAxesFunction().to_float(ms.float16)
+    assert not cell.kernel
+    np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), x.transpose(0, 2, 1, 3))

@@ -178,6 +178,34 @@ def test_conv_channels_last_patchify(mode, has_bias):
     np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, has_bias", [(7, 2, 3, False), (3, 1, 1, False), (4, 4, 0, True)])
+def test_conv_channels_last_with_the_kernels_equals_conv2d_values_and_gradients(mode, kernel, stride, padding,
+                                                                                 has_bias):
+    """The stem's convolutions as the im2col kernel + matmul whose gradient recomputes the patches
+    (UnfoldMatmul): values, input and weight gradients against ops.conv2d on NCHW."""
+    conv = Conv2d(5, 8, kernel, stride=stride, padding=padding, has_bias=has_bias)
+    x = tensor(2, 8, 8, 5)
+    assert conv.unfold_matmul.takes_kernels(x)  # the tests run on CPU with the kernels
+
+    class Reference(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def construct(self, x):
+            out = ops.conv2d(x.transpose(0, 3, 1, 2), self.conv.weight, self.conv.bias, stride=stride,
+                             pad_mode="pad", padding=padding)
+            return out.transpose(0, 2, 3, 1)
+
+    cell, reference = ChannelsLastConv(conv), Reference()
+    np.testing.assert_allclose(cell(x).asnumpy(), reference(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads(cell, x)[0], grads(reference, x)[0], rtol=1e-4, atol=1e-5)
+    weight_grads = [ms.grad(SumOfSquares(c), None, conv.trainable_params())(x) for c in (cell, reference)]
+    assert len(weight_grads[0]) == (2 if has_bias else 1)
+    for a, b in zip(*weight_grads):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
     """The gather formulation (CPU) and the ops.unfold/ops.fold one (accelerators): values and gradients."""
     cpu = OutlookAttention(12, 3)

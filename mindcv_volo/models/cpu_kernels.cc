@@ -1,6 +1,7 @@
 // Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
 // backward: LayerNorm and softmax over the last axis, exact (erf) GELU, BatchNorm + ReLU on channels-last
-// maps (training and inference), im2col / col2im on channels-last maps, and the bias gradient of a Dense.
+// maps (training and inference), im2col / col2im on channels-last maps, the bias gradient of a Dense, and
+// transposes (two adjacent axis groups swapped; MindSpore's own keeps an index table per output element).
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
 // GPU/Ascend only), computes GELU as five passes with a slow Erf, runs LayerNorm and LayerNormGrad on one
@@ -555,6 +556,50 @@ extern "C" int Col2ImForward(int, void **params, int *, int64_t **shapes, const 
       }
     }
   });
+  return 0;
+}
+
+// Transposes. MindSpore's CPU Transpose, when its permutation is a constant (always, in a graph), builds in
+// Resize a table of one 8-byte source index per output element and keeps it with the kernel for the graph's
+// lifetime: twice the size of the float32 output, for every Transpose node of the graph (the attention's
+// q/k/v/output and outlook attention's transposes come to ~57 MB per image in VOLO-D1 inference, more than the
+// activations themselves). Every transpose of the CPU path, reshaped, has one form: two adjacent axis groups
+// swapped, (A, P, Q, D) -> (A, Q, P, D); the same kernel swapped back is its gradient. Only copies: the same
+// bits as Transpose.
+
+// input x (A, P, Q, D); output y (A, Q, P, D), y[a, j, i, :] = x[a, i, j, :]
+extern "C" int SwapAxesForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const auto *x = static_cast<const float *>(params[0]);
+  auto *y = static_cast<float *>(params[1]);
+  const int64_t outer = shapes[0][0], p = shapes[0][1], q = shapes[0][2], inner = shapes[0][3];
+  if (inner >= 8) {
+    // runs of `inner` contiguous values: one output row (a, j) gathers its P runs
+    parallel_for(outer * q, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p * inner)),
+                 [&](int64_t begin, int64_t end, int64_t) {
+                   for (int64_t row = begin; row < end; ++row) {
+                     const int64_t a = row / q, j = row % q;
+                     const float *src = x + (a * p * q + j) * inner;
+                     float *dst = y + row * p * inner;
+                     for (int64_t i = 0; i < p; ++i) std::copy_n(src + i * q * inner, inner, dst + i * inner);
+                   }
+                 });
+    return 0;
+  }
+  // short runs: a 2-D transpose of each (P, Q) plane, in tiles that stay in the cache
+  constexpr int64_t kTile = 32;
+  const int64_t tiles_p = (p + kTile - 1) / kTile, tiles_q = (q + kTile - 1) / kTile;
+  parallel_for(outer * tiles_q * tiles_p, std::max<int64_t>(1, 16384 / (kTile * kTile * inner)),
+               [&](int64_t begin, int64_t end, int64_t) {
+                 for (int64_t t = begin; t < end; ++t) {
+                   const int64_t a = t / (tiles_q * tiles_p), tq = t / tiles_p % tiles_q, tp = t % tiles_p;
+                   const float *xa = x + a * p * q * inner;
+                   float *ya = y + a * p * q * inner;
+                   const int64_t j_end = std::min(q, (tq + 1) * kTile), i_end = std::min(p, (tp + 1) * kTile);
+                   for (int64_t j = tq * kTile; j < j_end; ++j)
+                     for (int64_t i = tp * kTile; i < i_end; ++i)
+                       for (int64_t c = 0; c < inner; ++c) ya[(j * p + i) * inner + c] = xa[(i * q + j) * inner + c];
+                 }
+               });
   return 0;
 }
 

@@ -311,3 +311,37 @@ class BiasAddFunction(Float32KernelCell):
 
     def bprop(self, x, bias, out, dout):
         return dout, self.backward_op(dout)
+
+
+def _swapped_shape(x):
+    return x[0], x[2], x[1], x[3]
+
+
+class SwapAxesFunction(nn.Cell):
+    """(A, P, Q, D) -> (A, Q, P, D), float32, in one kernel pass: a transpose without MindSpore's CPU Transpose,
+    which keeps an 8-byte index per output element for the graph's lifetime. Its gradient is the same swap of
+    dy. Under AMP's float16 flags (in PyNative they cast every op's inputs, which the float32 kernel would
+    misread) it is MindSpore's Transpose, as before the kernel."""
+
+    def __init__(self):
+        super().__init__()
+        # two instances of the one kernel: sharing one between construct and bprop makes a graph cycle once
+        # the cell is inside a recomputed cell
+        self.forward_op, self.backward_op = (custom_op("SwapAxesForward", _swapped_shape, same_shape)
+                                             for _ in range(2))
+        self.kernel = True
+
+    def add_flags(self, **flags):
+        if flags.get("fp16") or flags.get("bf16"):
+            self.kernel = False
+        return super().add_flags(**flags)
+
+    def construct(self, x):
+        if self.kernel:
+            return self.forward_op(x)
+        return x.transpose(0, 2, 1, 3)
+
+    def bprop(self, x, out, dout):
+        if self.kernel:
+            return (self.backward_op(dout),)
+        return (dout.transpose(0, 2, 1, 3),)

@@ -3,10 +3,12 @@
 MindSpore's defaults differ from PyTorch where it changes the numbers (LayerNorm eps 1e-7, tanh GELU),
 so every block here is built through these helpers and the official weights give the official output.
 """
+import math
 import os
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 from mindspore.common.initializer import TruncatedNormal
 
 from . import cpu_kernels
@@ -182,6 +184,45 @@ class Mlp(nn.Cell):
 
     def construct(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+@constexpr
+def swap_plan(shape, perm):
+    """How x.transpose(perm) of an x of `shape` is a swap of two adjacent groups of axes (the form of every
+    transpose in VOLO): ((A, P, Q, D), output shape), x.transpose(perm) being x.reshape(A, P, Q, D) with its
+    P and Q axes swapped; None for any other permutation. Static shapes only: a constant of the graph."""
+    n = len(perm)
+    first = next((i for i in range(n) if perm[i] != i), n)
+    end = next((k for k in range(n, first, -1) if perm[k - 1] != k - 1), first)
+    if first == end:
+        return None
+    middle = perm[first]
+    if list(perm[first:end]) != list(range(middle, end)) + list(range(first, middle)):
+        return None
+    blocks = (math.prod(shape[:first]), math.prod(shape[first:middle]), math.prod(shape[middle:end]),
+              math.prod(shape[end:]))
+    return blocks, tuple(shape[axis] for axis in perm)
+
+
+def transpose(x, perm, swap=None):
+    """x.transpose(perm). With the CPU kernel cell `swap` (cpu_kernels.SwapAxesFunction) and a float32 x whose
+    permutation swaps two adjacent groups of axes: one SwapAxes kernel pass on a reshape (a reshape alone when
+    one group has size 1), same bits. MindSpore's CPU Transpose keeps an 8-byte source index per output element
+    for the graph's lifetime (2x the float32 output, for every Transpose node): ~57 MB per image in VOLO-D1
+    inference, more than the activations."""
+    if swap is not None and x.dtype == ms.float32:
+        plan = swap_plan(x.shape, perm)
+        if plan is not None:
+            blocks, out_shape = plan
+            if blocks[1] == 1 or blocks[2] == 1:
+                return x.reshape(out_shape)
+            return swap(x.reshape(blocks)).reshape(out_shape)
+    return x.transpose(perm)
+
+
+def swap_axes_kernel():
+    """The SwapAxes kernel cell for `transpose`, where cells take the fused CPU kernels; else None."""
+    return cpu_kernels.SwapAxesFunction() if uses_fused_cpu_kernels() else None
 
 
 def split_class_token(x):

@@ -14,7 +14,8 @@ from mindcv.models.registry import register_model
 
 from ..errors import UserError
 from .layers import (FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm, batch_norm_relu_channels_last,
-                     dense, drop_path, layer_norm, split_class_token, uses_cpu_paths, uses_fused_cpu_kernels)
+                     dense, drop_path, layer_norm, split_class_token, swap_axes_kernel, transpose, uses_cpu_paths,
+                     uses_fused_cpu_kernels)
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
@@ -48,6 +49,7 @@ class OutlookAttention(nn.Cell):
         if self.channels_last:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)
             self.fold = ChannelsLastFold(kernel_size, padding, stride)
+        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
 
     def construct(self, x):
         batch, height, width, dim = x.shape
@@ -63,7 +65,7 @@ class OutlookAttention(nn.Cell):
             # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
             v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
             attn = self.attn_drop(self.softmax(attn * self.scale))
-            out = batch_matmul(attn, v.transpose(0, 1, 3, 2, 4)).transpose(0, 1, 3, 2, 4)
+            out = transpose(batch_matmul(attn, transpose(v, (0, 1, 3, 2, 4), self.swap)), (0, 1, 3, 2, 4), self.swap)
             return self.proj(self.fold(out.reshape(batch, out_h, out_w, kk, dim)))
 
         v = self.v(x).transpose(0, 3, 1, 2)
@@ -113,6 +115,7 @@ class Attention(nn.Cell):
         self.softmax = Softmax()
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
+        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
 
     def construct(self, x):
         batch, height, width, dim = x.shape
@@ -121,11 +124,12 @@ class Attention(nn.Cell):
         # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
         q, k, v = ops.split(self.qkv(x).reshape(batch, num_tokens, 3, dim), 1, axis=2)
         # the scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding
-        q = (q * self.scale).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
-        v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        heads = (batch, num_tokens, self.num_heads, self.head_dim)
+        q = transpose((q * self.scale).reshape(heads), (0, 2, 1, 3), self.swap)
+        k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
+        v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
         attn = self.attn_drop(self.softmax(batch_matmul(q, k_t)))
-        out = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, height, width, dim)
+        out = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, height, width, dim)
         return self.proj(out)
 
 
@@ -148,15 +152,17 @@ class ClassAttention(nn.Cell):
         self.softmax = Softmax()
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
+        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
 
     def construct(self, x):
         batch, num_tokens, dim = x.shape
         k, v = ops.split(self.kv(x).reshape(batch, num_tokens, 2, dim), 1, axis=2)
-        k_t = k.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
-        v = v.reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        heads = (batch, num_tokens, self.num_heads, self.head_dim)
+        k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
+        v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
         q = self.q(split_class_token(x)[0]).reshape(batch, self.num_heads, 1, self.head_dim)
         attn = self.attn_drop(self.softmax(batch_matmul(q * self.scale, k_t)))
-        cls_embed = batch_matmul(attn, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
+        cls_embed = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, 1, dim)
         return self.proj(cls_embed)
 
 
@@ -192,6 +198,7 @@ class PatchEmbed(nn.Cell):
         )
         self.proj = Conv2d(hidden_dim, embed_dim, PATCH_SIZE // 2, stride=PATCH_SIZE // 2)
         self.bn_relu = FusedBatchNormRelu() if uses_fused_cpu_kernels() else None  # no parameters
+        self.swap = swap_axes_kernel()
 
     def construct(self, x):
         return self.proj(self.conv(x))
@@ -205,7 +212,8 @@ class PatchEmbed(nn.Cell):
         if not self.proj.use_matmul:
             return self.construct(x).transpose(0, 2, 3, 1)
         conv = self.conv
-        x = batch_norm_relu_channels_last(conv[1], conv[0].channels_last(x.transpose(0, 2, 3, 1)), self.bn_relu)
+        x = transpose(x, (0, 2, 3, 1), self.swap)
+        x = batch_norm_relu_channels_last(conv[1], conv[0].channels_last(x), self.bn_relu)
         x = batch_norm_relu_channels_last(conv[4], conv[3].channels_last(x), self.bn_relu)
         x = batch_norm_relu_channels_last(conv[7], conv[6].channels_last(x), self.bn_relu)
         return self.proj.channels_last(x)

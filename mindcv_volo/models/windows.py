@@ -14,7 +14,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 from mindspore.ops import constexpr
 
 from . import cpu_kernels
-from .layers import batch_matmul, matmul_nt, uses_cpu_paths, uses_fused_cpu_kernels
+from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose, uses_cpu_paths, uses_fused_cpu_kernels
 
 
 def output_size(size, kernel_size, padding, stride):
@@ -165,6 +165,40 @@ class ChannelsLastFold(ChannelsLastWindows):
         return (unfold_channels_last(dout, self.kernel_size, self.padding, self.stride),)
 
 
+class UnfoldMatmul(ChannelsLastWindows):
+    """(x (B, H, W, C), weight (O, k * k * C)) -> (B, OH, OW, O): the im2col kernel's patches times weight^T, as
+    the convolution's `unfold` + `matmul_nt`, with a gradient that recomputes the patches from x instead of
+    keeping them from the forward. The patches are k * k times the map (for the stem's 3x3 convolutions 27.6 MB
+    per image each): autodiff of unfold + matmul keeps them alive from the forward to the backward. In the
+    backward the weight's gradient comes first, then the patches' (ordered), so one such matrix lives at a
+    time. Used where the kernels apply (`takes_kernels`); the same ops and numbers as unfold + matmul_nt."""
+
+    def __init__(self, kernel_size, padding, stride):
+        super().__init__(kernel_size, padding, stride)
+        self.matmul = ops.MatMul()
+        self.matmul_tn = ops.MatMul(transpose_a=True)
+        if self.kernels:
+            # its own instance, marked: an identical im2col would be merged with the forward's (CSE), and the
+            # forward's patches kept alive for it
+            self.im2col_again = _window_kernels(kernel_size, padding, stride)[0]
+            self.im2col_again.add_prim_attr("recomputed_in_backward", True)
+
+    def construct(self, x, weight):
+        patches = self.im2col(x, self.geometry)
+        batch, out_h, out_w = patches.shape[0], patches.shape[1], patches.shape[2]
+        out = matmul_nt(patches.reshape(batch * out_h * out_w, -1), weight)
+        return out.reshape(batch, out_h, out_w, weight.shape[0])
+
+    def bprop(self, x, weight, out, dout):
+        patches = self.im2col_again(ops.depend(x, dout), self.geometry)  # in the backward, not before
+        shape = patches.shape
+        rows = shape[0] * shape[1] * shape[2]
+        dout = dout.reshape(rows, weight.shape[0])
+        dweight = self.matmul_tn(dout, patches.reshape(rows, -1))
+        dpatches = self.matmul(ops.depend(dout, dweight), weight)
+        return self.col2im(dpatches.reshape(shape), self.geometry), dweight
+
+
 class Conv2d(nn.Cell):
     """Conv2d with torch's parameter layout and init: `weight` (out, in, k, k), optional `bias`.
 
@@ -190,6 +224,8 @@ class Conv2d(nn.Cell):
         self.is_patchify = kernel_size == stride and padding == 0
         if self.use_matmul:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)  # for `channels_last`; no parameters
+            self.swap = swap_axes_kernel()
+            self.unfold_matmul = UnfoldMatmul(kernel_size, padding, stride)
 
     def construct(self, x):
         if not self.use_matmul:
@@ -227,14 +263,17 @@ class Conv2d(nn.Cell):
             return self.construct(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         batch, height, width, channels = x.shape
         k = self.kernel_size
+        # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
+        weight = transpose(self.weight.astype(x.dtype), (0, 2, 3, 1), self.swap).reshape(self.out_channels, -1)
+        if self.unfold_matmul.takes_kernels(x):
+            out = self.unfold_matmul(x, weight)
+            return out + self.bias.astype(x.dtype) if self.bias is not None else out
         if self.is_patchify and not self.unfold.takes_kernels(x):
             out_h, out_w = height // k, width // k
             patches = x.reshape(batch * out_h, k, out_w, k * channels).transpose(0, 2, 1, 3)
         else:
             patches = self.unfold(x)
             out_h, out_w = patches.shape[1], patches.shape[2]
-        # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
-        weight = self.weight.astype(x.dtype).transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
         out = matmul_nt(patches.reshape(batch * out_h * out_w, k * k * channels), weight)
         if self.bias is not None:
             out = out + self.bias.astype(x.dtype)
