@@ -23,7 +23,7 @@ from mindspore import Tensor, nn, ops
 from ..errors import UserError
 from .data import SplitInfo, create_eval_loader, iterate
 from .model_spec import load_model, preprocessing
-from .runtime import amp_level, describe, progress, setup_runtime
+from .runtime import amp_level, describe, progress, release_free_heap, setup_runtime
 from .step import apply_amp
 
 logger = logging.getLogger("mindcv_volo")
@@ -101,6 +101,8 @@ def evaluate(network, loader, batch_size, world=1):
         for results, part in zip((hits1, hits5, losses), image_metrics(network(Tensor(images)).asnumpy()[:count],
                                                                        labels)):
             results.append(part)
+        if len(losses) == 1:
+            release_free_heap()  # what compiling the graph left freed but held
     elapsed = time.time() - start
     if not losses:
         raise UserError("no image was evaluated")

@@ -16,7 +16,7 @@ from .data import SplitInfo, create_eval_loader, create_train_loader, iterate, t
 from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
 from .model_spec import build_model, preprocessing, resolve
-from .runtime import add_log_file, amp_level, describe, setup_runtime
+from .runtime import add_log_file, amp_level, describe, release_free_heap, setup_runtime
 from .step import apply_amp, build_train_steps
 
 logger = logging.getLogger("mindcv_volo")
@@ -284,6 +284,8 @@ class Run:
             if applies:
                 self.global_step += 1
             self.steps_done += 1
+            if self.steps_done == 1:
+                release_free_heap()  # what compiling the step left freed but held
             if (step + 1) % log_interval == 0 or step + 1 == self.steps:
                 now = time.time()
                 span = (step % log_interval) + 1
