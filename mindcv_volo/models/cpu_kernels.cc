@@ -17,7 +17,8 @@
 //   * every sum runs in a fixed order: over 16 fixed lanes within a row (`fixed_order_sum`), over fixed
 //     blocks of rows across threads (`channel_sums`), whatever the vector width or thread count.
 //
-// The AOT calling convention: params holds the inputs, then the outputs; shapes[i] has ndims[i] sizes.
+// The AOT calling convention: params holds the inputs, then the outputs; shapes[i] has ndims[i] sizes
+// (`AOT_KERNEL`, `KernelArgs`).
 #include <sched.h>
 
 #include <algorithm>
@@ -26,6 +27,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#define AOT_KERNEL(name) \
+  extern "C" int name(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *)
 
 namespace {
 
@@ -61,6 +65,33 @@ int64_t element_count(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];
   return n;
+}
+
+// A kernel's arguments by position (inputs, then outputs), as float32 tensors.
+struct KernelArgs {
+  void **params;
+  int *ndims;
+  int64_t **shapes;
+
+  const float *in(int i) const { return static_cast<const float *>(params[i]); }
+  float *out(int i) const { return static_cast<float *>(params[i]); }
+  int64_t size(int i) const { return element_count(ndims[i], shapes[i]); }
+  int64_t width(int i) const { return shapes[i][ndims[i] - 1]; }  // the last axis
+  int64_t rows(int i) const { return size(i) / width(i); }        // everything before it
+};
+
+// op(i) for every element index i of n, vectorised, split over threads
+template <typename Op>
+void each_element(int64_t n, const Op &op) {
+  parallel_for(n, 16384, [&](int64_t begin, int64_t end, int64_t) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) op(i);
+  });
+}
+
+// The per-channel sums `sums[offset .. offset + width)` as the float32 output `out`
+void store_sums(const std::vector<double> &sums, int64_t offset, int64_t width, float *out) {
+  for (int64_t i = 0; i < width; ++i) out[i] = static_cast<float>(sums[offset + i]);
 }
 
 // Per-column (per-channel) sums over the rows of a (rows, C) map, in double: body(row, sums) adds one row's
@@ -214,13 +245,13 @@ struct Split {
 }  // namespace
 
 // inputs x (..., C), gamma (C), beta (C); output y (..., C)
-extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *gamma = static_cast<const float *>(params[1]);
-  const auto *beta = static_cast<const float *>(params[2]);
-  auto *y = static_cast<float *>(params[3]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(LayerNormForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  const auto *gamma = args.in(1);
+  const auto *beta = args.in(2);
+  auto *y = args.out(3);
+  const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, 64, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * width;
@@ -236,15 +267,15 @@ extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes
 
 // inputs x (..., C), gamma (C), dy (..., C); outputs dx (..., C), dgamma (C), dbeta (C).
 // The row statistics are recomputed from x (one pass) instead of being kept from the forward.
-extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *gamma = static_cast<const float *>(params[1]);
-  const auto *dy = static_cast<const float *>(params[2]);
-  auto *dx = static_cast<float *>(params[3]);
-  auto *dgamma = static_cast<float *>(params[4]);
-  auto *dbeta = static_cast<float *>(params[5]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(LayerNormBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  const auto *gamma = args.in(1);
+  const auto *dy = args.in(2);
+  auto *dx = args.out(3);
+  auto *dgamma = args.out(4);
+  auto *dbeta = args.out(5);
+  const int64_t width = args.width(0), rows = args.rows(0);
   // per row: dx, and its terms of dgamma (sums[0 .. C)) and dbeta (sums[C .. 2C))
   const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
     const float *xr = x + r * width;
@@ -269,42 +300,35 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
       dxr[i] = rstd * (dyr[i] * gamma[i] - mean_g - xhat * mean_g_xhat);
     }
   });
-  for (int64_t i = 0; i < width; ++i) {
-    dgamma[i] = static_cast<float>(sums[i]);
-    dbeta[i] = static_cast<float>(sums[width + i]);
-  }
+  store_sums(sums, 0, width, dgamma);
+  store_sums(sums, width, width, dbeta);
   return 0;
 }
 
 // input x; output x * Phi(x) = x * 0.5 * (1 + erf(x / sqrt 2)), torch's exact GELU
-extern "C" int GeluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  auto *y = static_cast<float *>(params[1]);
-  parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) y[i] = x[i] * normal_cdf(x[i]);
-  });
+AOT_KERNEL(GeluForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *x = args.in(0);
+  float *y = args.out(1);
+  each_element(args.size(0), [=](int64_t i) { y[i] = x[i] * normal_cdf(x[i]); });
   return 0;
 }
 
 // inputs x, dy; output dx = dy * (Phi(x) + x * phi(x))
-extern "C" int GeluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *dy = static_cast<const float *>(params[1]);
-  auto *dx = static_cast<float *>(params[2]);
-  parallel_for(element_count(ndims[0], shapes[0]), 16384, [&](int64_t begin, int64_t end, int64_t) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) dx[i] = dy[i] * gelu_derivative(x[i]);
-  });
+AOT_KERNEL(GeluBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *x = args.in(0), *dy = args.in(1);
+  float *dx = args.out(2);
+  each_element(args.size(0), [=](int64_t i) { dx[i] = dy[i] * gelu_derivative(x[i]); });
   return 0;
 }
 
 // input x (..., N); output softmax over the last axis
-extern "C" int SoftmaxForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  auto *y = static_cast<float *>(params[1]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(SoftmaxForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  auto *y = args.out(1);
+  const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * width;
@@ -322,12 +346,12 @@ extern "C" int SoftmaxForward(int, void **params, int *ndims, int64_t **shapes, 
 }
 
 // inputs y (the forward's output), dy; output dx = y * (dy - sum(dy * y)) per row
-extern "C" int SoftmaxBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *y = static_cast<const float *>(params[0]);
-  const auto *dy = static_cast<const float *>(params[1]);
-  auto *dx = static_cast<float *>(params[2]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(SoftmaxBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *y = args.in(0);
+  const auto *dy = args.in(1);
+  auto *dx = args.out(2);
+  const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
       const float *yr = y + r * width;
@@ -390,15 +414,15 @@ void affine_relu(const float *x, const float *scale, const float *shift, int64_t
 
 // Training BatchNorm (batch statistics) + ReLU on a channels-last map.
 // inputs x (..., C), gamma (C), beta (C); outputs y (..., C), batch mean (C), biased batch variance (C)
-extern "C" int BatchNormReluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *gamma = static_cast<const float *>(params[1]);
-  const auto *beta = static_cast<const float *>(params[2]);
-  auto *y = static_cast<float *>(params[3]);
-  auto *mean_out = static_cast<float *>(params[4]);
-  auto *var_out = static_cast<float *>(params[5]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(BatchNormReluForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  const auto *gamma = args.in(1);
+  const auto *beta = args.in(2);
+  auto *y = args.out(3);
+  auto *mean_out = args.out(4);
+  auto *var_out = args.out(5);
+  const int64_t width = args.width(0), rows = args.rows(0);
   const BatchNormTerms bn(x, gamma, beta, rows, width);
   for (int64_t i = 0; i < width; ++i) {
     mean_out[i] = bn.mean_f[i];
@@ -409,16 +433,16 @@ extern "C" int BatchNormReluForward(int, void **params, int *ndims, int64_t **sh
 }
 
 // inputs x, gamma, beta, dy; outputs dx, dgamma, dbeta. The statistics are recomputed from x.
-extern "C" int BatchNormReluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *gamma = static_cast<const float *>(params[1]);
-  const auto *beta = static_cast<const float *>(params[2]);
-  const auto *dy = static_cast<const float *>(params[3]);
-  auto *dx = static_cast<float *>(params[4]);
-  auto *dgamma = static_cast<float *>(params[5]);
-  auto *dbeta = static_cast<float *>(params[6]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(BatchNormReluBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  const auto *gamma = args.in(1);
+  const auto *beta = args.in(2);
+  const auto *dy = args.in(3);
+  auto *dx = args.out(4);
+  auto *dgamma = args.out(5);
+  auto *dbeta = args.out(6);
+  const int64_t width = args.width(0), rows = args.rows(0);
   const BatchNormTerms bn(x, gamma, beta, rows, width);
   const float *mu = bn.mean_f.data(), *rstd = bn.rstd.data(), *scale = bn.scale.data(), *shift = bn.shift.data();
   // g = dy where the ReLU passed; sums of g and of g * xhat per channel: dbeta and dgamma
@@ -457,23 +481,24 @@ extern "C" int BatchNormReluBackward(int, void **params, int *ndims, int64_t **s
 
 // Inference BatchNorm (a per-channel affine map) + ReLU on a channels-last map.
 // inputs x (..., C), scale (C), shift (C); output y
-extern "C" int AffineReluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const int64_t width = shapes[0][ndims[0] - 1];
-  affine_relu(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-              static_cast<const float *>(params[2]), element_count(ndims[0], shapes[0]) / width, width,
-              static_cast<float *>(params[3]));
+AOT_KERNEL(AffineReluForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const int64_t width = args.width(0);
+  affine_relu(args.in(0), args.in(1),
+              args.in(2), args.rows(0), width,
+              args.out(3));
   return 0;
 }
 
 // inputs x, scale, shift, dy; outputs dx, dscale, dshift
-extern "C" int AffineReluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  const auto *scale = static_cast<const float *>(params[1]);
-  const auto *shift = static_cast<const float *>(params[2]);
-  const auto *dy = static_cast<const float *>(params[3]);
-  auto *dx = static_cast<float *>(params[4]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
+AOT_KERNEL(AffineReluBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  const auto *scale = args.in(1);
+  const auto *shift = args.in(2);
+  const auto *dy = args.in(3);
+  auto *dx = args.out(4);
+  const int64_t width = args.width(0), rows = args.rows(0);
   const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
     const float *xr = x + r * width;
     const float *dyr = dy + r * width;
@@ -486,10 +511,8 @@ extern "C" int AffineReluBackward(int, void **params, int *ndims, int64_t **shap
       s[width + i] += g;
     }
   });
-  for (int64_t i = 0; i < width; ++i) {
-    static_cast<float *>(params[5])[i] = static_cast<float>(sums[i]);
-    static_cast<float *>(params[6])[i] = static_cast<float>(sums[width + i]);
-  }
+  store_sums(sums, 0, width, args.out(5));
+  store_sums(sums, width, width, args.out(6));
   return 0;
 }
 
@@ -497,10 +520,11 @@ extern "C" int AffineReluBackward(int, void **params, int *ndims, int64_t **shap
 // with the window tap as its own axis and the channels last. geometry = (kernel, stride, padding), int32.
 
 // inputs x (B, H, W, C), geometry; output cols (B, OH, OW, K * K, C), zero where a tap is in the padding
-extern "C" int Im2ColForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
+AOT_KERNEL(Im2ColForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
   const auto *geometry = static_cast<const int32_t *>(params[1]);
-  auto *cols = static_cast<float *>(params[2]);
+  auto *cols = args.out(2);
   const int64_t batch = shapes[0][0], height = shapes[0][1], width = shapes[0][2], channels = shapes[0][3];
   const int64_t out_h = shapes[2][1], out_w = shapes[2][2];
   const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
@@ -529,10 +553,11 @@ extern "C" int Im2ColForward(int, void **params, int *, int64_t **shapes, const 
 // inputs cols (B, OH, OW, K * K, C), geometry; output x (B, OH * stride, OW * stride, C): each pixel the
 // sum of the window taps that cover it (the adjoint of Im2ColForward). Written per output pixel, so the
 // threads never write to the same place.
-extern "C" int Col2ImForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const auto *cols = static_cast<const float *>(params[0]);
+AOT_KERNEL(Col2ImForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *cols = args.in(0);
   const auto *geometry = static_cast<const int32_t *>(params[1]);
-  auto *x = static_cast<float *>(params[2]);
+  auto *x = args.out(2);
   const int64_t out_h = shapes[0][1], out_w = shapes[0][2], channels = shapes[0][4];
   const int64_t batch = shapes[2][0], height = shapes[2][1], width = shapes[2][2];
   const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
@@ -568,9 +593,10 @@ extern "C" int Col2ImForward(int, void **params, int *, int64_t **shapes, const 
 // bits as Transpose.
 
 // input x (A, P, Q, D); output y (A, Q, P, D), y[a, j, i, :] = x[a, i, j, :]
-extern "C" int SwapAxesForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const auto *x = static_cast<const float *>(params[0]);
-  auto *y = static_cast<float *>(params[1]);
+AOT_KERNEL(SwapAxesForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *x = args.in(0);
+  auto *y = args.out(1);
   const int64_t outer = shapes[0][0], p = shapes[0][1], q = shapes[0][2], inner = shapes[0][3];
   if (inner >= 8) {
     // runs of `inner` contiguous values: one output row (a, j) gathers its P runs
@@ -605,15 +631,16 @@ extern "C" int SwapAxesForward(int, void **params, int *, int64_t **shapes, cons
 
 // MindSpore's CPU BiasAddGrad is slower than a pass over memory.
 // input dy (..., C); output the bias gradient: dy summed over every axis but the last
-extern "C" int BiasAddBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const auto *dy = static_cast<const float *>(params[0]);
-  auto *dbias = static_cast<float *>(params[1]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  const std::vector<double> sums = channel_sums(element_count(ndims[0], shapes[0]) / width, width, 1,
+AOT_KERNEL(BiasAddBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const auto *dy = args.in(0);
+  auto *dbias = args.out(1);
+  const int64_t width = args.width(0);
+  const std::vector<double> sums = channel_sums(args.rows(0), width, 1,
                                                 [&](int64_t r, double *s) {
 #pragma omp simd
                                                   for (int64_t i = 0; i < width; ++i) s[i] += dy[r * width + i];
                                                 });
-  for (int64_t i = 0; i < width; ++i) dbias[i] = static_cast<float>(sums[i]);
+  store_sums(sums, 0, width, dbias);
   return 0;
 }
