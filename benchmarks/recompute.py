@@ -1,22 +1,27 @@
 """Peak memory and steady-state step time of one training step, with or without gradient checkpointing.
 
-One run per process (run it twice to compare; the memory figures are this process's own), one JSON line:
+One run per process, one JSON line:
 
   python benchmarks/recompute.py                  # volo_d1_224, batch 8, 224 px, float32, GRAPH_MODE, CPU
   python benchmarks/recompute.py --recompute      # the same with model.set_grad_checkpointing(True)
+  python benchmarks/recompute.py --paired         # both in one process, steps alternating: the time ratio
 
 The step is benchmark.py's training step (forward, cross-entropy, value_and_grad, AdamW, one compiled graph).
 It is compiled first (`compile_s`), then run until its time settles: the median of the last `--window` steps
 within `--tolerance` of the median of the `--window` before them (at least `--min-warmup` steps, at most
 `--max-warmup`; `settled` says whether it did). Then `--iters` timed steps give the step time.
 
-Memory (resident set, MB; Linux):
+Memory (resident set, MB; Linux; not with --paired):
 - `peak_rss_mb`: the process's high-water mark over everything (imports, build, compile, every step);
 - `compile_peak_rss_mb`: the high-water mark up to the end of the graph compile;
 - `steps_peak_rss_mb`: the high-water mark while the steps run; before them the heap the compile freed is
   handed back to the system (malloc_trim) and the mark restarted (/proc/self/clear_refs), so that memory
   the steps reuse is counted as theirs;
 - `step_memory_mb`: steps_peak_rss_mb minus the resident set just before the first step.
+
+--paired builds both models and alternates their steps (warm-up until both settle, then `--iters` pairs in
+alternating order), so both see the same machine load: on a shared machine the ratio of the two step times
+(`time_ratio_median`, the median of per-pair ratios) holds where separate runs drift apart.
 """
 import argparse
 import ctypes
@@ -36,6 +41,7 @@ from benchmark import make_train_step  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recompute", action="store_true", help="model.set_grad_checkpointing(True)")
+    parser.add_argument("--paired", action="store_true", help="time both, alternating steps in one process")
     parser.add_argument("--model", default="volo_d1_224")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=None, help="default: the variant's own resolution")
@@ -78,74 +84,114 @@ def timed(step):
     return time.perf_counter() - start
 
 
-def warm_up(step, min_steps, max_steps, window, tolerance):
-    """Run `step` until its time settles; returns (the warm-up step times, whether it settled)."""
-    times = []
-    while len(times) < max_steps:
-        times.append(timed(step))
-        if len(times) >= max(min_steps, 2 * window):
-            before, last = statistics.median(times[-2 * window:-window]), statistics.median(times[-window:])
-            if abs(last - before) <= tolerance * before:
-                return times, True
-    return times, False
+def has_settled(times, args):
+    """Whether the median of the last `window` times is within `tolerance` of the `window` before them."""
+    window = args.window
+    if len(times) < max(args.min_warmup, 2 * window):
+        return False
+    before, last = statistics.median(times[-2 * window:-window]), statistics.median(times[-window:])
+    return abs(last - before) <= args.tolerance * before
 
 
-def build_step(args):
-    """The training step of `args.model` on a fixed random batch, and the settings it was built with."""
+def timing(times, batch_size):
+    median = statistics.median(times)
+    return dict(step_ms_median=round(median * 1000, 1), step_ms_min=round(min(times) * 1000, 1),
+                step_ms_max=round(max(times) * 1000, 1), img_per_s=round(batch_size / median, 3))
+
+
+def setup(args):
+    """GRAPH_MODE on the CPU, `args.threads` kernel threads (settable once, before any kernel runs)."""
+    import mindspore as ms
+
+    import mindcv_volo
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    ms.device_context.cpu.op_tuning.threads_num(args.threads)
+    img_size = args.img_size or mindcv_volo.data_config(args.model)["input_size"][-1]
+    return dict(model=args.model, batch_size=args.batch_size, img_size=img_size, mode="graph",
+                threads=args.threads, drop_path_rate=args.drop_path_rate, mindspore=ms.__version__)
+
+
+def build_step(args, recompute):
+    """A function running one training step of `args.model` on a fixed random batch (seeded: the same weights
+    and batch for every model built), and the step cell to compile."""
     import mindspore as ms
     import numpy as np
 
-    ms.set_context(mode=ms.GRAPH_MODE)  # what is measured: the compiled training graph
-    ms.set_device("CPU")
-    ms.device_context.cpu.op_tuning.threads_num(args.threads)  # before any kernel runs
-    ms.set_seed(args.seed)
     import mindcv_volo
-    from mindcv_volo.models.layers import uses_fused_cpu_kernels
 
+    ms.set_seed(args.seed)
     net = mindcv_volo.create(args.model, img_size=args.img_size, num_classes=args.num_classes,
                              drop_path_rate=args.drop_path_rate)
-    if args.recompute:
+    if recompute:
         net.set_grad_checkpointing(True)
     net.set_train(True)
     rng = np.random.default_rng(args.seed)
     x = ms.Tensor(rng.standard_normal((args.batch_size, 3, net.img_size, net.img_size), dtype=np.float32))
     labels = ms.Tensor(rng.integers(0, args.num_classes, args.batch_size).astype(np.int32))
     train_step = make_train_step(net)
-    settings = dict(model=args.model, recompute=args.recompute, batch_size=args.batch_size, img_size=net.img_size,
-                    mode="graph", threads=args.threads, drop_path_rate=args.drop_path_rate,
-                    fused_cpu_kernels=uses_fused_cpu_kernels(), mindspore=ms.__version__)
-    return train_step, (x, labels), settings
+    return (lambda: train_step(x, labels).asnumpy()), (lambda: train_step.compile(x, labels))
 
 
-def main():
-    args = parse_args()
-    train_step, inputs, settings = build_step(args)
+def fused_kernels():
+    from mindcv_volo.models.layers import uses_fused_cpu_kernels
+
+    return uses_fused_cpu_kernels()
+
+
+def measure(args, settings):
+    """One model: memory and steady-state step time."""
+    step, compile_graph = build_step(args, args.recompute)
     rss_built = rss_mb("VmRSS")
-    compile_s = timed(lambda: train_step.compile(*inputs))
+    compile_s = timed(compile_graph)
     compile_peak = peak_rss_mb()
     release_free_heap()
     reset_peak_rss()
     rss_compiled = rss_mb("VmRSS")
-
-    def step():
-        train_step(*inputs).asnumpy()
-
     first_call_s = timed(step)
-    warmup_times, settled = warm_up(step, args.min_warmup, args.max_warmup, args.window, args.tolerance)
+    warmup = []
+    while len(warmup) < args.max_warmup and not has_settled(warmup, args):
+        warmup.append(timed(step))
     times = [timed(step) for _ in range(args.iters)]
     steps_peak = rss_mb("VmHWM")
-    median = statistics.median(times)
-    print(json.dumps(dict(
-        settings,
-        step_ms_median=round(median * 1000, 1), step_ms_min=round(min(times) * 1000, 1),
-        step_ms_max=round(max(times) * 1000, 1), img_per_s=round(args.batch_size / median, 3),
-        timed_steps=args.iters, warmup_steps=len(warmup_times), settled=settled,
-        warmup_ms=[round(t * 1000) for t in warmup_times], compile_s=round(compile_s, 1),
-        first_call_s=round(first_call_s, 2),
+    return dict(
+        settings, recompute=args.recompute, **timing(times, args.batch_size), timed_steps=args.iters,
+        warmup_steps=len(warmup), settled=has_settled(warmup, args), warmup_ms=[round(t * 1000) for t in warmup],
+        compile_s=round(compile_s, 1), first_call_s=round(first_call_s, 2),
         peak_rss_mb=round(max(compile_peak, steps_peak)), compile_peak_rss_mb=round(compile_peak),
         steps_peak_rss_mb=round(steps_peak), step_memory_mb=round(steps_peak - rss_compiled),
-        rss_built_mb=round(rss_built), rss_compiled_mb=round(rss_compiled),
-        load_avg_1min=round(os.getloadavg()[0], 2))), flush=True)
+        rss_built_mb=round(rss_built), rss_compiled_mb=round(rss_compiled))
+
+
+def compare(args, settings):
+    """Both models in this process, steps alternating: their step times under the same load."""
+    steps = {}
+    for recompute in (False, True):
+        steps[recompute], compile_graph = build_step(args, recompute)
+        compile_graph()
+        steps[recompute]()  # the first call
+    warmup = {False: [], True: []}
+    while len(warmup[False]) < args.max_warmup and not all(has_settled(t, args) for t in warmup.values()):
+        for recompute in (False, True):
+            warmup[recompute].append(timed(steps[recompute]))
+    times = {False: [], True: []}
+    for pair in range(args.iters):
+        for recompute in ((False, True) if pair % 2 == 0 else (True, False)):
+            times[recompute].append(timed(steps[recompute]))
+    ratios = [with_recompute / plain for plain, with_recompute in zip(times[False], times[True])]
+    return dict(settings, recompute="paired", plain=timing(times[False], args.batch_size),
+                with_recompute=timing(times[True], args.batch_size),
+                time_ratio_median=round(statistics.median(ratios), 3), timed_pairs=args.iters,
+                warmup_steps=len(warmup[False]), settled=all(has_settled(t, args) for t in warmup.values()))
+
+
+def main():
+    args = parse_args()
+    settings = setup(args)
+    record = compare(args, settings) if args.paired else measure(args, settings)
+    print(json.dumps(dict(record, fused_cpu_kernels=fused_kernels(), load_avg_1min=round(os.getloadavg()[0], 2))),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -417,7 +417,7 @@ class VOLO(nn.Cell):
 
     def forward_head(self, tokens, pre_logits=False):
         """Normed tokens (B, 1 + N, C) -> logits: head(class token) + 0.5 * max over tokens of aux_head(tokens),
-        the official eval output (without classes, the class token).
+        the official eval output (with 0 classes, the class token).
 
         `pre_logits=True` returns what the class head sees, the normed class token (B, C), as timm's VOLO.
         """
