@@ -229,39 +229,9 @@ def child_torch(a, stages):
     torch.manual_seed(a["seed"])
     stages.mark("configure")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from reference_torch import install_torchvision_stub
+    from reference_torch import timm_step
 
-    install_torchvision_stub()
-    from timm.models import volo
-
-    stages.mark("import_model_code")
-    sizes = {"img_size": a["img_size"]} if a["img_size"] else {}
-    net = getattr(volo, a["model"])(num_classes=a["num_classes"], **sizes)
-    param_mb = sum(p.numel() for p in net.parameters()) * 4 / 2 ** 20
-    stages.mark("build_model", param_mb=round(param_mb, 1))
-    img_size = a["img_size"] or int(a["model"].rsplit("_", 1)[1])
-    x = torch.randn(a["batch_size"], 3, img_size, img_size)
-    stages.mark("inputs")
-    if a["task"] == "infer":
-        net.eval()
-
-        def step():
-            with torch.inference_mode():
-                return net(x).numpy()
-    else:
-        net.train()
-        labels = torch.randint(0, a["num_classes"], (a["batch_size"],))
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        stages.mark("build_train_cell")
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), labels)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
-
+    step, _, param_mb = timm_step(a, stages.mark)
     run_calls(stages, step, a["calls"], a["timeline"])
     return dict(framework="torch+timm", version=torch.__version__, param_mb=round(param_mb, 1))
 

@@ -83,42 +83,53 @@ def expand_runs(args):
     return [dict(settings, model=name, task="infer" if args.all else args.task) for name in names]
 
 
-def child_main(a):
+def timm_step(a, mark=lambda stage, **figures: None):
+    """(step, img_size, parameter MB): timm's VOLO `a["model"]` and one call of its task (`infer`: forward in
+    inference mode; `train`: AdamW + cross-entropy step). `mark(stage, ...)` is told as each part is ready."""
     import torch
 
-    torch.set_num_threads(a["threads"])
-    torch.manual_seed(a["seed"])
     install_torchvision_stub()
     from timm.models import volo
 
-    kwargs = dict(num_classes=a["num_classes"])
-    if a["img_size"]:
-        kwargs["img_size"] = a["img_size"]
-    net = getattr(volo, a["model"])(**kwargs)
+    mark("import_model_code")
+    sizes = {"img_size": a["img_size"]} if a["img_size"] else {}
+    device = torch.device(a.get("device", "CPU").lower())
+    net = getattr(volo, a["model"])(num_classes=a["num_classes"], **sizes).to(device)
+    param_mb = sum(p.numel() for p in net.parameters()) * 4 / 2 ** 20
+    mark("build_model", param_mb=round(param_mb, 1))
     img_size = a["img_size"] or int(a["model"].rsplit("_", 1)[1])  # timm's names end in the resolution
-    device = torch.device(a["device"].lower())
-    net = net.to(device)
     x = torch.randn(a["batch_size"], 3, img_size, img_size, device=device)
+    mark("inputs")
     if a["task"] == "infer":
         net.eval()
 
         def step():
             with torch.inference_mode():
                 return net(x).cpu()
-    else:
-        net.train()
-        labels = torch.randint(0, a["num_classes"], (a["batch_size"],), device=device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-        loss_fn = torch.nn.CrossEntropyLoss()
+        return step, img_size, param_mb
+    net.train()
+    labels = torch.randint(0, a["num_classes"], (a["batch_size"],), device=device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    mark("build_train_cell")
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), labels)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    return train_step, img_size, param_mb
 
+
+def child_main(a):
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    torch.manual_seed(a["seed"])
+    step, img_size, _ = timm_step(a)
     return _common.measure(step, dict(a, img_size=img_size, framework="torch+timm", version=torch.__version__))
+
 
 if __name__ == "__main__":
     sys.exit(_common.main(os.path.abspath(__file__), build_parser, child_main, expand_runs))

@@ -80,6 +80,16 @@ struct KernelArgs {
   int64_t rows(int i) const { return size(i) / width(i); }        // everything before it
 };
 
+// The geometry input of the window kernels: int32 (kernel, stride, padding)
+struct Window {
+  int64_t kernel, stride, padding;
+
+  explicit Window(const void *geometry)
+      : kernel(static_cast<const int32_t *>(geometry)[0]),
+        stride(static_cast<const int32_t *>(geometry)[1]),
+        padding(static_cast<const int32_t *>(geometry)[2]) {}
+};
+
 // op(i) for every element index i of n, vectorised, split over threads
 template <typename Op>
 void each_element(int64_t n, const Op &op) {
@@ -247,10 +257,8 @@ struct Split {
 // inputs x (..., C), gamma (C), beta (C); output y (..., C)
 AOT_KERNEL(LayerNormForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *gamma = args.in(1);
-  const auto *beta = args.in(2);
-  auto *y = args.out(3);
+  const float *x = args.in(0), *gamma = args.in(1), *beta = args.in(2);
+  float *y = args.out(3);
   const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, 64, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
@@ -269,12 +277,8 @@ AOT_KERNEL(LayerNormForward) {
 // The row statistics are recomputed from x (one pass) instead of being kept from the forward.
 AOT_KERNEL(LayerNormBackward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *gamma = args.in(1);
-  const auto *dy = args.in(2);
-  auto *dx = args.out(3);
-  auto *dgamma = args.out(4);
-  auto *dbeta = args.out(5);
+  const float *x = args.in(0), *gamma = args.in(1), *dy = args.in(2);
+  float *dx = args.out(3), *dgamma = args.out(4), *dbeta = args.out(5);
   const int64_t width = args.width(0), rows = args.rows(0);
   // per row: dx, and its terms of dgamma (sums[0 .. C)) and dbeta (sums[C .. 2C))
   const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
@@ -326,8 +330,8 @@ AOT_KERNEL(GeluBackward) {
 // input x (..., N); output softmax over the last axis
 AOT_KERNEL(SoftmaxForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  auto *y = args.out(1);
+  const float *x = args.in(0);
+  float *y = args.out(1);
   const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
@@ -348,9 +352,8 @@ AOT_KERNEL(SoftmaxForward) {
 // inputs y (the forward's output), dy; output dx = y * (dy - sum(dy * y)) per row
 AOT_KERNEL(SoftmaxBackward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *y = args.in(0);
-  const auto *dy = args.in(1);
-  auto *dx = args.out(2);
+  const float *y = args.in(0), *dy = args.in(1);
+  float *dx = args.out(2);
   const int64_t width = args.width(0), rows = args.rows(0);
   parallel_for(rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t r = begin; r < end; ++r) {
@@ -416,12 +419,8 @@ void affine_relu(const float *x, const float *scale, const float *shift, int64_t
 // inputs x (..., C), gamma (C), beta (C); outputs y (..., C), batch mean (C), biased batch variance (C)
 AOT_KERNEL(BatchNormReluForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *gamma = args.in(1);
-  const auto *beta = args.in(2);
-  auto *y = args.out(3);
-  auto *mean_out = args.out(4);
-  auto *var_out = args.out(5);
+  const float *x = args.in(0), *gamma = args.in(1), *beta = args.in(2);
+  float *y = args.out(3), *mean_out = args.out(4), *var_out = args.out(5);
   const int64_t width = args.width(0), rows = args.rows(0);
   const BatchNormTerms bn(x, gamma, beta, rows, width);
   for (int64_t i = 0; i < width; ++i) {
@@ -435,13 +434,8 @@ AOT_KERNEL(BatchNormReluForward) {
 // inputs x, gamma, beta, dy; outputs dx, dgamma, dbeta. The statistics are recomputed from x.
 AOT_KERNEL(BatchNormReluBackward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *gamma = args.in(1);
-  const auto *beta = args.in(2);
-  const auto *dy = args.in(3);
-  auto *dx = args.out(4);
-  auto *dgamma = args.out(5);
-  auto *dbeta = args.out(6);
+  const float *x = args.in(0), *gamma = args.in(1), *beta = args.in(2), *dy = args.in(3);
+  float *dx = args.out(4), *dgamma = args.out(5), *dbeta = args.out(6);
   const int64_t width = args.width(0), rows = args.rows(0);
   const BatchNormTerms bn(x, gamma, beta, rows, width);
   const float *mu = bn.mean_f.data(), *rstd = bn.rstd.data(), *scale = bn.scale.data(), *shift = bn.shift.data();
@@ -484,20 +478,15 @@ AOT_KERNEL(BatchNormReluBackward) {
 AOT_KERNEL(AffineReluForward) {
   const KernelArgs args{params, ndims, shapes};
   const int64_t width = args.width(0);
-  affine_relu(args.in(0), args.in(1),
-              args.in(2), args.rows(0), width,
-              args.out(3));
+  affine_relu(args.in(0), args.in(1), args.in(2), args.rows(0), width, args.out(3));
   return 0;
 }
 
 // inputs x, scale, shift, dy; outputs dx, dscale, dshift
 AOT_KERNEL(AffineReluBackward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *scale = args.in(1);
-  const auto *shift = args.in(2);
-  const auto *dy = args.in(3);
-  auto *dx = args.out(4);
+  const float *x = args.in(0), *scale = args.in(1), *shift = args.in(2), *dy = args.in(3);
+  float *dx = args.out(4);
   const int64_t width = args.width(0), rows = args.rows(0);
   const std::vector<double> sums = channel_sums(rows, width, 2, [&](int64_t r, double *s) {
     const float *xr = x + r * width;
@@ -522,12 +511,12 @@ AOT_KERNEL(AffineReluBackward) {
 // inputs x (B, H, W, C), geometry; output cols (B, OH, OW, K * K, C), zero where a tap is in the padding
 AOT_KERNEL(Im2ColForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  const auto *geometry = static_cast<const int32_t *>(params[1]);
-  auto *cols = args.out(2);
+  const float *x = args.in(0);
+  float *cols = args.out(2);
+  const Window window(params[1]);
+  const int64_t k = window.kernel, stride = window.stride, padding = window.padding;
   const int64_t batch = shapes[0][0], height = shapes[0][1], width = shapes[0][2], channels = shapes[0][3];
   const int64_t out_h = shapes[2][1], out_w = shapes[2][2];
-  const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
   parallel_for(batch * out_h, 1, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / out_h, oy = row % out_h;
@@ -555,12 +544,12 @@ AOT_KERNEL(Im2ColForward) {
 // threads never write to the same place.
 AOT_KERNEL(Col2ImForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *cols = args.in(0);
-  const auto *geometry = static_cast<const int32_t *>(params[1]);
-  auto *x = args.out(2);
+  const float *cols = args.in(0);
+  float *x = args.out(2);
+  const Window window(params[1]);
+  const int64_t k = window.kernel, stride = window.stride, padding = window.padding;
   const int64_t out_h = shapes[0][1], out_w = shapes[0][2], channels = shapes[0][4];
   const int64_t batch = shapes[2][0], height = shapes[2][1], width = shapes[2][2];
-  const int64_t k = geometry[0], stride = geometry[1], padding = geometry[2];
   parallel_for(batch * height, 1, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / height, y = row % height;
@@ -595,8 +584,8 @@ AOT_KERNEL(Col2ImForward) {
 // input x (A, P, Q, D); output y (A, Q, P, D), y[a, j, i, :] = x[a, i, j, :]
 AOT_KERNEL(SwapAxesForward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *x = args.in(0);
-  auto *y = args.out(1);
+  const float *x = args.in(0);
+  float *y = args.out(1);
   const int64_t outer = shapes[0][0], p = shapes[0][1], q = shapes[0][2], inner = shapes[0][3];
   if (inner >= 8) {
     // runs of `inner` contiguous values: one output row (a, j) gathers its P runs
@@ -633,8 +622,8 @@ AOT_KERNEL(SwapAxesForward) {
 // input dy (..., C); output the bias gradient: dy summed over every axis but the last
 AOT_KERNEL(BiasAddBackward) {
   const KernelArgs args{params, ndims, shapes};
-  const auto *dy = args.in(0);
-  auto *dbias = args.out(1);
+  const float *dy = args.in(0);
+  float *dbias = args.out(1);
   const int64_t width = args.width(0);
   const std::vector<double> sums = channel_sums(args.rows(0), width, 1,
                                                 [&](int64_t r, double *s) {
