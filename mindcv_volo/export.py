@@ -1,21 +1,25 @@
-"""Export a VOLO checkpoint for deployment: MindIR (or ONNX).
+"""Export a VOLO checkpoint for deployment: MindIR or ONNX.
 
     python -m mindcv_volo.export --ckpt_path volo_d1_224.ckpt --out volo_d1_224.mindir [--batch_size 8]
+    python -m mindcv_volo.export --ckpt_path volo_d1_224.ckpt --out volo_d1_224.onnx --file_format ONNX --dynamic_batch
 """
 from .engine.config import parse_config
 from .engine.model_spec import load_model
 from .errors import UserError, run_cli
 from .models.cpu_kernels import portable_ops
+from .models.layers import onnx_ops
 from .weights.export import export_model
 
 
 def main(argv=None):
     config = parse_config(argv, "export")
-    if not (config.model.ckpt_path and config.tools.out):
+    tools = config.tools
+    if not (config.model.ckpt_path and tools.out):
         raise UserError("export needs --ckpt_path FILE.ckpt and --out FILE (.mindir or .onnx)")
-    with portable_ops():  # the exported graph must not call this machine's compiled CPU kernels
+    # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
+    with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
         model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
-    print(f"wrote {export_model(model, config.tools.out, config.tools.file_format, config.data.batch_size)}")
+    print(f"wrote {export_model(model, tools.out, tools.file_format, config.data.batch_size, tools.dynamic_batch)}")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ SECTIONS = {
         O("dst", "str", "", None, "convert: the MindSpore checkpoint to write (.ckpt)"),
         O("out", "str", "", None, "export: the file to write (.mindir, .onnx); relabel: the folder for the maps"),
         O("file_format", "str", "MINDIR", ("MINDIR", "ONNX"), "export: the format", ("format",)),
+        O("dynamic_batch", "bool", False, None, "export, ONNX: a symbolic batch axis instead of batch_size"),
         O("image_path", "str", "", None, "infer: an image, or a folder of images"),
         O("top_k", "int", 5, None, "infer: classes printed per image; relabel: classes kept per token"),
         O("image_size", "int?", None, None, "relabel: the teacher's input size; null: the model's"),
@@ -250,7 +251,7 @@ COMMANDS = {
     "convert": Command("Official VOLO weights (.pth.tar/.pth, timm .safetensors) -> MindSpore .ckpt, without torch",
                        _MODEL_IO + ("src", "dst")),
     "export": Command("Export a VOLO checkpoint for deployment (MindIR, or ONNX)",
-                      _MODEL_IO + ("out", "file_format", "batch_size"), {"batch_size": 1}),
+                      _MODEL_IO + ("out", "file_format", "dynamic_batch", "batch_size"), {"batch_size": 1}),
     "relabel": Command("Make token-label maps with a teacher checkpoint", _MODEL_IO + _DEVICE + (
         "data_dir", "split", "out", "top_k", "batch_size", "image_size", "log_interval", "num_parallel_workers"),
         {"split": "train", "batch_size": 16}, {"teacher": "model"}),

@@ -3,17 +3,21 @@
 MindSpore's defaults differ from PyTorch where it changes the numbers (LayerNorm eps 1e-7, tanh GELU),
 so every block here is built through these helpers and the official weights give the official output.
 """
+import contextlib
 import math
 import os
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
-from mindspore.ops import constexpr
 from mindspore.common.initializer import TruncatedNormal
+from mindspore.ops import CustomRegOp, DataType, constexpr
 
 from . import cpu_kernels
 
 LAYER_NORM_EPS = 1e-5  # also the fused CPU kernel's constant (cpu_kernels.cc)
+
+_onnx_depth = 0
 
 
 def uses_fused_cpu_kernels():
@@ -21,20 +25,63 @@ def uses_fused_cpu_kernels():
     return uses_cpu_paths() and cpu_kernels.available()
 
 
+@contextlib.contextmanager
+def onnx_ops():
+    """Cells built inside use only primitives MindSpore's ONNX exporter maps (for `weights.export`).
+
+    MindSpore 2.10's exporter (opset 11) has no mapping for Erf, Im2Col or Col2Im, so such cells take: GELU
+    with a Custom op the exporter writes as ONNX's own Erf (`onnx_erf`), outlook attention's unfold/fold as
+    the channels-last gathers, convolutions as `ops.conv2d` (ONNX Conv), LayerNorm in a form onnxruntime fuses,
+    and no fused CPU kernels (`cpu_kernels.portable_ops`). Same numbers as the other formulations to float
+    rounding, on any device.
+    """
+    global _onnx_depth
+    _onnx_depth += 1
+    try:
+        with cpu_kernels.portable_ops():
+            yield
+    finally:
+        _onnx_depth -= 1
+
+
+def uses_onnx_ops():
+    """Whether cells built now take the ONNX export formulation (`onnx_ops`)."""
+    return _onnx_depth > 0
+
+
+def uses_matmul_convs():
+    """Convolutions as patches + matmul: on MindSpore's CPU backend (its Conv2D is slow), unless exporting to
+    ONNX, which has Conv and whose runtimes run it fast."""
+    return uses_cpu_paths() and not uses_onnx_ops()
+
+
+def uses_window_gathers():
+    """Outlook attention's unfold/fold as channels-last gathers: on CPU, and for ONNX (no Im2Col/Col2Im)."""
+    return uses_cpu_paths() or uses_onnx_ops()
+
+
 class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm over the last axis (eps 1e-5); parameters `gamma`, `beta` as nn.LayerNorm's.
 
     With the fused CPU kernels a float32 input takes one multi-threaded kernel each way (MindSpore's CPU
-    LayerNorm and LayerNormGrad are single-threaded); otherwise, and for other dtypes, MindSpore's.
+    LayerNorm and LayerNormGrad are single-threaded); for ONNX export (`onnx_ops`) the formula in plain ops;
+    otherwise, and for other dtypes, MindSpore's.
     """
 
     def __init__(self, dim):
         super().__init__((dim,), epsilon=LAYER_NORM_EPS)
         self.fused = cpu_kernels.LayerNormFunction() if uses_fused_cpu_kernels() else None
+        self.for_onnx = uses_onnx_ops()
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x, self.gamma, self.beta)
+        if self.for_onnx:
+            # MindSpore exports its LayerNorm as ReduceSumSquare + Div passes, which onnxruntime leaves as they
+            # are; this textbook form (Pow 2, ReduceMean) it fuses into one LayerNormalization kernel
+            centered = x - x.mean(axis=-1, keep_dims=True)
+            variance = ops.pow(centered, 2.0).mean(axis=-1, keep_dims=True)
+            return centered / ops.sqrt(variance + self.epsilon) * self.gamma + self.beta
         y, _, _ = self.layer_norm(x, self.gamma.astype(x.dtype), self.beta.astype(x.dtype))
         return y
 
@@ -134,6 +181,26 @@ def batch_norm_relu_channels_last(bn, x, fused=None):
 
 
 SQRT1_2 = 0.7071067811865476
+SQRT2 = 1.4142135623730951
+
+
+def _erf_on_host(x):
+    """erf of a float32 array, correctly rounded (math.erf in float64)."""
+    return np.vectorize(math.erf, otypes=[np.float32])(x)
+
+
+def onnx_erf():
+    """erf as a Custom op that MindSpore's ONNX exporter writes as ONNX's own `Erf` node.
+
+    The exporter has no mapping for MindSpore's Erf, but it writes a Custom op as a node whose type is the
+    op's registered name, in the standard domain. In MindSpore the op runs on the host, through Python's
+    correctly rounded math.erf (float32 only, CPU only, slow): enough to check the export formulation.
+    """
+    # a new registration each time: ops.Custom overwrites the name in the one it is given
+    reg_info = (CustomRegOp("Erf").input(0, "x").output(0, "y")
+                .dtype_format(DataType.F32_Default, DataType.F32_Default).target("CPU").get_op_info())
+    return ops.Custom(_erf_on_host, out_shape=lambda x: x, out_dtype=lambda x: x, func_type="pyfunc",
+                      reg_info=reg_info)
 
 
 class GELU(nn.Cell):
@@ -142,16 +209,21 @@ class GELU(nn.Cell):
     Written as torch computes it, x * 0.5 * (1 + erf(x / sqrt 2)), with the division as a multiplication:
     `ops.gelu(approximate="none")` expands to Div + Erf + Add + Mul + Mul, and on CPU the Div pass costs
     as much as three Mul passes. With the fused CPU kernels a float32 input takes one pass each way.
-    Same numbers to float rounding, in any float dtype, on any device.
+    Same numbers to float rounding, in any float dtype, on any device. For ONNX export (`onnx_ops`) the erf
+    is `onnx_erf` and the division stays: onnxruntime fuses x * 0.5 * (1 + erf(x / sqrt 2)) into one Gelu
+    kernel, but not the form with the multiplication.
     """
 
     def __init__(self):
         super().__init__()
         self.fused = cpu_kernels.GeluFunction() if uses_fused_cpu_kernels() else None
+        self.onnx_erf = onnx_erf() if uses_onnx_ops() else None
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x)
+        if self.onnx_erf is not None:
+            return x * 0.5 * (1.0 + self.onnx_erf(x / SQRT2))
         return x * 0.5 * (1.0 + ops.erf(x * SQRT1_2))
 
 

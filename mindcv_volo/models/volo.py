@@ -14,7 +14,7 @@ from mindcv.models.registry import register_model
 
 from ..errors import UserError
 from .layers import (FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm, batch_norm_relu_channels_last,
-                     dense, drop_path, layer_norm, split_class_token, swap_axes_kernel, transpose, uses_cpu_paths,
+                     dense, drop_path, layer_norm, split_class_token, swap_axes_kernel, transpose, uses_window_gathers,
                      uses_fused_cpu_kernels)
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
@@ -45,7 +45,7 @@ class OutlookAttention(nn.Cell):
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
         # CPU: unfold/fold as index gathers on channels-last maps (no parameters; names unchanged)
-        self.channels_last = uses_cpu_paths()
+        self.channels_last = uses_window_gathers()
         if self.channels_last:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)
             self.fold = ChannelsLastFold(kernel_size, padding, stride)

@@ -14,7 +14,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 from mindspore.ops import constexpr
 
 from . import cpu_kernels
-from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose, uses_cpu_paths, uses_fused_cpu_kernels
+from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose, uses_fused_cpu_kernels, uses_matmul_convs
 
 
 def output_size(size, kernel_size, padding, stride):
@@ -202,9 +202,9 @@ class UnfoldMatmul(ChannelsLastWindows):
 class Conv2d(nn.Cell):
     """Conv2d with torch's parameter layout and init: `weight` (out, in, k, k), optional `bias`.
 
-    One cell, two computations behind the seam `uses_cpu_paths()`: `ops.conv2d` on
-    accelerators; on CPU a patchify reshape (kernel == stride, no padding) or `ops.unfold`, then a
-    matmul. Both give the same numbers to float rounding.
+    One cell, two computations behind `layers.uses_matmul_convs()`: `ops.conv2d` on accelerators and for
+    ONNX; on CPU a patchify reshape (kernel == stride, no padding) or the window unfold, then a matmul. Both
+    give the same numbers to float rounding.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, has_bias=True):
@@ -220,7 +220,7 @@ class Conv2d(nn.Cell):
         fan_in = in_channels * kernel_size * kernel_size
         self.bias = (Parameter(initializer(Uniform(1 / math.sqrt(fan_in)), (out_channels,)), name="bias")
                      if has_bias else None)
-        self.use_matmul = uses_cpu_paths()
+        self.use_matmul = uses_matmul_convs()
         self.is_patchify = kernel_size == stride and padding == 0
         if self.use_matmul:
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)  # for `channels_last`; no parameters

@@ -1,32 +1,72 @@
-"""A VOLO for deployment: MindIR (or ONNX where MindSpore can export every op), written atomically.
+"""A VOLO for deployment: MindIR or ONNX, written atomically.
 
-The exported graph is the eval model (logits = head(class token) + 0.5 * max of aux_head) with a fixed
-input shape (batch, 3, img_size, img_size); load a MindIR with `mindspore.load` + `nn.GraphCell`.
+The exported graph is the eval model (logits = head(class token) + 0.5 * max of aux_head) with the input
+"image" (batch, 3, img_size, img_size). A MindIR has a fixed batch size; load it with `mindspore.load` +
+`nn.GraphCell`. An ONNX file (opset 11, MindSpore's own exporter) needs a model built inside
+`models.layers.onnx_ops()`, and can have a symbolic batch axis (`onnx_batch`; needs the `onnx` package).
 """
+import os
+import tempfile
+
 import mindspore as ms
 import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_path
+from ..models.layers import LayerNorm
 
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 
 
-def export_model(model, out, file_format="MINDIR", batch_size=1):
+def example_input(model, batch_size):
+    return ms.Tensor(np.zeros((batch_size, 3, model.img_size, model.img_size), np.float32))
+
+
+def export_model(model, out, file_format="MINDIR", batch_size=1, dynamic_batch=False):
     """Write `model` (eval mode) to `out`; `out` must end with the format's suffix."""
     if not out.endswith(SUFFIX[file_format]):
         raise UserError(f"--out {out} must end with {SUFFIX[file_format]} for format {file_format}")
+    if dynamic_batch and file_format != "ONNX":
+        raise UserError("--dynamic_batch is for --file_format ONNX; a MindIR has the fixed --batch_size")
     model.set_train(False)
-    example = ms.Tensor(np.zeros((batch_size, 3, model.img_size, model.img_size), np.float32))
     with atomic_path(out) as tmp:
-        try:
-            if file_format == "ONNX":
-                ms.onnx.export(model, example, file_name=tmp)
-            else:  # ms.export appends the suffix itself
-                ms.export(model, example, file_name=tmp[: -len(SUFFIX[file_format])], file_format=file_format)
-        except (RuntimeError, TypeError, ValueError) as err:
-            if file_format == "ONNX":
-                raise UserError(f"MindSpore {ms.__version__} cannot export this model to ONNX "
-                                f"({str(err).splitlines()[0]}); export MINDIR instead") from None
-            raise
+        if file_format == "ONNX":
+            export_onnx(model, tmp, batch_size, dynamic_batch)
+        else:  # ms.export appends the suffix itself
+            ms.export(model, example_input(model, batch_size), file_name=tmp[: -len(SUFFIX[file_format])],
+                      file_format=file_format)
     return out
+
+
+def export_onnx(model, path, batch_size=1, dynamic_batch=False):
+    """Write `model`, built inside `onnx_ops()`, to the ONNX file `path`: input "image", output "logits"."""
+    if not all(cell.for_onnx for _, cell in model.cells_and_names() if isinstance(cell, LayerNorm)):
+        raise UserError("an ONNX export needs the model built inside mindcv_volo.models.layers.onnx_ops() "
+                        "(MindSpore's exporter maps no Erf, Im2Col or Col2Im)")
+    if not dynamic_batch:
+        _onnx_export(model, path, batch_size)
+        return
+    import onnx  # only this needs the onnx package
+
+    from .onnx_batch import EXPORTED_BATCHES, symbolic_batch
+
+    exports = []
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as folder:
+        for batch in EXPORTED_BATCHES:
+            _onnx_export(model, os.path.join(folder, f"batch{batch}.onnx"), batch)
+            exports.append(onnx.load(os.path.join(folder, f"batch{batch}.onnx")))
+    onnx.save(symbolic_batch(*exports), path)
+
+
+def _onnx_export(model, path, batch_size):
+    try:
+        ms.onnx.export(model, example_input(model, batch_size), file_name=path, input_names=["image"],
+                       output_names=["logits"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UserError(f"MindSpore {ms.__version__} cannot export this model to ONNX "
+                        f"({str(err).splitlines()[0]}); export MINDIR instead") from None
+    finally:
+        # The exporter rewrites the compiled graph in place (shape inputs into attributes), and MindSpore 2.10
+        # would reuse that graph for the next export at the same input shape, which then fails ("i: 2 out of
+        # range: 2" at BroadcastTo): forget it.
+        model.compile_cache.discard(model.compile_phase)
