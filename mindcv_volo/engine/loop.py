@@ -78,10 +78,12 @@ def build_optimizer(optimizer_options, model, lrs):
                             **({"eps": o.eps} if o.eps is not None and o.opt == "rmsprop" else {}), **extra)
 
 
-def dynamic_loss_scale(step_options, level, device):
-    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it (O2/O3 on an accelerator)."""
+def dynamic_loss_scale(step_options, level):
+    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it: at the level the run uses, O2
+    or O3 (on CPU's own formulation `amp_level` has made that O0; the accelerator formulation forced on CPU keeps
+    its level and so its loss scale, as on GPU and Ascend)."""
     if step_options.loss_scale_type == "auto":
-        dynamic = level in ("O2", "O3") and device != "CPU"
+        dynamic = level in ("O2", "O3")
         logger.info("loss_scale_type auto: %s", "dynamic" if dynamic else "fixed")
         return dynamic
     return step_options.loss_scale_type == "dynamic"
@@ -157,7 +159,7 @@ class Run:
         self.loss_network = build_loss(network, config.loss, self.spec.num_classes, config.system.seed, self.runtime)
         self.lrs = learning_rates(config.scheduler, self.updates)
         self.optimizer = build_optimizer(config.optimizer, self.model, self.lrs)
-        self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level, self.runtime.device)
+        self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level)
         self.micro_step, self.update_step, self.state, self.ema = build_train_steps(
             self.loss_network, self.optimizer, self.model, steps, config.model.ema, self.dynamic_scale)
         ckpt = config.checkpoint
