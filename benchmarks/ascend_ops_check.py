@@ -170,8 +170,8 @@ def run_train_step():
     from mindcv_volo.token_labeling.training import build_token_label_loss
 
     config = recipe_config()
-    training = build_training(config, tiny_model(), NUM_CLASSES, Runtime("CPU", 0, 0, 1, 1), 1,
-                              build_token_label_loss)
+    runtime = Runtime(ms.get_context("device_target"), 0, 0, 1, 1)
+    training = build_training(config, tiny_model(), NUM_CLASSES, runtime, 1, build_token_label_loss)
     if training.amp_level != config.train_step.amp_level or not training.dynamic_scale:
         raise RuntimeError(f"the step runs AMP {training.amp_level}, not the recipe's {config.train_step.amp_level}")
     rng = np.random.default_rng(0)
