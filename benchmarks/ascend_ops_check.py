@@ -1,33 +1,49 @@
-"""Which primitives would the Ascend/GPU graph of VOLO hold, and does MindSpore list each for Ascend?
+"""Which primitives do VOLO's Ascend/GPU graphs hold, does MindSpore list each for Ascend, any host round-trip?
 
 No accelerator here, so the check is static, from what this machine can compile:
-1. A small VOLO is built with the device seam (`uses_cpu_paths`) forced to False, i.e. the cells take the
-   path they take on GPU/Ascend, and compiled in GRAPH_MODE on CPU for inference and for a full training
-   step (value_and_grad + AdamW), with `save_graphs` on. The CPU-path build is compiled too, for contrast.
-2. The primitive names are read from the last optimized IR file of each graph.
+1. A small VOLO is built in the accelerator formulation (`MINDCV_VOLO_CPU_PATHS=0`: `uses_cpu_paths()` is False,
+   the cells take the path they take on GPU/Ascend) and compiled in GRAPH_MODE on CPU with `save_graphs` on:
+   the float32 inference graph (what export writes) and train.py's own step (`engine.loop.build_training`)
+   under the Ascend recipe `configs/volo_d1_ascend.yaml` (AMP O2, dynamic loss scale, token labeling from
+   label maps with MixToken, MindCV's AdamW), with clipping and EMA switched on as well.
+2. The primitive names are read from the front end's final IR files (`*_validate_*.ir`, after automatic
+   differentiation), every graph compiled on the way.
 3. Each primitive is looked up in MindSpore's own operator documentation (the "Supported Platforms" of
-   `mindspore.ops.<Name>` in the installed 2.10 package).
-4. The graphs are searched for host round-trips: PyExecute / PyInterpret nodes (Python run from inside the
-   graph, e.g. shape logic on tensor values), which would break dataset sink mode and O2/O3 compilation.
+   `mindspore.ops.<Name>`, or of its functional form, in the installed package).
+4. Findings: a primitive not listed for Ascend; any `Custom` primitive (this project's custom ops are the fused
+   CPU kernels, compiled for this machine's CPU; `ops.Custom`'s own documentation lists every platform); a host
+   round-trip: a PyExecute / PyInterpret / PyFunc node (Python run from inside the graph, e.g. numpy on tensor
+   values), or a node pinned to the host (`primitive_target: "CPU"`); a forward primitive without a documented
+   platform list (it cannot be checked). Gradient kernels (no platform list of their own) come with the
+   forward op they differentiate.
 
-  python benchmarks/ascend_ops_check.py            # prints one table per graph; exit code 1 on a finding
+  python benchmarks/ascend_ops_check.py            # one table per graph; exit code 1 on a finding
+In Python (the test suite): `check_accelerator_graphs()` -> {graph: Report}; `compiled_primitives(run)` and
+`findings(primitives, host_nodes)` for any other graph.
 """
+import contextlib
 import glob
+import json
 import os
 import re
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
-HOST_NODES = ("PyExecute", "PyInterpret", "PyFunc", "PyExecuteGrad")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASCEND_RECIPE = os.path.join(ROOT, "configs", "volo_d1_ascend.yaml")
+
+HOST_NODES = ("PyExecute", "PyInterpret", "PyFunc")
+HOST_PIN = 'primitive_target: "CPU"'
 # Graph plumbing that is not a device kernel
 STRUCTURAL = {"Return", "MakeTuple", "TupleGetItem", "Depend", "UpdateState", "Load", "Partial", "Switch",
               "ListGetItem", "MakeList", "stop_gradient", "StopGradient", "J", "ZerosLike", "EnvironCreate",
               "EnvironGet", "EnvironSet", "Assign"}
-
+CUSTOM = "Custom"
 
 # Primitives whose class carries no platform list, documented through their functional form
 FUNCTIONAL = {"Add": "add", "Mul": "mul", "Muls": "mul", "Sub": "sub", "Erf": "erf", "Gather": "gather",
@@ -35,7 +51,21 @@ FUNCTIONAL = {"Add": "add", "Mul": "mul", "Muls": "mul", "Sub": "sub", "Erf": "e
               "StridedSlice": "strided_slice", "BroadcastTo": "broadcast_to", "Sqrt": "sqrt", "Rsqrt": "rsqrt",
               "Exp": "exp", "Neg": "neg", "Log": "log", "ExpandDims": "expand_dims", "Zeros": "zeros",
               "Equal": "equal", "MaskedFill": "masked_fill", "GatherD": "gather_elements", "SumExt": "sum",
-              "PowTensorScalar": "pow", "SplitWithSize": "split", "AssignAdd": "assign_add", "Tile": "tile"}
+              "PowTensorScalar": "pow", "SplitWithSize": "split", "AssignAdd": "assign_add", "Tile": "tile",
+              "GreaterEqual": "greater_equal", "IsFinite": "isfinite", "LogSoftmax": "log_softmax",
+              "Maximum": "maximum", "Minimum": "minimum", "ReverseV2": "flip", "Select": "select",
+              "Square": "square"}
+
+# The small VOLO of the check (every stage, compiled in seconds) and its input size
+TINY = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], num_heads=[2, 4, 4, 4], img_size=64)
+NUM_CLASSES, BATCH, TOPK = 10, 2, 5
+
+
+class Report(NamedTuple):
+    """One compiled graph: its primitives (sorted), the host round-trip nodes in it, and the findings."""
+    primitives: list
+    host_nodes: list
+    findings: list
 
 
 def platforms(name):
@@ -48,63 +78,145 @@ def platforms(name):
     return None
 
 
-def compiled_primitives(build, train, ir_dir):
-    ms.set_context(mode=ms.GRAPH_MODE, save_graphs=1, save_graphs_path=ir_dir)
-    net = build()
-    x = ms.Tensor(np.zeros((2, 3, 64, 64), np.float32))
-    if train:
-        net.set_train(True)
-        loss_net = nn.WithLossCell(net, nn.CrossEntropyLoss())
-        optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3)
-        step = nn.TrainOneStepCell(loss_net, optimizer)
-        step(x, ms.Tensor(np.zeros(2, np.int32)))
-    else:
-        net.set_train(False)
-        net(x)
-    ms.set_context(save_graphs=0)
-    # the front end's final graph (after automatic differentiation), before any backend lowering
-    text = open(glob.glob(os.path.join(ir_dir, "*_validate_*.ir"))[-1]).read()
+def is_gradient(name):
+    return re.search("Grad|Backprop|Backward", name) is not None
+
+
+def findings(primitives, host_nodes):
+    """What would keep these primitives and host nodes off an Ascend device: one line each, none if all is well."""
+    found = [f"host round-trip: {node}" for node in host_nodes]
+    for name in primitives:
+        if name == CUSTOM:
+            found.append(f"{name}: a custom op (this project's are the fused CPU kernels, built for this CPU)")
+        elif not is_gradient(name):
+            supported = platforms(name)
+            if supported is None:
+                found.append(f"{name}: no platform list in MindSpore's documentation; check it by hand and add "
+                             "its documented functional form to FUNCTIONAL")
+            elif "Ascend" not in supported:
+                found.append(f"{name}: not listed for Ascend (Supported Platforms: {' '.join(supported)})")
+    return found
+
+
+def compiled_primitives(run):
+    """(primitives, host round-trip nodes) of every graph that `run()` compiles in GRAPH_MODE on this machine."""
+    previous_mode = ms.get_context("mode")
+    with tempfile.TemporaryDirectory() as ir_dir:
+        ms.set_context(mode=ms.GRAPH_MODE, save_graphs=1, save_graphs_path=ir_dir)
+        try:
+            run()
+        finally:
+            ms.set_context(save_graphs=0, mode=previous_mode)
+        # the front end's final graphs (after automatic differentiation), before any backend lowering
+        text = "\n".join(open(path, encoding="utf-8").read()
+                         for path in sorted(glob.glob(os.path.join(ir_dir, "*_validate_*.ir"))))
+    if not text:
+        raise RuntimeError("no graph was compiled: nothing to check")
     names = set(re.findall(r"PrimFunc_([A-Za-z0-9]+)\(", text))
     names |= {n for n in re.findall(r"= ([A-Z][A-Za-z0-9]+)\(", text) if hasattr(ops, n)}
-    host = sorted(h for h in HOST_NODES if h in text)
+    host = sorted(h for h in HOST_NODES if h in text) + ([HOST_PIN] if HOST_PIN in text else [])
     return sorted(names - STRUCTURAL), host
 
 
-def build_tiny(cpu_paths):
-    import mindcv_volo.models.layers as layers
+@contextlib.contextmanager
+def accelerator_formulation():
+    """Cells built inside take the GPU/Ascend formulation on any device (the seam's documented switch)."""
+    from mindcv_volo.models.layers import uses_cpu_paths
 
-    original = layers.uses_cpu_paths
-    layers.uses_cpu_paths = lambda: cpu_paths
+    previous = os.environ.get("MINDCV_VOLO_CPU_PATHS")
+    os.environ["MINDCV_VOLO_CPU_PATHS"] = "0"
     try:
-        import mindcv_volo.models.volo as volo
-        volo.uses_cpu_paths = layers.uses_cpu_paths
-        return volo.VOLO(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), img_size=64,
-                         num_classes=10)
+        if uses_cpu_paths():
+            raise RuntimeError("MINDCV_VOLO_CPU_PATHS=0 did not switch the CPU formulation off")
+        yield
     finally:
-        layers.uses_cpu_paths = original
-        volo.uses_cpu_paths = original
+        if previous is None:
+            os.environ.pop("MINDCV_VOLO_CPU_PATHS")
+        else:
+            os.environ["MINDCV_VOLO_CPU_PATHS"] = previous
+
+
+def tiny_model():
+    from mindcv_volo.models import VOLO
+    from mindcv_volo.models.volo import ARCHS
+
+    return VOLO(**{**ARCHS["d1"], **TINY, "num_classes": NUM_CLASSES})
+
+
+def run_inference():
+    """The float32 eval graph, as export and validate.py (at O0) compile it."""
+    from mindcv_volo.engine.evaluate import EvalNetwork
+
+    network = EvalNetwork(tiny_model())
+    network.set_train(False)
+    network(ms.Tensor(np.zeros((BATCH, 3, TINY["img_size"], TINY["img_size"]), np.float32)))
+
+
+def recipe_config():
+    """The Ascend recipe, shrunk to the tiny model and one short epoch, with clipping and EMA on."""
+    from mindcv_volo.engine.config import parse_config
+
+    return parse_config(["-c", ASCEND_RECIPE, "--num_classes", str(NUM_CLASSES), "--arch_overrides",
+                         json.dumps(TINY), "--batch_size", str(BATCH),
+                         "--epoch_size", "1", "--warmup_epochs", "0", "--cooldown_epochs", "0",
+                         "--clip_grad", "True", "--ema", "True"])
+
+
+def run_train_step():
+    """One update of train.py's compiled step under the Ascend recipe, on label-map inputs of the loader's
+    shapes and dtypes (token_label_dir only chooses the loss here; no map is read)."""
+    from mindcv_volo.engine.loop import build_training
+    from mindcv_volo.engine.runtime import Runtime
+    from mindcv_volo.token_labeling.training import build_token_label_loss
+
+    config = recipe_config()
+    runtime = Runtime(ms.get_context("device_target"), 0, 0, 1, 1)
+    training = build_training(config, tiny_model(), NUM_CLASSES, runtime, 1, build_token_label_loss)
+    if training.amp_level != config.train_step.amp_level or not training.dynamic_scale:
+        raise RuntimeError(f"the step runs AMP {training.amp_level}, not the recipe's {config.train_step.amp_level}")
+    rng = np.random.default_rng(0)
+    size, tokens = TINY["img_size"], (TINY["img_size"] // 16) ** 2
+    batch = (rng.standard_normal((BATCH, 3, size, size)).astype(np.float32),
+             rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+             rng.integers(0, NUM_CLASSES, (BATCH, TOPK)).astype(np.int32),
+             rng.standard_normal((BATCH, TOPK)).astype(np.float32),
+             rng.integers(0, NUM_CLASSES, (BATCH, tokens, TOPK)).astype(np.int32),
+             rng.standard_normal((BATCH, tokens, TOPK)).astype(np.float32))
+    training.update_step(*training.loss_network.step_inputs(batch, 0, 0))
+
+
+ACCELERATOR_GRAPHS = {"inference (float32)": run_inference,
+                      "train.py step (Ascend recipe: O2, dynamic loss scale, token labels, MixToken)": run_train_step}
+
+
+def check_accelerator_graphs():
+    """{graph: Report} for the accelerator formulation's graphs, compiled on this machine."""
+    reports = {}
+    for label, run in ACCELERATOR_GRAPHS.items():
+        with accelerator_formulation():
+            names, host = compiled_primitives(run)
+        reports[label] = Report(names, host, findings(names, host))
+    return reports
 
 
 def main():
     ms.set_device("CPU")
-    findings = 0
-    for label, cpu_paths in (("accelerator path (GPU/Ascend)", False), ("CPU path", True)):
-        for train in (False, True):
-            with tempfile.TemporaryDirectory() as ir_dir:
-                names, host = compiled_primitives(lambda: build_tiny(cpu_paths), train, ir_dir)
-            print(f"\n## {label}, {'training step' if train else 'inference'}: {len(names)} primitives")
-            if host:
-                print("HOST ROUND-TRIP NODES:", ", ".join(host))
-                findings += not cpu_paths
-            for name in names:
-                # gradient kernels come with the forward op they differentiate
-                supported = None if re.search("Grad|Backprop|Backward", name) else platforms(name)
-                ascend = "Ascend" in supported if supported else None
-                mark = {True: "Ascend listed", False: "NOT LISTED FOR ASCEND", None: "gradient/internal"}[ascend]
-                findings += (ascend is False) and not cpu_paths
-                print(f"  {name:28s} {mark:26s} {' '.join(supported or [])}")
-    print(f"\nfindings on the accelerator path: {findings}")
-    return 1 if findings else 0
+    reports = check_accelerator_graphs()
+    for label, report in reports.items():
+        print(f"\n## accelerator formulation (GPU/Ascend), {label}: {len(report.primitives)} primitives")
+        if report.host_nodes:
+            print("HOST ROUND-TRIP NODES:", ", ".join(report.host_nodes))
+        for name in report.primitives:
+            supported = None if is_gradient(name) else platforms(name)
+            mark = ("CUSTOM OP" if name == CUSTOM else "gradient" if is_gradient(name) else
+                    "NO PLATFORM LIST" if supported is None else
+                    "Ascend listed" if "Ascend" in supported else "NOT LISTED FOR ASCEND")
+            print(f"  {name:28s} {mark:26s} {' '.join(supported or [])}")
+        for finding in report.findings:
+            print(f"FINDING: {finding}")
+    total = sum(len(report.findings) for report in reports.values())
+    print(f"\nfindings on the accelerator formulation: {total}")
+    return 1 if total else 0
 
 
 if __name__ == "__main__":

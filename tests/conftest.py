@@ -1,5 +1,6 @@
-"""Shared test set-up: the CPU device, the reference fixtures, one small VOLO, tiny image data, one runner for
-the command-line tools, and the session's reference training run."""
+"""Shared test set-up: the device (CPU unless MINDCV_VOLO_TEST_DEVICE names another), the reference fixtures and
+their conversion, one small VOLO, tiny image data, one runner for the command-line tools, and the session's
+reference training run."""
 import json
 import os
 import subprocess
@@ -10,9 +11,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 import yaml
+from mindspore import nn
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings would drown the test output
-ms.set_device("CPU")
+# CPU, or the accelerator scripts/device_check.sh runs the parity tests on (Ascend or GPU)
+ms.set_device(os.environ.get("MINDCV_VOLO_TEST_DEVICE", "CPU"))
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -28,6 +31,60 @@ def reference_options(name, img_size=None):
     """Command-line options that build the reference model `name` (configs.json), at `img_size` if given."""
     config = dict(REFERENCE_CONFIGS[name], **({"img_size": img_size} if img_size else {}))
     return ["--num_classes", str(config.pop("num_classes")), "--arch_overrides", json.dumps(config)]
+
+
+def overrides(config_name, img_size):
+    """The reference config `config_name` as VOLO arguments, at `img_size`."""
+    return {**REFERENCE_CONFIGS[config_name], "img_size": img_size}
+
+
+# The reference models' cases: (fixture weights file, reference config, img_size, reference outputs).
+CASES = {
+    "d1like_safetensors": ("tiny_d1like_64.safetensors", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
+    "d1like_pth": ("tiny_d1like_64.pth", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
+    "d1like_pth_tar": ("tiny_d1like_64.pth.tar", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
+    "d5like_safetensors": ("tiny_d5like_96.safetensors", "tiny_d5like_96", 96, "tiny_d5like_96.io.npz"),
+    "d1like_resized_to_96": ("tiny_d1like_64.safetensors", "tiny_d1like_64", 96, "tiny_d1like_64_at_96.io.npz"),
+}
+
+
+class ConvertedCheckpoints(dict):
+    """case -> .ckpt path, each case converted once, on first use, through `python -m mindcv_volo.convert`."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, case):
+        src, config_name, img_size, _ = CASES[case]
+        dst = self.folder / f"{case}.ckpt"
+        result = run_tool("-m", "mindcv_volo.convert", "--src", FIXTURES / src, "--dst", dst,
+                          "--model", "volo_d1_224", *reference_options(config_name, img_size))
+        assert result.returncode == 0, result.stderr
+        self[case] = dst
+        return dst
+
+
+class AllOutputs(nn.Cell):
+    """Eval logits, normed tokens, class and per-token logits in one compiled graph."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, x):
+        cls_logits, aux_logits = self.model.forward_train(x)
+        return self.model(x), self.model.forward_features(x), cls_logits, aux_logits
+
+
+def load_converted(converted, case):
+    """The case's converted checkpoint in a model built by MindCV's create_model, in eval mode."""
+    from mindcv.models import create_model
+
+    _, config_name, img_size, _ = CASES[case]
+    model = create_model("volo_d1_224", checkpoint_path=str(converted[case]), **overrides(config_name, img_size))
+    model.set_train(False)
+    return model
 
 
 def tiny_volo(num_classes=len(CLASSES), **overrides):
@@ -127,6 +184,12 @@ def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
     yield request.param
     ms.set_context(mode=previous)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """The reference cases' checkpoints, converted through the converter CLI on first use (ConvertedCheckpoints)."""
+    return ConvertedCheckpoints(tmp_path_factory.mktemp("converted"))
 
 
 @pytest.fixture(scope="session")

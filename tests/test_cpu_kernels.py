@@ -288,7 +288,10 @@ def test_stem_batch_norm_relu_kernels_equal_batchnorm2d(mode):
         net.set_train(False)
         results.append((value.asnumpy(), [g.asnumpy() for g in grads], stats, net(x).asnumpy()))
     (value, grads, stats, inference), (value_ref, grads_ref, stats_ref, inference_ref) = results
-    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    # A sum of 512 weighted outputs of size ~1 cancels down to ~0.1 at times: its rounding scales with the terms
+    # (measured up to 6.7e-6 over 12 seeds in both modes, against 3.7e-5 here; rtol 1e-5 alone failed seed 2 in
+    # graph mode), not with the sum
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-7 * np.abs(weights).sum())
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4 * np.abs(g_ref).max())
     assert len(stats) == 6 and np.abs(stats[0]).max() > 1e-3  # the running stats moved

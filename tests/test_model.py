@@ -9,7 +9,7 @@ from mindspore.nn.utils import no_init_parameters
 
 import mindcv_volo
 from mindcv_volo.models.volo import block_drop_path_rates
-from conftest import FIXTURES, REFERENCE_CONFIGS, reference_options, run_tool
+from conftest import CASES, FIXTURES, REFERENCE_CONFIGS, AllOutputs, load_converted, overrides
 
 # The official state dicts' value counts (parameters and BN statistics, num_batches_tracked excluded).
 OFFICIAL_VALUE_COUNTS = {
@@ -18,51 +18,6 @@ OFFICIAL_VALUE_COUNTS = {
     "volo_d4_448": 193_413_488, "volo_d5_224": 295_456_352, "volo_d5_448": 295_907_936,
     "volo_d5_512": 296_092_256,
 }
-# Each case: (fixture weights file, reference config, img_size, reference outputs).
-CASES = {
-    "d1like_safetensors": ("tiny_d1like_64.safetensors", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
-    "d1like_pth": ("tiny_d1like_64.pth", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
-    "d1like_pth_tar": ("tiny_d1like_64.pth.tar", "tiny_d1like_64", 64, "tiny_d1like_64.io.npz"),
-    "d5like_safetensors": ("tiny_d5like_96.safetensors", "tiny_d5like_96", 96, "tiny_d5like_96.io.npz"),
-    "d1like_resized_to_96": ("tiny_d1like_64.safetensors", "tiny_d1like_64", 96, "tiny_d1like_64_at_96.io.npz"),
-}
-
-
-def overrides(config_name, img_size):
-    return {**REFERENCE_CONFIGS[config_name], "img_size": img_size}
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Every case converted once through `python -m mindcv_volo.convert`: case -> .ckpt path."""
-    out = tmp_path_factory.mktemp("converted")
-    paths = {}
-    for case, (src, config_name, img_size, _) in CASES.items():
-        dst = out / f"{case}.ckpt"
-        result = run_tool("-m", "mindcv_volo.convert", "--src", FIXTURES / src, "--dst", dst,
-                          "--model", "volo_d1_224", *reference_options(config_name, img_size))
-        assert result.returncode == 0, result.stderr
-        paths[case] = dst
-    return paths
-
-
-class AllOutputs(nn.Cell):
-    """Eval logits, normed tokens, class and per-token logits in one compiled graph."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def construct(self, x):
-        cls_logits, aux_logits = self.model.forward_train(x)
-        return self.model(x), self.model.forward_features(x), cls_logits, aux_logits
-
-
-def load_converted(converted, case):
-    _, config_name, img_size, _ = CASES[case]
-    model = create_model("volo_d1_224", checkpoint_path=str(converted[case]), **overrides(config_name, img_size))
-    model.set_train(False)
-    return model
 
 
 @pytest.mark.parametrize("case", ["d1like_safetensors", "d5like_safetensors"])

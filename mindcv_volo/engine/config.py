@@ -152,7 +152,7 @@ SECTIONS = {
         O("val_amp_level", "str?", None, None, "validate.py's mixed-precision level; null: amp_level"),
         O("amp_cast_list", "str?", None, None, "MindCV: cells cast to float16 (not supported: amp_level decides)"),
         O("loss_scale_type", "str", "fixed", ("fixed", "dynamic", "auto"),
-          "loss scaling; auto: dynamic at O2/O3 on an accelerator, fixed otherwise"),
+          "loss scaling; auto: dynamic where the run computes in float16 (O2/O3), fixed otherwise"),
         O("loss_scale", "float", 1024.0, None, "(initial) loss scale"),
         O("drop_overflow_update", "bool", False, None, "skip the update of a step whose gradients overflow"),
     ],

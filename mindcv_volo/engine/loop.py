@@ -3,10 +3,12 @@ import logging
 import math
 import os
 import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 from mindcv.optim import create_optimizer
 from mindcv.scheduler import create_scheduler
+from mindspore import nn
 
 from ..errors import UserError
 from ..weights.checkpoint import load_checkpoint_into
@@ -17,7 +19,7 @@ from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
 from .model_spec import build_model, preprocessing, resolve
 from .runtime import add_log_file, amp_level, describe, release_free_heap, setup_runtime
-from .step import apply_amp, build_train_steps
+from .step import EMA, TrainState, TrainStep, apply_amp, build_train_steps
 
 logger = logging.getLogger("mindcv_volo")
 
@@ -78,13 +80,46 @@ def build_optimizer(optimizer_options, model, lrs):
                             **({"eps": o.eps} if o.eps is not None and o.opt == "rmsprop" else {}), **extra)
 
 
-def dynamic_loss_scale(step_options, level, device):
-    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it (O2/O3 on an accelerator)."""
+def dynamic_loss_scale(step_options, level):
+    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it: at the level the run uses, O2
+    or O3 (on CPU's own formulation `amp_level` has made that O0; the accelerator formulation forced on CPU keeps
+    its level and so its loss scale, as on GPU and Ascend)."""
     if step_options.loss_scale_type == "auto":
-        dynamic = level in ("O2", "O3") and device != "CPU"
+        dynamic = level in ("O2", "O3")
         logger.info("loss_scale_type auto: %s", "dynamic" if dynamic else "fixed")
         return dynamic
     return step_options.loss_scale_type == "dynamic"
+
+
+class Training(NamedTuple):
+    """What a run trains with (`build_training`): the AMP level it runs, the model under AMP (`network`), the
+    loss network (engine.step's seam), one learning rate per update, the optimizer, whether the loss scale
+    adapts, the micro-step and update-step cells (one cell without accumulation), the TrainState, the EMA."""
+    amp_level: str
+    network: nn.Cell
+    loss_network: nn.Cell
+    lrs: list
+    optimizer: nn.Optimizer
+    dynamic_scale: bool
+    micro_step: TrainStep
+    update_step: TrainStep
+    state: TrainState
+    ema: Optional[EMA]
+
+
+def build_training(config, model, num_classes, runtime, updates, build_loss):
+    """train.py's compiled steps for `model` (built, weights loaded; its parameters stay float32): AMP at the
+    level this device runs, the loss of `build_loss`, MindCV's scheduler and optimizer over `updates`
+    optimizer updates, loss scale, clipping, accumulation and EMA from the `train_step` section."""
+    level = amp_level(config.train_step.amp_level, runtime.device)
+    network = apply_amp(model, level)
+    loss_network = build_loss(network, config.loss, num_classes, config.system.seed, runtime)
+    lrs = learning_rates(config.scheduler, updates)
+    optimizer = build_optimizer(config.optimizer, model, lrs)
+    dynamic = dynamic_loss_scale(config.train_step, level)
+    micro_step, update_step, state, ema = build_train_steps(loss_network, optimizer, model, config.train_step,
+                                                            config.model.ema, dynamic)
+    return Training(level, network, loss_network, lrs, optimizer, dynamic, micro_step, update_step, state, ema)
 
 
 def check_options(config):
@@ -156,15 +191,10 @@ class Run:
             load_checkpoint_into(self.model, config.model.ckpt_path, adapt=True)  # fine-tuning start point
         self.preprocessing = preprocessing(self.model, self.spec, aug)
         params = [(p.name, p) for p in self.model.get_parameters()]  # named before any wrapping
-        self.amp_level = amp_level(steps.amp_level, self.runtime.device)
-        network = apply_amp(self.model, self.amp_level)
+        (self.amp_level, network, self.loss_network, self.lrs, self.optimizer, self.dynamic_scale, self.micro_step,
+         self.update_step, self.state, self.ema) = build_training(config, self.model, self.spec.num_classes,
+                                                                  self.runtime, self.updates, build_loss)
         self.eval_network = EvalNetwork(network)
-        self.loss_network = build_loss(network, config.loss, self.spec.num_classes, config.system.seed, self.runtime)
-        self.lrs = learning_rates(config.scheduler, self.updates)
-        self.optimizer = build_optimizer(config.optimizer, self.model, self.lrs)
-        self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level, self.runtime.device)
-        self.micro_step, self.update_step, self.state, self.ema = build_train_steps(
-            self.loss_network, self.optimizer, self.model, steps, config.model.ema, self.dynamic_scale)
         ckpt = config.checkpoint
         self.keeper = CheckpointKeeper(ckpt.ckpt_save_dir, self.spec.name, params, self.optimizer, self.state,
                                        self.ema, ckpt.keep_checkpoint_max, ckpt.ckpt_save_policy,
