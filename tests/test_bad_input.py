@@ -152,13 +152,14 @@ def test_non_finite_loss_stops_the_run(cases):
 def test_dynamic_loss_scale_skips_overflowing_steps(cases):
     proc, _, out = cases["dynamic"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "epoch 1 step 1: non-finite gradients at loss scale 3e+38: update skipped" in proc.stdout
+    # Which steps overflow depends on the batches and the weights, not on this test: some step of epoch 1 does.
+    assert re.search(r"epoch 1 step \d: non-finite gradients at loss scale 3e\+38: update skipped", proc.stdout)
     assert "step(s) skipped" in proc.stdout.split("epoch 1/2 done")[1].splitlines()[0]
-    # Each skipped step halves the scale; how many overflow depends on the weights, not on this test.
+    # Each skipped step halves the scale.
     scales = [float(s) for s in re.findall(r"non-finite gradients at loss scale (\S+): update skipped", proc.stdout)]
     halvings = len(scales)
     assert scales == pytest.approx([3e38 / 2 ** k for k in range(halvings)], rel=1e-3)
-    assert 1 <= halvings < 12  # some steps were skipped, later ones trained
+    assert 1 <= halvings < 12  # some steps were skipped, others updated
     state = read_ckpt(out / "volo_d1_224-2_6.ckpt")
     assert float(state["train_state.loss_scale"]) == pytest.approx(3e38 / 2 ** halvings, rel=1e-6)
     assert int(state["optimizer.global_step"].reshape(-1)[0]) == 12 - halvings  # skipped steps did not update

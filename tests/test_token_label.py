@@ -8,6 +8,7 @@ from mindspore import nn, ops
 
 from mindcv_volo.token_labeling.loss import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy,
                                              mix_ground_truth, topk_target)
+from mindcv_volo.engine.randomness import STREAMS
 from mindcv_volo.token_labeling.mix_token import box_mask, clipped_box, mix_rng, mixed_lambda, sample_mix_box
 
 from conftest import tiny_volo
@@ -38,7 +39,7 @@ def test_box_mask_marks_rows_x_and_columns_y():
 
 def test_sample_draws_beta_then_row_then_column_from_the_step_state():
     lam, box = sample_mix_box(mix_rng(7, 2, 5), 14, 14)
-    ref = np.random.default_rng([7, 2, 5, 0])
+    ref = np.random.default_rng([STREAMS["mix_token"], 7, 2, 5, 0])
     ref_lam = ref.beta(1.0, 1.0)
     center = (ref.integers(14), ref.integers(14))
     assert lam == ref_lam and box == clipped_box(ref_lam, center, 14, 14)

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..weights.checkpoint import load_checkpoint_into
 from .checkpoints import CheckpointKeeper, list_checkpoints
 from .config import save_config
-from .data import SplitInfo, create_eval_loader, create_train_loader, iterate, train_steps
+from .data import SplitInfo, create_eval_loader, create_train_loader, train_steps
 from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
 from .model_spec import build_model, preprocessing, resolve
@@ -106,7 +106,7 @@ def log_options_that_do_not_apply(config):
         logger.info("dataset_sink_mode: the loop feeds each step from the host (its inputs are drawn per step "
                     "on the host), on every device")
     if config.augmentation.auto_augment and config.augmentation.color_jitter is not None:
-        logger.info("color_jitter is not applied with auto_augment (MindCV's training transforms)")
+        logger.info("color_jitter is not applied with auto_augment (as MindCV's training transforms)")
 
 
 def format_time(seconds):
@@ -254,11 +254,11 @@ class Run:
         log_interval, epochs = config.system.log_interval, config.scheduler.epoch_size
         # A loss that needs other columns (label maps) brings its own loader; see engine.step.
         make_loader = getattr(self.loss_network, "create_train_loader", create_train_loader)
-        loader = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
-                             self.spec.num_classes, config.system.seed, self.runtime)
+        batches = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
+                              self.spec.num_classes, config.system.seed, self.runtime)
         losses, skipped = [], 0
         epoch_start = interval_start = time.time()
-        for step, batch in enumerate(iterate(loader)):
+        for step, batch in enumerate(batches):
             applies = (step + 1) % accumulation == 0
             cell = self.update_step if applies else self.micro_step
             loss, norm, overflow, scale = cell(*self.loss_network.step_inputs(batch, epoch, step))

@@ -9,12 +9,13 @@ changes. Contract for every loss (what the train step relies on):
   * `construct(*inputs)` returns the loss of this device's batch as a float32 scalar;
   * `step_inputs(batch, epoch, step)` (host side, once per micro-step) returns the tuple of Tensors passed
     to `construct`, built from the loader's batch (numpy arrays in the loader's column order) and anything
-    drawn for this step, from a generator seeded with (seed, epoch, step, rank) so a resumed run draws the
-    same values;
+    drawn for this step, from a generator keyed by (seed, epoch, step, rank) (`engine.randomness`) so a
+    resumed run draws the same values;
   * shapes and dtypes of the inputs stay the same at every step (one compiled graph);
-  * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime)`
-    replaces `data.create_train_loader` (same arguments, same (seed, epoch) order via `data.epoch_order`
-    and `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
+  * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime,
+    first_step)` replaces `data.create_train_loader` (same arguments, same (seed, epoch) order and
+    per-sample augmentation via `data.epoch_order`, `data.TrainSamples` and `data.sample_batches`) when
+    the loss needs other columns than (image, label), e.g. label maps.
 `classification_loss` serves MindCV's losses (ce, bce, asl_*); token labeling's is
 `token_labeling.training.build_token_label_loss`.
 """

@@ -40,7 +40,7 @@ def topk_target(indices, scores, num_classes):
     The top-k scores are the teacher's logits; the other classes count as logit 0 (the official
     scatters the top-k into a zero map) and a softmax over all K classes gives the target.
     indices: int (..., k); scores: float (..., k). Duplicate indices add (only zero-score padding
-    repeats an index, see label_maps.crop_label_map).
+    repeats an index, see label_maps.follow_image).
     """
     scores = scores.astype(ms.float32)
     logits = ops.zeros(scores.shape[:-1] + (num_classes,), ms.float32)
@@ -120,9 +120,9 @@ class LabelMapsWithLoss(nn.Cell):
     """Network with loss, label-map mode (the official pre-training).
 
     construct(images, labels (B,), cls_indices (B, k), cls_scores (B, k), token_indices (B, N, k),
-    token_scores (B, N, k), mix_mask, lam) -> loss. The class target is the teacher's label of the
-    crop (the official TokenLabelCrossEntropy); `ground_truth=True` mixes in the image label as the
-    official --ground-truth fine-tuning does. The columns come from label_maps.RandomResizedCropWithMap.
+    token_scores (B, N, k), mix_mask, lam) -> loss. The class target is the teacher's label of
+    what the image shows (the official TokenLabelCrossEntropy); `ground_truth=True` mixes in the image label
+    as the official --ground-truth fine-tuning does. The columns come from label_maps.label_map_columns.
     """
 
     def __init__(self, network, loss_fn, num_classes, ground_truth=False):
