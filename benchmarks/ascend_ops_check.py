@@ -9,6 +9,9 @@ No accelerator here, so the check is static, from what this machine can compile:
    `mindspore.ops.<Name>` in the installed 2.10 package).
 4. The graphs are searched for host round-trips: PyExecute / PyInterpret nodes (Python run from inside the
    graph, e.g. shape logic on tensor values), which would break dataset sink mode and O2/O3 compilation.
+5. The training step is built as train.py builds it: drop path on, its masks fed as step inputs (drawn on the
+   host); it is searched for random-number primitives, which would draw from MindSpore's in-graph state (not
+   restorable on resume, not reproducible from a seed on Ascend).
 
   python benchmarks/ascend_ops_check.py            # prints one table per graph; exit code 1 on a finding
 """
@@ -23,6 +26,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 HOST_NODES = ("PyExecute", "PyInterpret", "PyFunc", "PyExecuteGrad")
+RANDOM_NODES = ("UniformReal", "StandardNormal", "UniformInt", "RandomUniform", "Dropout", "DropoutGenMask",
+                "RandExt", "RandLikeExt", "Bernoulli", "Multinomial")
 # Graph plumbing that is not a device kernel
 STRUCTURAL = {"Return", "MakeTuple", "TupleGetItem", "Depend", "UpdateState", "Load", "Partial", "Switch",
               "ListGetItem", "MakeList", "stop_gradient", "StopGradient", "J", "ZerosLike", "EnvironCreate",
@@ -48,16 +53,28 @@ def platforms(name):
     return None
 
 
+class LossWithMasks(nn.Cell):
+    """Cross-entropy of the model fed its drop-path masks, as train.py's loss cells feed them."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.loss = nn.CrossEntropyLoss()
+
+    def construct(self, x, labels, drop_masks):
+        return self.loss(self.model(x, drop_masks), labels)
+
+
 def compiled_primitives(build, train, ir_dir):
     ms.set_context(mode=ms.GRAPH_MODE, save_graphs=1, save_graphs_path=ir_dir)
     net = build()
     x = ms.Tensor(np.zeros((2, 3, 64, 64), np.float32))
     if train:
         net.set_train(True)
-        loss_net = nn.WithLossCell(net, nn.CrossEntropyLoss())
+        masks = ms.Tensor(np.ones((len(net.drop_path_keep_probs()), 2), np.float32))
         optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3)
-        step = nn.TrainOneStepCell(loss_net, optimizer)
-        step(x, ms.Tensor(np.zeros(2, np.int32)))
+        step = nn.TrainOneStepCell(LossWithMasks(net), optimizer)
+        step(x, ms.Tensor(np.zeros(2, np.int32)), masks)
     else:
         net.set_train(False)
         net(x)
@@ -66,7 +83,7 @@ def compiled_primitives(build, train, ir_dir):
     text = open(glob.glob(os.path.join(ir_dir, "*_validate_*.ir"))[-1]).read()
     names = set(re.findall(r"PrimFunc_([A-Za-z0-9]+)\(", text))
     names |= {n for n in re.findall(r"= ([A-Z][A-Za-z0-9]+)\(", text) if hasattr(ops, n)}
-    host = sorted(h for h in HOST_NODES if h in text)
+    host = sorted(h for h in HOST_NODES + RANDOM_NODES if re.search(rf"\b{h}\b", text))
     return sorted(names - STRUCTURAL), host
 
 
@@ -79,7 +96,7 @@ def build_tiny(cpu_paths):
         import mindcv_volo.models.volo as volo
         volo.uses_cpu_paths = layers.uses_cpu_paths
         return volo.VOLO(layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4), img_size=64,
-                         num_classes=10)
+                         num_classes=10, drop_path_rate=0.1)
     finally:
         layers.uses_cpu_paths = original
         volo.uses_cpu_paths = original
@@ -94,7 +111,7 @@ def main():
                 names, host = compiled_primitives(lambda: build_tiny(cpu_paths), train, ir_dir)
             print(f"\n## {label}, {'training step' if train else 'inference'}: {len(names)} primitives")
             if host:
-                print("HOST ROUND-TRIP NODES:", ", ".join(host))
+                print("HOST ROUND-TRIP OR IN-GRAPH RANDOM NODES:", ", ".join(host))
                 findings += not cpu_paths
             for name in names:
                 # gradient kernels come with the forward op they differentiate

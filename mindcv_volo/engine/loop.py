@@ -109,6 +109,16 @@ def log_options_that_do_not_apply(config):
         logger.info("color_jitter is not applied with auto_augment (as MindCV's training transforms)")
 
 
+def warn_what_is_not_reproduced(model_options):
+    """One warning for the randomness this project cannot draw on the host (see README, Reproducibility)."""
+    rates = {"drop_rate": model_options.drop_rate or 0.0,
+             "attn_drop_rate": model_options.arch_overrides.get("attn_drop_rate") or 0.0}
+    on = [f"{name} {rate:g}" for name, rate in rates.items() if rate > 0]
+    if on:
+        logger.warning("warning: %s: dropout draws inside the graph (MindSpore's nn.Dropout), so a resumed run does "
+                       "not redraw it exactly and devices do not reproduce it from the seed", ", ".join(on))
+
+
 def format_time(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -124,6 +134,7 @@ class Run:
         data, aug, steps = config.data, config.augmentation, config.train_step
         self.runtime = setup_runtime(config.system, config.system.distribute)
         log_options_that_do_not_apply(config)
+        warn_what_is_not_reproduced(config.model)
 
         self.train_split = SplitInfo(data.data_dir, data.train_split)
         self.val_split = self._val_split()

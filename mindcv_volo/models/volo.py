@@ -13,8 +13,9 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm, batch_norm_relu_channels_last,
-                     dense, drop_path, layer_norm, split_class_token, uses_cpu_paths, uses_fused_cpu_kernels)
+from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
+                     batch_norm_relu_channels_last, dense, layer_norm, split_class_token, uses_cpu_paths,
+                     uses_fused_cpu_kernels)
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
@@ -77,7 +78,11 @@ class OutlookAttention(nn.Cell):
 
 
 class PreNormBlock(nn.Cell):
-    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention."""
+    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention.
+
+    `drop_masks` (rows, B) holds the step's drop-path masks of the whole model: the two branches of this
+    block take rows `mask_row` and `mask_row + 1` (numbered by VOLO); None: no masks fed (`DropPath`).
+    """
 
     attention = None
 
@@ -85,13 +90,17 @@ class PreNormBlock(nn.Cell):
         super().__init__()
         self.norm1 = layer_norm(dim)
         self.attn = self.attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.drop_path = drop_path(drop_path_rate)
+        self.drop_path = DropPath(drop_path_rate)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mask_row = None
 
-    def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def construct(self, x, drop_masks=None):
+        attn_keep, mlp_keep = None, None
+        if drop_masks is not None and self.mask_row is not None:
+            attn_keep, mlp_keep = drop_masks[self.mask_row], drop_masks[self.mask_row + 1]
+        x = x + self.drop_path(self.attn(self.norm1(x)), attn_keep)
+        return x + self.drop_path(self.mlp(self.norm2(x)), mlp_keep)
 
 
 class Outlooker(PreNormBlock):
@@ -271,6 +280,15 @@ class VOLO(nn.Cell):
                 for rate in rates[stage]]))
         self.network = nn.CellList(network)
 
+        # Each block under drop path takes two rows of the step's masks (its two branches), in block order.
+        keep_probs = []
+        for stage in (self.network[0], *self.network[2:]):
+            for block in stage:
+                if block.drop_path.keep_prob < 1.0:
+                    block.mask_row = len(keep_probs)
+                    keep_probs += [block.drop_path.keep_prob] * 2
+        self.keep_probs = tuple(keep_probs)
+
         self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, embed_dims[-1])), name="cls_token")
         self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
                                          for _ in range(2)])
@@ -282,17 +300,28 @@ class VOLO(nn.Cell):
         """Parameter names the official recipe trains without weight decay."""
         return {"pos_embed", "cls_token"}
 
+    def drop_path_keep_probs(self):
+        """The keep probability of each row of the drop-path masks a training step takes (`drop_masks`
+        (rows, B) of construct and forward_train); () without drop path."""
+        return self.keep_probs
+
+    @staticmethod
+    def run_stage(stage, x, drop_masks):
+        for block in stage:
+            x = block(x, drop_masks)
+        return x
+
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
         return self.patch_embed.channels_last(x)
 
-    def forward_tokens(self, x):
+    def forward_tokens(self, x, drop_masks=None):
         """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
-        x = self.network[0](x)
+        x = self.run_stage(self.network[0], x, drop_masks)
         x = self.network[1](x) + self.pos_embed
         x = self.pos_drop(x)
         for stage in self.network[2:]:
-            x = stage(x)
+            x = self.run_stage(stage, x, drop_masks)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def forward_cls(self, tokens):
@@ -303,9 +332,9 @@ class VOLO(nn.Cell):
             x = block(x)
         return self.norm(x)
 
-    def forward_features(self, x):
+    def forward_features(self, x, drop_masks=None):
         """Image -> normed tokens (B, 1 + N, C), class token first."""
-        return self.forward_cls(self.forward_tokens(self.embed(x)))
+        return self.forward_cls(self.forward_tokens(self.embed(x), drop_masks))
 
     def forward_head(self, tokens):
         cls_token, patch_tokens = split_class_token(tokens)
@@ -314,29 +343,29 @@ class VOLO(nn.Cell):
             return cls_logits
         return cls_logits + 0.5 * self.aux_head(patch_tokens).max(axis=1)
 
-    def forward_stages(self, x):
+    def forward_stages(self, x, drop_masks=None):
         """Image -> the four stage outputs as NCHW maps (stride 8, then three at stride 16)."""
-        x = self.network[0](self.embed(x))
+        x = self.run_stage(self.network[0], self.embed(x), drop_masks)
         maps = [x.transpose(0, 3, 1, 2)]
         x = self.pos_drop(self.network[1](x) + self.pos_embed)
         for stage in self.network[2:]:
-            x = stage(x)
+            x = self.run_stage(stage, x, drop_masks)
             maps.append(x.transpose(0, 3, 1, 2))
         return tuple(maps[i] for i in self.out_indices)
 
-    def forward_train(self, x, mix_mask=None):
+    def forward_train(self, x, mix_mask=None, drop_masks=None):
         """Token-labeling outputs: (class logits (B, K), per-token logits (B, N, K)).
 
         `mix_mask` (1 or B, H/16, W/16, 1), 1 inside the MixToken box: there the stride-8 tokens come
         from the batch flipped along its first axis, and the per-token logits are flipped back, so
-        each token's logits line up with its own image's token labels.
+        each token's logits line up with its own image's token labels. `drop_masks`: as construct's.
         """
         x = self.embed(x)
         if mix_mask is not None:
             fine_mask = self._to_stride8(mix_mask).astype(x.dtype)
             # ops.flip, not x[::-1]: MindSpore 2.10 has no gradient for a negative-stride slice.
             x = x * (1 - fine_mask) + ops.flip(x, (0,)) * fine_mask
-        cls_token, patch_tokens = split_class_token(self.forward_cls(self.forward_tokens(x)))
+        cls_token, patch_tokens = split_class_token(self.forward_cls(self.forward_tokens(x, drop_masks)))
         cls_logits = self.head(cls_token.squeeze(1))
         aux_logits = self.aux_head(patch_tokens)
         if mix_mask is not None:
@@ -352,10 +381,12 @@ class VOLO(nn.Cell):
                                 (batch, height, POOLING_SCALE, width, POOLING_SCALE, 1))
         return mask.reshape(batch, height * POOLING_SCALE, width * POOLING_SCALE, 1)
 
-    def construct(self, x):
+    def construct(self, x, drop_masks=None):
+        """Logits (or feature maps); in training, `drop_masks` (rows of `drop_path_keep_probs()`, B) are the
+        step's drop-path masks (1 keeps a sample's branch); inference needs none."""
         if self.features_only:
-            return self.forward_stages(x)
-        return self.forward_head(self.forward_features(x))
+            return self.forward_stages(x, drop_masks)
+        return self.forward_head(self.forward_features(x, drop_masks))
 
 
 # The architectures of the official release (models/volo.py of sail-sg/volo).

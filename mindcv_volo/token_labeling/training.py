@@ -6,12 +6,14 @@ Two modes, chosen by `token_label_dir`:
     geometric operation of its image (crop, flips, RandAugment's rotate, shear, translate: the image's
     `Geometry`) and is resampled to the token grid (`label_maps.label_map_columns`).
 With `mix_token` on, each step's MixToken box is drawn on the host from (seed, epoch, step, rank), so a
-resumed run draws the same boxes; the box reaches the graph as a mask tensor of static shape.
+resumed run draws the same boxes; the box reaches the graph as a mask tensor of static shape. The drop-path
+masks come the same way (`engine.step.DropPathMasks`).
 """
 import numpy as np
 from mindspore import Tensor
 
 from ..engine.data import TrainSamples, epoch_order, sample_batches, train_augmentation
+from ..engine.step import DropPathMasks
 from ..errors import UserError
 from ..models.volo import TOKEN_STRIDE
 from .label_maps import find_label_map, label_map_columns, read_label_map
@@ -24,25 +26,27 @@ MAP_COLUMNS = ("image", "label", "cls_indices", "cls_scores", "token_indices", "
 class GroundTruthTokenLoss(LabelsWithLoss):
     """Batches (image, label): each token's target is the image's label."""
 
-    def __init__(self, model, loss_fn, num_classes, mixer):
+    def __init__(self, model, loss_fn, num_classes, mixer, drop_masks):
         super().__init__(model, loss_fn, num_classes)
-        self.mixer = mixer
+        self.mixer, self.drop_masks = mixer, drop_masks
 
     def step_inputs(self, batch, epoch, step):
         images, labels = batch
-        return (Tensor(images), Tensor(labels.astype(np.int32)), *self.mixer(epoch, step))
+        return (Tensor(images), Tensor(labels.astype(np.int32)), *self.mixer(epoch, step),
+                self.drop_masks(epoch, step, len(images)))
 
 
 class LabelMapTokenLoss(LabelMapsWithLoss):
     """Batches in MAP_COLUMNS order: the teacher's top-k per image and per token are the targets."""
 
-    def __init__(self, model, loss_fn, num_classes, mixer, map_dir):
+    def __init__(self, model, loss_fn, num_classes, mixer, drop_masks, map_dir):
         super().__init__(model, loss_fn, num_classes)
-        self.mixer = mixer
+        self.mixer, self.drop_masks = mixer, drop_masks
         self.map_dir = map_dir
 
     def step_inputs(self, batch, epoch, step):
-        return (*(Tensor(column) for column in batch), *self.mixer(epoch, step))
+        return (*(Tensor(column) for column in batch), *self.mixer(epoch, step),
+                self.drop_masks(epoch, step, len(batch[0])))
 
     def create_train_loader(self, split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
         order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
@@ -72,6 +76,7 @@ def build_token_label_loss(model, loss_options, num_classes, seed, runtime):
     """The loss builder of `loss: token_label` (engine.step's seam): label maps when token_label_dir is set."""
     loss_fn = TokenLabelCrossEntropy(loss_options.cls_weight, loss_options.dense_weight, loss_options.label_smoothing)
     mixer = MixTokenSampler(seed, model.img_size // TOKEN_STRIDE, runtime.rank, loss_options.mix_token)
+    drop_masks = DropPathMasks(model.drop_path_keep_probs(), seed, runtime.rank)
     if loss_options.token_label_dir:
-        return LabelMapTokenLoss(model, loss_fn, num_classes, mixer, loss_options.token_label_dir)
-    return GroundTruthTokenLoss(model, loss_fn, num_classes, mixer)
+        return LabelMapTokenLoss(model, loss_fn, num_classes, mixer, drop_masks, loss_options.token_label_dir)
+    return GroundTruthTokenLoss(model, loss_fn, num_classes, mixer, drop_masks)
