@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config
+from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config, tool_env
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed")
 
@@ -19,21 +19,42 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_workers_match_one(tmp_path):
-    data = make_image_folder(tmp_path / "data", {"train": 16, "val": 4})
-    recipe = dict(epoch_size=2, clip_grad=True, clip_value=1.0, ema=True, ema_decay=0.9, num_parallel_workers=1)
+# The per-sample augmentation is keyed by the sample's place in the global order, so it is the same on two
+# workers as on one; drop path and MixToken draw per device (rank) and stay off where one is compared with two.
+AUGMENTED = dict(epoch_size=2, clip_grad=True, clip_value=1.0, ema=True, ema_decay=0.9, num_parallel_workers=1,
+                 auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25, scale=[0.5, 1.0], hflip=0.5, log_interval=1)
+STEPS = 6  # 48 images / (2 workers x 4)
+
+
+def msrun(config, logs, *extra):
+    return ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()), "--join",
+            "True", "--log_dir", str(logs), os.path.join(ROOT, "train.py"), "-c", config, *extra]  # msrun runs python
+
+
+def worker_logs(logs):
+    return [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """One uninterrupted 2-worker run of AUGMENTED; (folder, data, config, worker logs, its compile cache)."""
+    root = tmp_path_factory.mktemp("msrun")
+    data = make_image_folder(root / "data", {"train": 16, "val": 4})
+    config = tiny_config(root / "two.yaml", data, root / "two", batch_size=4, **AUGMENTED)
+    env = tool_env(root / "compile_cache")  # shared by the 2-worker runs of AUGMENTED
+    proc = subprocess.run(msrun(config, root / "logs"), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=env)
+    worker = worker_logs(root / "logs")
+    assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
+    return root, data, config, worker, env
+
+
+def test_two_workers_match_one(two_workers):
+    root, data, config, worker, _ = two_workers
     # Two workers with 4 images each per step. The stem's BatchNorm normalises each device's own batch,
     # so the single worker sees the same global batch of 8 as two accumulated micro-batches of 4.
-    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "two", batch_size=4, **recipe)
-    single = tiny_config(tmp_path / "one.yaml", data, tmp_path / "one", batch_size=4,
-                         gradient_accumulation_steps=2, val_split="no_val", **recipe)  # no evaluation
-
-    logs = tmp_path / "logs"
-    command = ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
-               "--join", "True", "--log_dir", str(logs), os.path.join(ROOT, "train.py"), "-c", config]  # msrun runs python
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    worker = [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
-    assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
+    single = tiny_config(root / "one.yaml", data, root / "one", batch_size=4, gradient_accumulation_steps=2,
+                         val_split="no_val", **AUGMENTED)  # no evaluation
     one = run_tool("train.py", "-c", single)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 
@@ -42,14 +63,13 @@ def test_two_workers_match_one(tmp_path):
     assert hashes[0] == hashes[1]
     assert "epoch 2/2 done" in worker[0] and "epoch" not in worker[1]
     assert "2 workers" in worker[0]
-    steps = 6  # 48 images / (2 workers x 4)
-    assert sorted(f for f in os.listdir(tmp_path / "two") if f.endswith(".ckpt")) == [
-        f"volo_d1_224-1_{steps}.ckpt", f"volo_d1_224-2_{steps}.ckpt"]
+    assert sorted(f for f in os.listdir(root / "two") if f.endswith(".ckpt")) == [
+        f"volo_d1_224-1_{STEPS}.ckpt", f"volo_d1_224-2_{STEPS}.ckpt"]
 
     # One worker on the same global batches: same weights, EMA and optimizer moments. BatchNorm's running
     # statistics are excluded: the workers average theirs, one worker updates them batch after batch.
-    final_two = read_ckpt(tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt")
-    final_one = read_ckpt(tmp_path / "one" / f"volo_d1_224-2_{steps * 2}.ckpt")
+    final_two = read_ckpt(root / "two" / f"volo_d1_224-2_{STEPS}.ckpt")
+    final_one = read_ckpt(root / "one" / f"volo_d1_224-2_{STEPS * 2}.ckpt")
     keep = [k for k in final_two if "moving_" not in k and not k.startswith("train_state.")]
     assert len(keep) > 250
     assert max_difference({k: final_two[k] for k in keep}, {k: final_one[k] for k in keep}) <= 1e-5
@@ -60,9 +80,10 @@ def test_two_workers_match_one(tmp_path):
     assert result["num_samples"] == 12 and 0 <= result["top1"] <= 1 and result["top5"] == 1.0
     assert not [line for line in worker[1].splitlines() if line.startswith("{")]
     # ... exactly the figures of one process validating the same weights (the EMA's, as train.py does)
-    alone = run_tool("validate.py", "-c", config, "--ckpt_path", tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt",
+    alone = run_tool("validate.py", "-c", config, "--ckpt_path", root / "two" / f"volo_d1_224-2_{STEPS}.ckpt",
                      "--ema", "True")
     assert alone.returncode == 0, alone.stderr[-3000:]
     expected = last_json(alone.stdout)
     assert [result[k] for k in ("top1", "top5", "loss", "num_samples")] == [
         expected[k] for k in ("top1", "top5", "loss", "num_samples")]
+

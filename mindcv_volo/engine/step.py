@@ -184,9 +184,9 @@ class TrainStep(nn.Cell):
     `loss_network(*inputs)` at the current loss scale. With `accumulation` > 1 the gradients are added to
     buffers; the instance built with `apply_update=True` (called on the last micro-step of each group)
     then averages them over devices and micro-steps, unscales, measures the global norm, clips it to
-    `clip_value` (0: off) and applies the optimizer and the EMA, unless a gradient is not finite: then
-    the update is skipped and, under a dynamic scale, the scale halves (it doubles after
-    `scale_window` good updates). The loss returned is unscaled.
+    `clip_value` (0: off) and applies the optimizer, averages the BatchNorm statistics over devices, and
+    updates the EMA, unless a gradient is not finite: then the update is skipped and, under a dynamic scale,
+    the scale halves (it doubles after `scale_window` good updates). The loss returned is unscaled.
     """
 
     def __init__(self, loss_network, optimizer, state, apply_update=True, accumulation=1, clip_value=0.0,
@@ -236,10 +236,13 @@ class TrainStep(nn.Cell):
             grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)
         if not overflow:
             self.optimizer(grads)
-            if self.ema is not None:
-                self.ema()
         if self.buffers_to_sync is not None:
             self.hyper_map(ops.partial(_average_into, self.all_reduce, self.inverse_world), self.buffers_to_sync)
+        # After the averaging: the EMA of the BatchNorm statistics is then the same on every device, so a
+        # validation sharded over the devices evaluates one set of EMA weights.
+        if self.ema is not None:
+            if not overflow:
+                self.ema()
         if self.dynamic_scale:
             self._update_scale(overflow)
         if self.accumulation > 1:
