@@ -1,10 +1,13 @@
-"""Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches."""
+"""Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches;
+SIGTERM to the workers stops both after the same step, and the resumed run ends as one never stopped."""
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -87,3 +90,56 @@ def test_two_workers_match_one(two_workers):
     assert [result[k] for k in ("top1", "top5", "loss", "num_samples")] == [
         expected[k] for k in ("top1", "top5", "loss", "num_samples")]
 
+
+def msrun_workers(msrun_pid):
+    """The pids of msrun's training workers: its children running train.py with MS_ROLE=MS_WORKER (not the
+    scheduler, not the log tails)."""
+    children = open(f"/proc/{msrun_pid}/task/{msrun_pid}/children", encoding="ascii").read().split()
+    workers = []
+    for pid in map(int, children):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            command = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"MS_ROLE=MS_WORKER" in environ and b"train.py" in command:
+            workers.append(pid)
+    return workers
+
+
+def test_sigterm_stops_every_worker_at_one_step_and_resumes_exactly(tmp_path, two_workers):
+    """msrun itself answers Ctrl-C by killing its workers outright (SIGKILL): a graceful stop is a SIGTERM (or
+    SIGINT) to the workers, as a cluster scheduler sends it. Both stop after the same step, rank 0 saves."""
+    root, data, _, _, env = two_workers
+    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "ckpt", batch_size=4, **AUGMENTED)
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(msrun(config, logs), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 600
+    while "epoch 2/2 step 1/" not in ((logs / "worker_0.log").read_text() if (logs / "worker_0.log").exists()
+                                      else ""):
+        assert proc.poll() is None and time.time() < deadline, worker_logs(logs)[0][-3000:]
+        time.sleep(0.2)
+    workers = msrun_workers(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=600)
+    assert proc.returncode != 0  # msrun reports workers that ended with an exit code of their own
+    worker = worker_logs(logs)
+    match = re.search(r"stopped by SIGTERM after epoch 2 step (\d+)/6: saved (\S+); to continue, add --resume True "
+                      "to the msrun command", worker[0])
+    assert match, worker[0][-3000:]
+    step = int(match.group(1))
+    assert f"rank 1: stopped by SIGTERM after epoch 2 step {step}/6, as every rank; rank 0 saved" in worker[1]
+    saved = tmp_path / "ckpt" / f"volo_d1_224-2_{step}.ckpt"
+    assert match.group(2) == str(saved)
+    assert int(read_ckpt(saved)["train_state.epoch_step"]) == step
+
+    resumed = subprocess.run(msrun(config, tmp_path / "logs2", "--resume", "True"), cwd=ROOT, capture_output=True,
+                             text=True, timeout=900, env=env)
+    worker = worker_logs(tmp_path / "logs2")
+    assert resumed.returncode == 0, worker[0][-3000:] + worker[1][-3000:]
+    assert f"epoch 2 at step {step}/6" in worker[0]
+    final = f"volo_d1_224-2_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(root / "two" / final)) <= 1e-5

@@ -172,7 +172,8 @@ SECTIONS = {
     ],
     "checkpoint": [
         O("resume", "bool", False, None,
-          "continue from ckpt_path, or the latest checkpoint in ckpt_save_dir: weights, optimizer, epoch",
+          "continue from ckpt_path, or the latest checkpoint in ckpt_save_dir (a weights-only ckpt_path is the "
+          "run's starting point): weights, optimizer, EMA, loss scale, epoch and step (also mid-epoch)",
           ("resume_opt",)),
         O("ckpt_save_dir", "str", "./ckpt", None, "folder for checkpoints, the log, metrics and the resolved config"),
         O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs (and at the end)"),
