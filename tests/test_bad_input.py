@@ -108,13 +108,25 @@ def cases(tmp_path_factory):
                                   "(or img_size in arch_overrides)"),
     }
     outs = {name: root / f"out{index}" for index, name in enumerate(table)}  # where each case would write
+    # A folder holding an earlier run's checkpoint: a fresh run refuses to touch it.
+    earlier = root / "earlier"
+    earlier.mkdir()
+    (earlier / "volo_d1_224-2_3.ckpt").write_bytes(b"an earlier run's")
+    table["earlier checkpoints"] = (("train.py", "-c", config),
+                                    f"{earlier} holds 1 checkpoint(s) of an earlier run of volo_d1_224 (latest "
+                                    "volo_d1_224-2_3.ckpt); continue that run with --resume True, write this one "
+                                    "elsewhere with --ckpt_save_dir DIR, or replace them with --overwrite True")
+    outs["earlier checkpoints"] = earlier
     # Two runs that train (and compile) start first, beside the quick ones.
     nan = tiny_config(root / "nan.yaml", data, root / "nan_out", batch_size=4, epoch_size=2, warmup_epochs=0,
                       lr=1e30, ckpt_save_interval=2)
     # A scale of 3e38 overflows the float32 gradients: steps are skipped while it halves, then it trains.
+    # ... and, told to overwrite an earlier run's checkpoint, removes it (the run itself is the dynamic case).
     dynamic = tiny_config(root / "dynamic.yaml", data, root / "dynamic_out", batch_size=2, epoch_size=2,
                           warmup_epochs=0, loss_scale_type="dynamic", loss_scale=3e38, log_interval=1,
-                          val_split="no_val")
+                          val_split="no_val", overwrite=True)
+    (root / "dynamic_out").mkdir()
+    (root / "dynamic_out" / "volo_d1_224-9_6.ckpt").write_bytes(b"an earlier run's")
     with ThreadPoolExecutor(max_workers=3) as pool:
         trains = {"nan": pool.submit(run_tool, "train.py", "-c", nan),
                   "dynamic": pool.submit(run_tool, "train.py", "-c", dynamic)}
@@ -127,7 +139,7 @@ def cases(tmp_path_factory):
 CASES = ["missing data_dir", "missing split", "empty split", "different classes", "unreadable image",
          "unknown model", "other class count", "other variant", "truncated checkpoint", "random checkpoint",
          "missing checkpoint", "no checkpoint given", "missing config", "batch larger than data",
-         "resume from weights only", "arch_overrides key", "image_resize mismatch"]
+         "resume from weights only", "arch_overrides key", "image_resize mismatch", "earlier checkpoints"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -135,7 +147,10 @@ def test_one_line_error(cases, case):
     proc, message, out = cases[case]
     assert proc.stderr == f"error: {message}\n", proc.stderr[-3000:]
     assert proc.returncode == 2
-    if case != "resume from weights only":  # resume checks its checkpoint after the log file is opened
+    if case == "earlier checkpoints":  # the earlier run's file is left as it was, and nothing added
+        assert os.listdir(out) == ["volo_d1_224-2_3.ckpt"]
+        assert (out / "volo_d1_224-2_3.ckpt").read_bytes() == b"an earlier run's"
+    elif case != "resume from weights only":  # resume checks its checkpoint after the log file is opened
         assert not out.exists(), os.listdir(out)  # nothing written
 
 
@@ -161,5 +176,8 @@ def test_dynamic_loss_scale_skips_overflowing_steps(cases):
     assert scales == pytest.approx([3e38 / 2 ** k for k in range(halvings)], rel=1e-3)
     assert 1 <= halvings < 12  # some steps were skipped, others updated
     state = read_ckpt(out / "volo_d1_224-2_6.ckpt")
+    # overwrite on: the earlier run's checkpoint went before the run wrote its own
+    assert sorted(f for f in os.listdir(out) if f.endswith(".ckpt")) == ["volo_d1_224-1_6.ckpt", "volo_d1_224-2_6.ckpt"]
+    assert "removed " + str(out / "volo_d1_224-9_6.ckpt") + " of an earlier run (overwrite is on)" in proc.stdout
     assert float(state["train_state.loss_scale"]) == pytest.approx(3e38 / 2 ** halvings, rel=1e-6)
     assert int(state["optimizer.global_step"].reshape(-1)[0]) == 12 - halvings  # skipped steps did not update

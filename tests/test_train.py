@@ -268,5 +268,5 @@ def test_checkpoint_pruning(tmp_path, policy, kept):
     (tmp_path / checkpoint_name("m", 6, 2)).write_bytes(b"")
     (tmp_path / checkpoint_name("m", 6, 5)).write_bytes(b"")
     assert [(e, s) for e, s, _ in list_checkpoints(str(tmp_path), "m")][-3:] == [(5, 5), (6, 2), (6, 5)]
-    keeper.discard_earlier()  # what a fresh run (no --resume) does first
+    keeper.discard_earlier()  # what a fresh run with --overwrite True does first
     assert list_checkpoints(str(tmp_path), "m") == [] and (tmp_path / "other-1_5.ckpt").exists()

@@ -11,7 +11,8 @@ steps of it done; an epoch's last checkpoint says its steps per epoch) holds
     global update step, loss scale and its good-step counter, steps per epoch, and the validation top-1
     when known.
 Each file is written to a temporary name and renamed (`weights.save_checkpoint`), so a kill during a save
-leaves the previous files intact and never a partial latest one.
+leaves the previous files intact and never a partial latest one. A run removes only files it wrote (pruning);
+a fresh run refuses a folder holding another run's checkpoints of its model unless told to overwrite them.
 """
 import hashlib
 import logging
@@ -114,16 +115,19 @@ class CheckpointKeeper:
         self.prune()
         return path
 
+    def earlier(self):
+        """Paths of the checkpoints of this model already in the folder (a fresh run must not mix with them)."""
+        return [path for _, _, path in list_checkpoints(self.folder, self.model_name)]
+
     def discard_earlier(self):
-        """A fresh run in a folder holding checkpoints of an earlier run of this model: remove them, or a
+        """Remove the checkpoints of an earlier run of this model (a fresh run told to overwrite them), or a
         later --resume (and the pruning) would take the earlier run's files for this run's."""
-        for _, _, path in list_checkpoints(self.folder, self.model_name):
+        for path in self.earlier():
             os.remove(path)
-            logger.info("removed %s of an earlier run (resume it with --resume True instead of starting afresh)",
-                        path)
+            logger.info("removed %s of an earlier run (overwrite is on)", path)
 
     def prune(self):
-        saved = [path for _, _, path in list_checkpoints(self.folder, self.model_name)]
+        saved = self.earlier()
         if self.policy is None or len(saved) <= self.keep_max:  # policy null: every checkpoint stays
             return
         latest = saved[-1]

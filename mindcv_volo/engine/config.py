@@ -175,6 +175,9 @@ SECTIONS = {
           "continue from ckpt_path, or the latest checkpoint in ckpt_save_dir (a weights-only ckpt_path is the "
           "run's starting point): weights, optimizer, EMA, loss scale, epoch and step (also mid-epoch)",
           ("resume_opt",)),
+        O("overwrite", "bool", False, None,
+          "a fresh run (no resume) in a ckpt_save_dir holding checkpoints of an earlier run of the same model "
+          "removes them; off: the run refuses to start"),
         O("ckpt_save_dir", "str", "./ckpt", None, "folder for checkpoints, the log, metrics and the resolved config"),
         O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs (and at the end)"),
         O("ckpt_save_policy", "str?", "latest_k", ("latest_k", "top_k"),

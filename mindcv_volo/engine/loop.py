@@ -170,6 +170,13 @@ class Run:
 
         classes = self.train_split.classes
         self.spec = resolve(config.model, num_classes=len(classes), class_names=classes)
+        ckpt = config.checkpoint
+        earlier = [] if ckpt.resume else list_checkpoints(ckpt.ckpt_save_dir, self.spec.name)
+        if earlier and not ckpt.overwrite:
+            raise UserError(f"{ckpt.ckpt_save_dir} holds {len(earlier)} checkpoint(s) of an earlier run of "
+                            f"{self.spec.name} (latest {os.path.basename(earlier[-1][2])}); continue that run "
+                            "with --resume True, write this one elsewhere with --ckpt_save_dir DIR, or replace "
+                            "them with --overwrite True")
         self.train_split.check_num_classes(self.spec.num_classes)
         self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate)
         if self.model.img_size != aug.image_resize:
@@ -190,7 +197,6 @@ class Run:
         self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level, self.runtime.device)
         self.micro_step, self.update_step, self.state, self.ema = build_train_steps(
             self.loss_network, self.optimizer, self.model, steps, config.model.ema, self.dynamic_scale)
-        ckpt = config.checkpoint
         self.keeper = CheckpointKeeper(ckpt.ckpt_save_dir, self.spec.name, params, self.optimizer, self.state,
                                        self.ema, ckpt.keep_checkpoint_max, ckpt.ckpt_save_policy,
                                        self.spec.describe(self.preprocessing))
@@ -198,7 +204,7 @@ class Run:
         if self.runtime.is_main:
             add_log_file(os.path.join(ckpt.ckpt_save_dir, "train.log"))
         self.start_epoch, self.global_step, self.progress = self._resume()
-        if self.runtime.is_main and not ckpt.resume:
+        if self.runtime.is_main and earlier:
             self.keeper.discard_earlier()
         self.metrics = MetricsLog(ckpt.ckpt_save_dir, self.start_epoch) if self.runtime.is_main else None
         if self.runtime.is_main:
