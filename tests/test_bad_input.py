@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder, read_ckpt, run_tool, tiny_config, tiny_volo
+from mindcv_volo.token_labeling.label_maps import label_map_path, write_label_map
 from mindcv_volo.weights import save_checkpoint
 
 MODEL_NAMES = ("volo_d1, volo_d1_224, volo_d1_384, volo_d2, volo_d2_224, volo_d2_384, volo_d3, volo_d3_224, "
@@ -49,6 +50,8 @@ def cases(tmp_path_factory):
     random_bytes = root / "random.ckpt"
     random_bytes.write_bytes(np.random.default_rng(1).bytes(5000))
     missing_config = root / "nope.yaml"
+    maps = root / "maps"  # a label map for one training image of twelve
+    write_label_map(label_map_path(str(maps), "circle/000.png"), np.zeros((2, 2, 1)), np.ones((2, 2, 1)), 3)
 
     def problem(name, file_shape, model_shape):
         return f"mis-shaped {name}: file {file_shape}, model {model_shape}"
@@ -106,6 +109,14 @@ def cases(tmp_path_factory):
         "image_resize mismatch": (("train.py", "-c", config, "--image_resize", "64"),
                                   "image_resize 64 differs from the model's img_size 32; set image_resize to 32 "
                                   "(or img_size in arch_overrides)"),
+        "missing label maps": (("train.py", "-c", config, "--loss", "token_label", "--token_label_dir", maps),
+                               f"token_label_dir {maps} has no label map for circle/001.png (expected "
+                               f"{maps}/circle/001.npz); 11 of the 12 images of {data}/train have none; make them "
+                               "with `python -m mindcv_volo.relabel`"),
+        "no label map folder": (("train.py", "-c", config, "--loss", "token_label", "--token_label_dir",
+                                 root / "nomaps"),
+                                f"token_label_dir not found: {root / 'nomaps'}; make the maps with "
+                                "`python -m mindcv_volo.relabel`"),
     }
     outs = {name: root / f"out{index}" for index, name in enumerate(table)}  # where each case would write
     # A folder holding an earlier run's checkpoint: a fresh run refuses to touch it.
@@ -139,7 +150,8 @@ def cases(tmp_path_factory):
 CASES = ["missing data_dir", "missing split", "empty split", "different classes", "unreadable image",
          "unknown model", "other class count", "other variant", "truncated checkpoint", "random checkpoint",
          "missing checkpoint", "no checkpoint given", "missing config", "batch larger than data",
-         "resume from weights only", "arch_overrides key", "image_resize mismatch", "earlier checkpoints"]
+         "resume from weights only", "arch_overrides key", "image_resize mismatch", "missing label maps",
+         "no label map folder", "earlier checkpoints"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -11,7 +11,8 @@ from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.data import SplitInfo
 from mindcv_volo.errors import UserError
 from mindcv_volo.token_labeling.label_maps import (find_label_map, follow_image, label_map_columns, label_map_path,
-                                                   read_label_map, sampling_weights, write_label_map)
+                                                   missing_label_maps, read_label_map, sampling_weights,
+                                                   write_label_map)
 from mindcv_volo.token_labeling.training import TrainSamplesWithMaps
 from test_torch_zip import p_tensor, write_checkpoint
 
@@ -319,3 +320,8 @@ def test_training_samples_carry_their_maps(tmp_path):
     assert (tok_idx == 4).all()
     with pytest.raises(UserError, match="num_classes is 4"):
         TrainSamplesWithMaps(split, np.array([1, 0]), aug, 7, 0, str(tmp_path / "maps"), 4, 2)[0]
+    # The check before a run: names only, ours (.npz) or the official (.pt, the name up to its first dot).
+    (tmp_path / "train" / "b" / "y.v2.png").write_bytes(b"")
+    (tmp_path / "train" / "b" / "z.png").write_bytes(b"")
+    (tmp_path / "maps" / "b" / "y.pt").write_bytes(b"")
+    assert missing_label_maps(str(tmp_path / "maps"), SplitInfo(str(tmp_path), "train").items) == ["b/z.png"]

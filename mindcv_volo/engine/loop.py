@@ -192,6 +192,9 @@ class Run:
         network = apply_amp(self.model, self.amp_level)
         self.eval_network = EvalNetwork(network)
         self.loss_network = build_loss(network, config.loss, self.spec.num_classes, config.system.seed, self.runtime)
+        check_inputs = getattr(self.loss_network, "check_inputs", None)  # e.g. a label map for every image
+        if check_inputs is not None:
+            check_inputs(self.train_split)
         self.lrs = learning_rates(config.scheduler, self.updates)
         self.optimizer = build_optimizer(config.optimizer, self.model, self.lrs)
         self.dynamic_scale = dynamic_loss_scale(steps, self.amp_level, self.runtime.device)

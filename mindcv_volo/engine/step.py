@@ -16,7 +16,9 @@ changes. Contract for every loss (what the train step relies on):
   * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime,
     first_step)` replaces `data.create_train_loader` (same arguments, same (seed, epoch) order and
     per-sample augmentation via `data.epoch_order`, `data.TrainSamples` and `data.sample_batches`) when
-    the loss needs other columns than (image, label), e.g. label maps.
+    the loss needs other columns than (image, label), e.g. label maps;
+  * optionally, a method `check_inputs(split)` checks what the loss reads beside the images (e.g. a label
+    map for every training image) before anything is compiled or written; a UserError stops the run.
 `classification_loss` serves MindCV's losses (ce, bce, asl_*); token labeling's is
 `token_labeling.training.build_token_label_loss`.
 """

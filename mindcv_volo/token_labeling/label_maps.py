@@ -206,3 +206,18 @@ def label_map_columns(indices, scores, geometry, grid, topk=None):
     k = token_indices.shape[-1]
     return cls_indices.reshape(k), cls_scores.reshape(k), token_indices.reshape(-1, k), token_scores.reshape(-1, k)
 
+
+def missing_label_maps(map_dir, items):
+    """The relative paths of the images in `items` ((relative path, label) pairs) that have no map in
+    `map_dir`, ours or the official; one directory listing per class folder, no map is read."""
+    listed = {}
+    missing = []
+    for relpath, _ in items:
+        folder, name = os.path.split(relpath)
+        if folder not in listed:
+            path = os.path.join(map_dir, folder)
+            listed[folder] = set(os.listdir(path)) if os.path.isdir(path) else set()
+        if (os.path.splitext(name)[0] + ".npz" not in listed[folder]
+                and name.split(".")[0] + ".pt" not in listed[folder]):
+            missing.append(relpath)
+    return missing

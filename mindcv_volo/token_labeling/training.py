@@ -4,11 +4,14 @@ Two modes, chosen by `token_label_dir`:
   * ground truth (no maps): every token's target is its image's label; the loader is train.py's own;
   * label maps (`token_label_dir` from `python -m mindcv_volo.relabel`): each sample's map follows every
     geometric operation of its image (crop, flips, RandAugment's rotate, shear, translate: the image's
-    `Geometry`) and is resampled to the token grid (`label_maps.label_map_columns`).
+    `Geometry`) and is resampled to the token grid (`label_maps.label_map_columns`). The maps are checked
+    before anything runs: a map for every training image.
 With `mix_token` on, each step's MixToken box is drawn on the host from (seed, epoch, step, rank), so a
 resumed run draws the same boxes; the box reaches the graph as a mask tensor of static shape. The drop-path
 masks come the same way (`engine.step.DropPathMasks`).
 """
+import os
+
 import numpy as np
 from mindspore import Tensor
 
@@ -16,7 +19,7 @@ from ..engine.data import TrainSamples, epoch_order, sample_batches, train_augme
 from ..engine.step import DropPathMasks
 from ..errors import UserError
 from ..models.volo import TOKEN_STRIDE
-from .label_maps import find_label_map, label_map_columns, read_label_map
+from .label_maps import find_label_map, label_map_columns, label_map_path, missing_label_maps, read_label_map
 from .loss import LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy
 from .mix_token import MixTokenSampler
 
@@ -47,6 +50,17 @@ class LabelMapTokenLoss(LabelMapsWithLoss):
     def step_inputs(self, batch, epoch, step):
         return (*(Tensor(column) for column in batch), *self.mixer(epoch, step),
                 self.drop_masks(epoch, step, len(batch[0])))
+
+    def check_inputs(self, split):
+        """A map for every image of the training split (names only: no map is read)."""
+        if not os.path.isdir(self.map_dir):
+            raise UserError(f"token_label_dir not found: {self.map_dir}; make the maps with "
+                            "`python -m mindcv_volo.relabel`")
+        missing = missing_label_maps(self.map_dir, split.items)
+        if missing:
+            raise UserError(f"token_label_dir {self.map_dir} has no label map for {missing[0]} (expected "
+                            f"{label_map_path(self.map_dir, missing[0])}); {len(missing)} of the {split.count} "
+                            f"images of {split.folder} have none; make them with `python -m mindcv_volo.relabel`")
 
     def create_train_loader(self, split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
         order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
