@@ -16,6 +16,9 @@ No accelerator here, so the check is static, from what this machine can compile:
    values), or a node pinned to the host (`primitive_target: "CPU"`); a forward primitive without a documented
    platform list (it cannot be checked). Gradient kernels (no platform list of their own) come with the
    forward op they differentiate.
+5. train.py's step (drop path on, its masks fed as step inputs drawn on the host) is searched for random-number
+   primitives: they would draw from MindSpore's in-graph state, which a resumed run cannot restore and Ascend
+   does not reproduce from a seed.
 
   python benchmarks/ascend_ops_check.py            # one table per graph; exit code 1 on a finding
 In Python (the test suite): `check_accelerator_graphs()` -> {graph: Report}; `compiled_primitives(run)` and
@@ -37,7 +40,9 @@ from mindspore import ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASCEND_RECIPE = os.path.join(ROOT, "configs", "volo_d1_ascend.yaml")
 
-HOST_NODES = ("PyExecute", "PyInterpret", "PyFunc")
+HOST_NODES = ("PyExecute", "PyInterpret", "PyFunc", "PyExecuteGrad")
+RANDOM_NODES = ("UniformReal", "StandardNormal", "UniformInt", "RandomUniform", "Dropout", "DropoutGenMask",
+                "RandExt", "RandLikeExt", "Bernoulli", "Multinomial")
 HOST_PIN = 'primitive_target: "CPU"'
 # Graph plumbing that is not a device kernel
 STRUCTURAL = {"Return", "MakeTuple", "TupleGetItem", "Depend", "UpdateState", "Load", "Partial", "Switch",
@@ -84,7 +89,7 @@ def is_gradient(name):
 
 def findings(primitives, host_nodes):
     """What would keep these primitives and host nodes off an Ascend device: one line each, none if all is well."""
-    found = [f"host round-trip: {node}" for node in host_nodes]
+    found = [f"host round-trip or in-graph random: {node}" for node in host_nodes]
     for name in primitives:
         if name == CUSTOM:
             found.append(f"{name}: a custom op (this project's are the fused CPU kernels, built for this CPU)")
@@ -115,6 +120,7 @@ def compiled_primitives(run):
     names = set(re.findall(r"PrimFunc_([A-Za-z0-9]+)\(", text))
     names |= {n for n in re.findall(r"= ([A-Z][A-Za-z0-9]+)\(", text) if hasattr(ops, n)}
     host = sorted(h for h in HOST_NODES if h in text) + ([HOST_PIN] if HOST_PIN in text else [])
+    host += [f"{name} (in-graph random)" for name in RANDOM_NODES if re.search(rf"\b{name}\b", text)]
     return sorted(names - STRUCTURAL), host
 
 
@@ -136,11 +142,11 @@ def accelerator_formulation():
             os.environ["MINDCV_VOLO_CPU_PATHS"] = previous
 
 
-def tiny_model():
+def tiny_model(drop_path_rate=0.0):
     from mindcv_volo.models import VOLO
     from mindcv_volo.models.volo import ARCHS
 
-    return VOLO(**{**ARCHS["d1"], **TINY, "num_classes": NUM_CLASSES})
+    return VOLO(**{**ARCHS["d1"], **TINY, "num_classes": NUM_CLASSES, "drop_path_rate": drop_path_rate})
 
 
 def run_inference():
@@ -171,7 +177,7 @@ def run_train_step():
 
     config = recipe_config()
     runtime = Runtime(ms.get_context("device_target"), 0, 0, 1, 1)
-    training = build_training(config, tiny_model(), NUM_CLASSES, runtime, 1, build_token_label_loss)
+    training = build_training(config, tiny_model(config.model.drop_path_rate), NUM_CLASSES, runtime, 1, build_token_label_loss)
     if training.amp_level != config.train_step.amp_level or not training.dynamic_scale:
         raise RuntimeError(f"the step runs AMP {training.amp_level}, not the recipe's {config.train_step.amp_level}")
     rng = np.random.default_rng(0)

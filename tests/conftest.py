@@ -214,18 +214,22 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("compile_cache")
 
 
+# Every random part of training, on: what a resumed run must redraw exactly.
+RANDOM_PARTS = dict(drop_path_rate=0.2, loss="token_label", mix_token=True, auto_augment="randaug-m9-mstd0.5-inc1",
+                    re_prob=0.25, scale=[0.5, 1.0], ratio=[0.75, 1.333], hflip=0.5)
+
 # The reference run, shared by the train and validate tests.
 EPOCHS = 3
 STEPS = 24  # 72 train images / batch 3 per step
 REFERENCE_RECIPE = dict(epoch_size=EPOCHS, batch_size=3, ema=True, ema_decay=0.9, clip_grad=True, clip_value=1.0,
                         gradient_accumulation_steps=2, keep_checkpoint_max=2, label_smoothing=0.1,
-                        val_while_train=True, val_interval=2)
+                        val_while_train=True, val_interval=2, **RANDOM_PARTS)
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, shapes, compile_cache):
-    """One uninterrupted run of REFERENCE_RECIPE: EMA, clipping and gradient accumulation on;
-    (process, ckpt dir, config)."""
+    """One uninterrupted run of REFERENCE_RECIPE: EMA, clipping, gradient accumulation and every random part
+    (drop path, MixToken, RandAugment, random erasing, crop and flip) on; (process, ckpt dir, config)."""
     folder = tmp_path_factory.mktemp("reference")
     config = tiny_config(folder / "recipe.yaml", shapes, folder / "ckpt", **REFERENCE_RECIPE)
     proc = run_tool("train.py", "-c", config, cache=compile_cache)

@@ -251,7 +251,10 @@ def test_a_later_source_replaces_the_other_way_to_say_where_warmup_starts(tmp_pa
     ("enable_modelarts: true\n", "enable_modelarts True: ModelArts is not supported"),
     ("scheduler: one_cycle\nwarmup_epochs: 3\n", "scheduler one_cycle rises from min_lr itself: set warmup_epochs 0"),
     ("loss: token_label\nmixup: 0.8\n", "loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix"),
-    ("auto_augment: randomaug\n", "auto_augment 'randomaug': the policy must start with one of randaug, autoaug"),
+    ("auto_augment: randomaug\n", "auto_augment 'randomaug': only RandAugment (randaug-...) is implemented with "
+                                  "reproducible per-sample decisions"),
+    ("auto_augment: autoaug-mstd0.5\n", "auto_augment 'autoaug-mstd0.5': only RandAugment (randaug-...)"),
+    ("auto_augment: randaug-m9-x3\n", "auto_augment 'randaug-m9-x3': unknown section 'x3'; valid: m<magnitude>"),
 ])
 def test_what_cannot_be_honoured_is_refused_with_the_reason(tmp_path, text, message):
     assert error_of(["-c", write(tmp_path, text)]).startswith(message)

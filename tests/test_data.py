@@ -1,4 +1,5 @@
-"""The data side: split checks, the (seed, epoch)-keyed order and its sharding, eval preprocessing, digits."""
+"""The data side: split checks, the (seed, epoch)-keyed order and its sharding, per-sample augmentation that
+depends on nothing but the sample's position, eval preprocessing, digits."""
 import os
 
 import numpy as np
@@ -59,10 +60,46 @@ def test_train_loader_follows_the_order(folder):
                            "--color_jitter", "null", "--scale", "1,1", "--ratio", "1,1", "--num_parallel_workers", "1"])
     split = SplitInfo(folder, "train")
     rank_1_of_2 = Runtime("CPU", 0, rank=1, world=2, threads=2)
-    batches = list(iterate(create_train_loader(split, 1, 3, config.data, config.augmentation, 3, 42, rank_1_of_2)))
+    batches = list(create_train_loader(split, 1, 3, config.data, config.augmentation, 3, 42, rank_1_of_2))
     assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == np.float32
     expected = rank_slice(epoch_order(24, 8, 3, 42, 1), 4, 1, 2) // 8  # images are sorted by class
     assert np.array_equal(np.concatenate([labels for _, labels in batches]), expected)
+
+
+RANDOM = ["--image_resize", "32", "--scale", "0.3,1", "--hflip", "0.5", "--vflip", "0.5", "--re_prob", "0.5",
+          "--auto_augment", "randaug-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0"]
+
+
+def batches_of(folder, rank, world, workers=1, first_step=0, batch_size=4, steps=3):
+    config = parse_config(["--data_dir", folder, "--batch_size", str(batch_size), "--num_parallel_workers",
+                           str(workers), *RANDOM])
+    runtime = Runtime("CPU", 0, rank=rank, world=world, threads=2)
+    return list(create_train_loader(SplitInfo(folder, "train"), 2, steps, config.data, config.augmentation, 3, 42,
+                                    runtime, first_step))
+
+
+def test_augmented_samples_depend_on_their_position_alone(folder):
+    """Per-sample decisions (crop, flips, RandAugment, erasing) come from (seed, epoch, position): any number of
+    workers gives the same batches, two ranks' halves are the one-process batch, and a run resumed at step 2
+    sees the rest of the epoch unchanged."""
+    one = batches_of(folder, 0, 1, workers=1, batch_size=8, first_step=0)
+    assert len(one) == 3 and one[0][1].shape == (8, 3)  # mixup/cutmix: soft targets
+    two_workers = batches_of(folder, 0, 1, workers=2, batch_size=8)
+    for (images, targets), (images2, targets2) in zip(one, two_workers):
+        np.testing.assert_array_equal(images, images2)
+        np.testing.assert_array_equal(targets, targets2)
+    assert [len(b) for b in batches_of(folder, 0, 1, batch_size=8, first_step=2)] == [2]
+    np.testing.assert_array_equal(batches_of(folder, 0, 1, batch_size=8, first_step=2)[0][0], one[2][0])
+    # Without mixing (a batch-level decision drawn per rank), the ranks' halves are the global batch.
+    plain = [arg for arg in RANDOM if arg not in ("--mixup", "0.8", "--cutmix", "1.0")]
+    config = parse_config(["--data_dir", folder, "--batch_size", "4", "--num_parallel_workers", "1", *plain])
+    halves = [list(create_train_loader(SplitInfo(folder, "train"), 2, 3, config.data, config.augmentation, 3, 42,
+                                       Runtime("CPU", 0, rank=rank, world=2, threads=2))) for rank in range(2)]
+    whole = parse_config(["--data_dir", folder, "--batch_size", "8", "--num_parallel_workers", "1", *plain])
+    single = list(create_train_loader(SplitInfo(folder, "train"), 2, 3, whole.data, whole.augmentation, 3, 42,
+                                      Runtime("CPU", 0, rank=0, world=1, threads=2)))
+    for step in range(3):
+        np.testing.assert_array_equal(np.concatenate([halves[0][step][0], halves[1][step][0]]), single[step][0])
 
 
 IMAGENET = Preprocessing(32, 0.8, "bicubic", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
@@ -106,6 +143,12 @@ def test_pipeline_error_names_the_file():
            "ValueError: Traceback (most recent call last):\n")
     assert str(pipeline_error(RuntimeError(pil))) == expected
     assert pipeline_error(RuntimeError("something else")) is None
+    # Our own sources raise UserError (training images, label maps); MindSpore quotes it in its message.
+    for name in ("UserError", "mindcv_volo.errors.UserError"):
+        raised = (f"Exception thrown from user defined Python function in dataset.\n  File x, line 1\n{name}: cannot "
+                  "read image /d/train/a/x.png: corrupt or not an image; remove or replace it\n\n- Dataset Pipeline")
+        assert str(pipeline_error(RuntimeError(raised))) == "cannot read image /d/train/a/x.png: corrupt or not an " \
+                                                              "image; remove or replace it"
 
 
 def test_digits_split_is_stratified_and_fixed(tmp_path):

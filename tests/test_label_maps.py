@@ -1,27 +1,38 @@
-"""Label maps: RoIAlign weights by hand, exact crop/flip alignment with the image, the file format."""
+"""Label maps: the sampling by hand (RoIAlign for a crop), the map following every geometric operation of its
+image exactly, the file format."""
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mindcv_volo.engine.augment import GEOMETRIC_OPS, RAND_AUGMENT_OPS, Geometry, TrainAugmentation
+from mindcv_volo.engine.config import parse_config
+from mindcv_volo.engine.data import SplitInfo
 from mindcv_volo.errors import UserError
-from mindcv_volo.token_labeling.label_maps import (ImageFolderWithMaps, RandomResizedCropWithMap, crop_label_map, find_label_map,
-                                    label_map_path, read_label_map, resized_crop_params, roi_align_weights,
-                                    write_label_map)
+from mindcv_volo.token_labeling.label_maps import (find_label_map, follow_image, label_map_columns, label_map_path,
+                                                   missing_label_maps, read_label_map, sampling_weights,
+                                                   write_label_map)
+from mindcv_volo.token_labeling.training import TrainSamplesWithMaps
 from test_torch_zip import p_tensor, write_checkpoint
 
-CELL = 16  # pixels per map cell in the synthetic image
+CELL = 16  # pixels per map cell in the synthetic images
+
+
+def augmentation(size, *argv):
+    return TrainAugmentation(parse_config(["--image_resize", str(size), "--interpolation", "bilinear", *argv])
+                             .augmentation, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def cell_image(rows, cols):
     """Image whose map cell (r, c) is one colour: red 40 r + 10, green 40 c + 10."""
     r, c = np.meshgrid(np.arange(rows * CELL) // CELL, np.arange(cols * CELL) // CELL, indexing="ij")
-    return np.stack([40 * r + 10, 40 * c + 10, np.zeros_like(r)], -1).astype(np.uint8)
+    return Image.fromarray(np.stack([40 * r + 10, 40 * c + 10, np.zeros_like(r)], -1).astype(np.uint8))
 
 
 def cell_ids_of(image, cols):
     """The cell id 6 r + c that each 16 x 16 block of an image shows (blocks must be uniform)."""
+    image = np.asarray(image)
     blocks = image.reshape(image.shape[0] // CELL, CELL, image.shape[1] // CELL, CELL, 3)
     assert (blocks == blocks[:, :1, :, :1]).all(), "a token block mixes cells"
     red, green = blocks[:, 0, :, 0, 0].astype(int), blocks[:, 0, :, 0, 1].astype(int)
@@ -35,18 +46,29 @@ def cell_map(rows, cols):
             np.broadcast_to(np.float32([10.0, 1.0]), (rows, cols, 2)).copy())
 
 
-# --- RoIAlign weights ------------------------------------------------------------------------------
+def crop(box, source=(64, 64), size=32, hflip=False, vflip=False):
+    return Geometry(source, box, size, hflip, vflip)
 
-def test_roi_align_weights_by_hand():
-    # Box [1, 3] of 4 cells onto 2 outputs: 1 sample per bin, at the centres of cells 1 and 2.
-    np.testing.assert_allclose(roi_align_weights(1, 3, 2, 4), [[0, 1, 0, 0], [0, 0, 1, 0]])
-    # Onto 4 outputs: samples at 0.75, 1.25, 1.75, 2.25 (cell-centre coordinates), bilinear.
-    np.testing.assert_allclose(roi_align_weights(1, 3, 4, 4), [[0.25, 0.75, 0, 0], [0, 0.75, 0.25, 0],
-                                                               [0, 0.25, 0.75, 0], [0, 0, 0.75, 0.25]])
-    # The whole axis onto 1 output: ceil(4 / 1) = 4 samples, at every cell centre: the mean.
-    np.testing.assert_allclose(roi_align_weights(0, 4, 1, 4), [[0.25] * 4])
-    # Border: the sample at -0.25 is clamped to cell 0; at 0.25 it is 3/4 cell 0, 1/4 cell 1.
-    np.testing.assert_allclose(roi_align_weights(0, 1, 2, 4), [[1, 0, 0, 0], [0.75, 0.25, 0, 0]])
+
+# --- sampling by hand: a crop is RoIAlign -----------------------------------------------------------
+
+# RoIAlign along one axis of a 4-cell map (cell i spans [i, i + 1)), by hand:
+CELLS_1_3_ONTO_2 = [[0, 1, 0, 0], [0, 0, 1, 0]]  # 1 sample per bin, at the centres of cells 1 and 2
+CELLS_1_3_ONTO_4 = [[0.25, 0.75, 0, 0], [0, 0.75, 0.25, 0], [0, 0.25, 0.75, 0], [0, 0, 0.75, 0.25]]  # 0.75, 1.25, ...
+CELLS_0_4_ONTO_1 = [[0.25] * 4]  # ceil(4 / 1) = 4 samples, at every cell centre: the mean
+CELLS_0_1_ONTO_2 = [[1, 0, 0, 0], [0.75, 0.25, 0, 0]]  # -0.25 clamps to cell 0; 0.25 is 3/4 cell 0, 1/4 cell 1
+
+
+@pytest.mark.parametrize("box, out, rows, cols", [
+    ((16, 16, 32, 32), (2, 2), CELLS_1_3_ONTO_2, CELLS_1_3_ONTO_2),
+    ((16, 16, 32, 32), (4, 4), CELLS_1_3_ONTO_4, CELLS_1_3_ONTO_4),
+    ((0, 0, 64, 64), (1, 1), CELLS_0_4_ONTO_1, CELLS_0_4_ONTO_1),
+    ((0, 0, 16, 16), (2, 2), CELLS_0_1_ONTO_2, CELLS_0_1_ONTO_2),
+    ((16, 0, 32, 64), (2, 1), CELLS_1_3_ONTO_2, CELLS_0_4_ONTO_1),  # rows and columns each their own
+])
+def test_a_crop_samples_as_roi_align_by_hand(box, out, rows, cols):
+    # 64 px source, 4 x 4 map: 16 px a cell. A crop is separable: the row weights times the column weights.
+    np.testing.assert_allclose(sampling_weights(crop(box), (4, 4), out), np.kron(rows, cols), atol=1e-12)
 
 
 def test_resampling_a_linear_map_gives_the_bin_centres():
@@ -54,7 +76,7 @@ def test_resampling_a_linear_map_gives_the_bin_centres():
     r, c = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
     scores = (0.5 * r + 0.25 * c + 3.0)[..., None]
     box = (13, 27, 38, 30)  # rows 1.3 -> 5.1 cells, columns 2.7 -> 5.7 cells
-    indices, out = crop_label_map(np.zeros((8, 8, 1), np.int32), scores, box, (80, 80), (3, 2))
+    indices, out = follow_image(np.zeros((8, 8, 1), np.int32), scores, crop(box, (80, 80)), (3, 2))
     # Bilinear is exact on a linear map, and the bin's samples average to the bin centre
     # (cell-centre coordinates: box start - 0.5 + (p + 0.5) * bin length).
     rows = 0.8 + (np.arange(3) + 0.5) * 3.8 / 3
@@ -62,31 +84,34 @@ def test_resampling_a_linear_map_gives_the_bin_centres():
     expected = 0.5 * rows[:, None] + 0.25 * cols[None, :] + 3.0
     assert indices.shape == out.shape == (3, 2, 1) and (indices == 0).all()
     np.testing.assert_allclose(out[..., 0], expected, atol=1e-6)
-    _, flipped = crop_label_map(np.zeros((8, 8, 1), np.int32), scores, box, (80, 80), (3, 2), flip=True)
+    _, flipped = follow_image(np.zeros((8, 8, 1), np.int32), scores, crop(box, (80, 80), hflip=True), (3, 2))
     np.testing.assert_allclose(flipped[..., 0], expected[:, ::-1], atol=1e-6)
+    _, flipped = follow_image(np.zeros((8, 8, 1), np.int32), scores, crop(box, (80, 80), vflip=True), (3, 2))
+    np.testing.assert_allclose(flipped[..., 0], expected[::-1], atol=1e-6)
 
 
-# --- alignment with the image --------------------------------------------------------------------
+# --- the map follows its image ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_crop_and_flip_line_up_with_the_image_exactly(flip):
+@pytest.mark.parametrize("hflip, vflip", [(False, False), (True, False), (False, True), (True, True)])
+def test_crop_and_flips_line_up_with_the_image_exactly(hflip, vflip):
     image = cell_image(6, 6)  # 96 x 96, 6 x 6 cells
     indices, scores = cell_map(6, 6)
-    transform = RandomResizedCropWithMap(size=64, topk=2)  # token grid 64 / 16 = 4: one token a cell
     box = (16, 32, 64, 64)  # cells rows 1-4, columns 2-5: top != left catches swapped axes
-    out_image, cls_idx, cls_val, tok_idx, tok_val = transform.apply(image, indices, scores, box, flip)
+    out_image = augmentation(64).crop_and_flip(image, box, hflip, vflip)  # token grid 64 / 16 = 4: a cell each
+    geometry = Geometry((96, 96), box, 64, hflip, vflip)
+    cls_idx, cls_val, tok_idx, tok_val = label_map_columns(indices, scores, geometry, 4, topk=2)
 
     shown = cell_ids_of(out_image, 6)  # what the image shows at each token
     expected = np.arange(36).reshape(6, 6)[1:5, 2:6]
-    np.testing.assert_array_equal(shown, expected[:, ::-1] if flip else expected)
+    expected = expected[::-1] if vflip else expected
+    np.testing.assert_array_equal(shown, expected[:, ::-1] if hflip else expected)
     assert tok_idx.shape == tok_val.shape == (16, 2) and tok_idx.dtype == np.int32 and tok_val.dtype == np.float32
     np.testing.assert_array_equal(tok_idx.reshape(4, 4, 2)[..., 0], shown)             # token label = image
     np.testing.assert_array_equal(tok_idx.reshape(4, 4, 2)[..., 1], (shown + 1) % 36)
     np.testing.assert_allclose(tok_val, np.tile([10.0, 1.0], (16, 1)), atol=1e-6)
 
     # Class level: the mean over the 16 cells of the crop; flipping does not change it.
-    _, all_val = crop_label_map(indices, scores, box, (96, 96), (1, 1), flip, topk=36)
-    all_idx, _ = crop_label_map(indices, scores, box, (96, 96), (1, 1), flip, topk=36)
+    all_idx, all_val = follow_image(indices, scores, geometry, (1, 1), topk=36)
     by_hand = np.zeros(36)
     for cell in expected.ravel():
         by_hand[cell] += 10 / 16
@@ -97,14 +122,14 @@ def test_crop_and_flip_line_up_with_the_image_exactly(flip):
 
 
 def test_non_square_crop_lines_up_with_the_image():
-    image = cell_image(6, 6)
+    image = np.asarray(cell_image(6, 6))
     indices, scores = cell_map(6, 6)
     box = (32, 16, 48, 64)  # 3 x 4 cells from row 2, column 1
-    crop = image[32:80, 16:80]
-    tok_idx, _ = crop_label_map(indices, scores, box, (96, 96), (3, 4))
-    np.testing.assert_array_equal(tok_idx[..., 0], cell_ids_of(crop, 6))
-    tok_idx, _ = crop_label_map(indices, scores, box, (96, 96), (3, 4), flip=True)
-    np.testing.assert_array_equal(tok_idx[..., 0], cell_ids_of(crop[:, ::-1], 6))
+    part = image[32:80, 16:80]
+    tok_idx, _ = follow_image(indices, scores, crop(box, (96, 96), 64), (3, 4))
+    np.testing.assert_array_equal(tok_idx[..., 0], cell_ids_of(part, 6))
+    tok_idx, _ = follow_image(indices, scores, crop(box, (96, 96), 64, hflip=True), (3, 4))
+    np.testing.assert_array_equal(tok_idx[..., 0], cell_ids_of(part[:, ::-1], 6))
 
 
 def test_downscaled_crop_averages_whole_blocks():
@@ -112,7 +137,7 @@ def test_downscaled_crop_averages_whole_blocks():
     r, c = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
     indices = np.stack([(r // 2) * 3 + c // 2, np.full((6, 6), 9)], -1).astype(np.int32)
     scores = np.broadcast_to(np.float32([10.0, 1.0]), (6, 6, 2))
-    tok_idx, tok_val = crop_label_map(indices, scores, (32, 0, 64, 64), (96, 96), (2, 2))
+    tok_idx, tok_val = follow_image(indices, scores, crop((32, 0, 64, 64), (96, 96), 32), (2, 2))
     np.testing.assert_array_equal(tok_idx[..., 0], [[3, 4], [6, 7]])
     np.testing.assert_array_equal(tok_idx[..., 1], 9)
     np.testing.assert_allclose(tok_val, np.broadcast_to([10.0, 1.0], (2, 2, 2)), atol=1e-6)
@@ -120,34 +145,122 @@ def test_downscaled_crop_averages_whole_blocks():
 
 def test_few_classes_are_padded_with_zero_logits():
     indices = np.zeros((2, 2, 1), np.int32) + 4
-    tok_idx, tok_val = crop_label_map(indices, np.full((2, 2, 1), 2.0, np.float32), (0, 0, 8, 8), (8, 8), (1, 1),
-                                      topk=3)
+    tok_idx, tok_val = follow_image(indices, np.full((2, 2, 1), 2.0, np.float32), crop((0, 0, 8, 8), (8, 8), 8),
+                                    (1, 1), topk=3)
     np.testing.assert_array_equal(tok_idx.ravel(), [4, 4, 4])
     np.testing.assert_allclose(tok_val.ravel(), [2.0, 0.0, 0.0])
 
 
-# --- random-resized-crop sampling ---------------------------------------------------------------
-
-def test_resized_crop_params_fallback_and_bounds():
-    # scale 1 and ratio 1 on a 96 x 64 image: a 78 x 78 crop never fits, so after 10 tries the
-    # fallback: the image is wider than ratio 1 allows, so height 64, width round(64 * 1), centred.
-    assert resized_crop_params(96, 64, np.random.default_rng(0), (1.0, 1.0), (1.0, 1.0)) == (0, 16, 64, 64)
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        top, left, h, w = resized_crop_params(100, 80, rng)
-        assert 0 <= top and top + h <= 80 and 0 <= left and left + w <= 100 and h > 0 and w > 0
+# A 128 px picture: grey, with a white 48 px square (map cells rows 2-4, columns 4-6 of 8 x 8) labelled 1;
+# every other cell is labelled 0. The training image is 128 px too: 8 x 8 tokens of 16 px.
+GREY, WHITE, FILL = (60, 60, 60), (250, 250, 250), (0, 0, 255)
+MARK = (slice(32, 80), slice(64, 112))
 
 
-def test_transform_call_is_reproducible_with_its_rng():
-    rng = np.random.default_rng(5)
-    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    indices = rng.integers(0, 10, (4, 4, 3)).astype(np.int32)
-    scores = rng.normal(size=(4, 4, 3)).astype(np.float32)
-    outs = [RandomResizedCropWithMap(32, rng=np.random.default_rng(9))(image, indices, scores) for _ in range(2)]
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(a, b)
-    shapes = [(32, 32, 3), (3,), (3,), (4, 3), (4, 3)]
-    assert [o.shape for o in outs[0]] == shapes and outs[0][0].dtype == np.uint8
+def marked_picture():
+    pixels = np.full((128, 128, 3), GREY, np.uint8)
+    pixels[MARK] = WHITE
+    inside = np.zeros((8, 8), bool)
+    inside[2:5, 4:7] = True
+    indices = np.where(inside[..., None], [1, 0], [0, 1]).astype(np.int32)
+    return Image.fromarray(pixels), indices, np.broadcast_to(np.float32([10.0, 1.0]), (8, 8, 2)).copy()
+
+
+def token_labels(indices, scores, geometry):
+    return follow_image(indices, scores, geometry, (8, 8))[0][..., 0]  # each token's best class
+
+
+def assert_map_follows(image, labels):
+    """Tokens all white in the image are labelled 1, tokens all grey 0; some of each exist."""
+    blocks = np.asarray(image).astype(int).reshape(8, 16, 8, 16, 3)
+    white = ((blocks[..., 0] > 200) & (blocks[..., 2] > 200)).all(axis=(1, 3))
+    grey = ((abs(blocks[..., 0] - 60) < 20) & (blocks[..., 2] < 80)).all(axis=(1, 3))
+    assert white.any() and grey.any()
+    np.testing.assert_array_equal(labels[white], 1)
+    np.testing.assert_array_equal(labels[grey], 0)
+
+
+def affine(name, argument):
+    return lambda image: RAND_AUGMENT_OPS[name][1](image, argument, FILL, Image.BILINEAR)
+
+
+WHOLE = (0, 0, 128, 128)
+
+
+@pytest.mark.parametrize("box, hflip, vflip, operations", [
+    ((16, 32, 96, 80), False, False, []),  # random-resized crop (2/3 of the height, 5/8 of the width)
+    (WHOLE, True, False, []),
+    (WHOLE, False, True, []),
+    (WHOLE, False, False, [affine("Rotate", 20.0)]),
+    (WHOLE, False, False, [affine("Rotate", -20.0)]),
+    (WHOLE, False, False, [affine("ShearX", 0.3)]),
+    (WHOLE, False, False, [affine("ShearX", -0.3)]),
+    (WHOLE, False, False, [affine("ShearY", 0.3)]),
+    (WHOLE, False, False, [affine("ShearY", -0.3)]),
+    (WHOLE, False, False, [affine("TranslateXRel", 0.25)]),
+    (WHOLE, False, False, [affine("TranslateXRel", -0.25)]),
+    (WHOLE, False, False, [affine("TranslateYRel", 0.25)]),
+    (WHOLE, False, False, [affine("TranslateYRel", -0.25)]),
+    ((8, 24, 112, 100), True, True, [affine("Rotate", 15.0), affine("ShearY", 0.2), affine("TranslateXRel", -0.2)]),
+])
+def test_label_map_follows_every_geometric_operation(box, hflip, vflip, operations):
+    picture, indices, scores = marked_picture()
+    image = augmentation(128).crop_and_flip(picture, box, hflip, vflip)
+    affines = []
+    for operation in operations:
+        image, coefficients = operation(image)
+        affines.append(coefficients)
+    geometry = Geometry((128, 128), box, 128, hflip, vflip, tuple(affines))
+    assert_map_follows(image, token_labels(indices, scores, geometry))
+
+
+def test_colour_operations_leave_the_map_as_it_is():
+    picture, indices, scores = marked_picture()
+    plain = token_labels(indices, scores, Geometry((128, 128), WHOLE, 128))
+    for name, (level, operation) in RAND_AUGMENT_OPS.items():
+        argument = level(9.0, np.random.default_rng(0)) if level is not None else None
+        image, coefficients = operation(picture, argument, FILL, Image.BILINEAR)
+        assert (coefficients is not None) == (name in GEOMETRIC_OPS), name
+        if coefficients is None:
+            assert image.size == picture.size
+    assert_map_follows(picture, plain)
+
+
+def test_the_training_pipeline_moves_the_map_as_it_moves_the_image():
+    """TrainAugmentation (crop, flips, RandAugment, any colour ops) on the marked picture, 40 samples: the
+    Geometry it returns says where every pixel came from (mark pixels stay one colour, background another),
+    and the map moved by it labels the mark's tokens 1."""
+    picture, indices, scores = marked_picture()
+    aug = augmentation(128, "--scale", "0.5,1", "--hflip", "0.5", "--vflip", "0.5",
+                       "--auto_augment", "randaug-m9-mstd0.5-inc1")
+    mark = np.zeros((128, 128), bool)
+    mark[MARK] = True
+    moved = 0
+    for seed in range(40):
+        array, geometry = aug(picture, np.random.default_rng(seed))
+        image = np.rint(array.transpose(1, 2, 0)).astype(int)
+        moved += bool(geometry.affines)
+        # Where each pixel centre of the training image comes from, and whether that is well inside the mark
+        # or well inside the background (3 px from any edge: resampling blends the edges).
+        y, x = np.mgrid[:128, :128] + 0.5
+        in_mark, in_background = np.ones((128, 128), bool), np.ones((128, 128), bool)
+        for dy in (-3, 0, 3):
+            for dx in (-3, 0, 3):
+                sx, sy, shown = geometry.to_source(x + dx, y + dy)
+                col, row = np.floor(sx).astype(int), np.floor(sy).astype(int)
+                inside = shown & (row >= 0) & (row < 128) & (col >= 0) & (col < 128)
+                hit = mark[row.clip(0, 127), col.clip(0, 127)]
+                in_mark &= inside & hit
+                in_background &= inside & ~hit
+        colours = [np.unique(image[region].reshape(-1, 3), axis=0) for region in (in_mark, in_background)]
+        if len(colours[0]) == 1 and len(colours[1]) == 1 and (colours[0] != colours[1]).any():
+            labels = token_labels(indices, scores, geometry)
+            tokens = in_mark.reshape(8, 16, 8, 16).all(axis=(1, 3))
+            np.testing.assert_array_equal(labels[tokens], 1)
+            np.testing.assert_array_equal(labels[in_background.reshape(8, 16, 8, 16).all(axis=(1, 3))], 0)
+        else:  # only posterize to 0 bits may merge the two colours; any other outcome is a mismatch
+            assert len(colours[0]) <= 1 and len(colours[1]) <= 1, (seed, geometry)
+    assert moved >= 10  # RandAugment rotated, sheared or shifted a good share of them
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -192,15 +305,23 @@ def test_missing_or_bad_maps_are_user_errors(tmp_path):
         read_label_map(bad)
 
 
-def test_image_folder_with_maps(tmp_path):
+def test_training_samples_carry_their_maps(tmp_path):
     for name, label in (("a", 0), ("b", 1)):
         (tmp_path / "train" / name).mkdir(parents=True)
         Image.fromarray(np.full((20, 30, 3), 40 * label, np.uint8)).save(tmp_path / "train" / name / "x.png")
         write_label_map(label_map_path(str(tmp_path / "maps"), f"{name}/x.png"), np.full((2, 2, 1), 3 + label),
                         np.ones((2, 2, 1)), num_classes=5)
-    source = ImageFolderWithMaps(str(tmp_path / "train"), str(tmp_path / "maps"), num_classes=5)
-    image, label, indices, scores = source[1]
-    assert len(source) == 2 and image.shape == (20, 30, 3) and image[0, 0, 0] == 40 and label == 1
-    assert indices.shape == scores.shape == (2, 2, 1) and (indices == 4).all()
+    split = SplitInfo(str(tmp_path), "train")
+    aug = augmentation(32)
+    source = TrainSamplesWithMaps(split, np.array([1, 0]), aug, 7, 0, str(tmp_path / "maps"), 5, 2)
+    image, label, cls_idx, cls_val, tok_idx, tok_val = source[0]  # position 0: image 1 of the order
+    assert len(source) == 2 and image.shape == (3, 32, 32) and image.dtype == np.float32 and label == 1
+    assert (cls_idx == 4).all() and cls_val == pytest.approx([1.0]) and tok_idx.shape == tok_val.shape == (4, 1)
+    assert (tok_idx == 4).all()
     with pytest.raises(UserError, match="num_classes is 4"):
-        ImageFolderWithMaps(str(tmp_path / "train"), str(tmp_path / "maps"), num_classes=4)[1]
+        TrainSamplesWithMaps(split, np.array([1, 0]), aug, 7, 0, str(tmp_path / "maps"), 4, 2)[0]
+    # The check before a run: names only, ours (.npz) or the official (.pt, the name up to its first dot).
+    (tmp_path / "train" / "b" / "y.v2.png").write_bytes(b"")
+    (tmp_path / "train" / "b" / "z.png").write_bytes(b"")
+    (tmp_path / "maps" / "b" / "y.pt").write_bytes(b"")
+    assert missing_label_maps(str(tmp_path / "maps"), SplitInfo(str(tmp_path), "train").items) == ["b/z.png"]

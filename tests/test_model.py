@@ -79,8 +79,35 @@ def test_drop_path_schedule_is_the_official():
     model = create_model("volo_d1_224", drop_path_rate=0.1, **overrides("tiny_d1like_64", 64))
     # layers (2, 1, 2, 1): network.3.1 is global block 4 of 6.
     assert model.network[3][1].drop_path.keep_prob == pytest.approx(1 - 0.1 * 4 / 5)
-    assert isinstance(model.network[0][1].drop_path, nn.Identity)
+    assert model.network[0][1].drop_path.keep_prob == 1.0 and model.network[0][1].mask_row is None
     assert not hasattr(model.post_network[0], "drop_path")
+    # The step's mask rows: two per block under drop path (its two branches), in block order.
+    blocks = [block for stage in (2, 3, 4) for block in model.network[stage]]
+    assert [block.mask_row for block in blocks] == [0, 2, 4, 6]
+    keep = [1 - 0.1 * i / 5 for i in (2, 3, 4, 5)]
+    assert model.drop_path_keep_probs() == pytest.approx([k for k in keep for _ in range(2)])
+    assert create_model("volo_d1_224", **overrides("tiny_d1like_64", 64)).drop_path_keep_probs() == ()
+
+
+def test_drop_path_applies_the_fed_masks_by_hand(mode):
+    """x + attn(norm1(x)) / keep * m1, then + mlp(norm2(.)) / keep * m2, per sample, with the masks fed."""
+    from mindcv_volo.models.volo import Transformer
+
+    ms.set_seed(0)
+    block = Transformer(8, 2, drop_path_rate=0.4)
+    block.mask_row = 1
+    block.set_train(True)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((3, 2, 2, 8)).astype(np.float32))
+    masks = np.array([[0, 0, 0], [1, 0, 1], [0, 1, 1]], np.float32)  # row 0 is another block's
+    got = block(x, ms.Tensor(masks)).asnumpy()
+    keep = 0.6
+    y = x.asnumpy() + block.attn(block.norm1(x)).asnumpy() / keep * masks[1][:, None, None, None]
+    y = y + block.mlp(block.norm2(ms.Tensor(y))).asnumpy() / keep * masks[2][:, None, None, None]
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-6)
+    block.set_train(False)  # inference: no drop path, no masks needed
+    y = x.asnumpy() + block.attn(block.norm1(x)).asnumpy()
+    np.testing.assert_allclose(block(x).asnumpy(), y + block.mlp(block.norm2(ms.Tensor(y))).asnumpy(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_no_weight_decay_names_exist():

@@ -1,14 +1,17 @@
-"""Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches."""
+"""Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches;
+SIGTERM to the workers stops both after the same step, and the resumed run ends as one never stopped."""
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
-from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config
+from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config, tool_env
 
 pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed")
 
@@ -19,21 +22,42 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_workers_match_one(tmp_path):
-    data = make_image_folder(tmp_path / "data", {"train": 16, "val": 4})
-    recipe = dict(epoch_size=2, clip_grad=True, clip_value=1.0, ema=True, ema_decay=0.9, num_parallel_workers=1)
+# The per-sample augmentation is keyed by the sample's place in the global order, so it is the same on two
+# workers as on one; drop path and MixToken draw per device (rank) and stay off where one is compared with two.
+AUGMENTED = dict(epoch_size=2, clip_grad=True, clip_value=1.0, ema=True, ema_decay=0.9, num_parallel_workers=1,
+                 auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25, scale=[0.5, 1.0], hflip=0.5, log_interval=1)
+STEPS = 6  # 48 images / (2 workers x 4)
+
+
+def msrun(config, logs, *extra):
+    return ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()), "--join",
+            "True", "--log_dir", str(logs), os.path.join(ROOT, "train.py"), "-c", config, *extra]  # msrun runs python
+
+
+def worker_logs(logs):
+    return [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """One uninterrupted 2-worker run of AUGMENTED; (folder, data, config, worker logs, its compile cache)."""
+    root = tmp_path_factory.mktemp("msrun")
+    data = make_image_folder(root / "data", {"train": 16, "val": 4})
+    config = tiny_config(root / "two.yaml", data, root / "two", batch_size=4, **AUGMENTED)
+    env = tool_env(root / "compile_cache")  # shared by the 2-worker runs of AUGMENTED
+    proc = subprocess.run(msrun(config, root / "logs"), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=env)
+    worker = worker_logs(root / "logs")
+    assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
+    return root, data, config, worker, env
+
+
+def test_two_workers_match_one(two_workers):
+    root, data, config, worker, _ = two_workers
     # Two workers with 4 images each per step. The stem's BatchNorm normalises each device's own batch,
     # so the single worker sees the same global batch of 8 as two accumulated micro-batches of 4.
-    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "two", batch_size=4, **recipe)
-    single = tiny_config(tmp_path / "one.yaml", data, tmp_path / "one", batch_size=4,
-                         gradient_accumulation_steps=2, val_split="no_val", **recipe)  # no evaluation
-
-    logs = tmp_path / "logs"
-    command = ["msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
-               "--join", "True", "--log_dir", str(logs), os.path.join(ROOT, "train.py"), "-c", config]  # msrun runs python
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    worker = [(logs / f"worker_{rank}.log").read_text() for rank in range(2)]
-    assert proc.returncode == 0, proc.stdout[-2000:] + worker[0][-3000:] + worker[1][-3000:]
+    single = tiny_config(root / "one.yaml", data, root / "one", batch_size=4, gradient_accumulation_steps=2,
+                         val_split="no_val", **AUGMENTED)  # no evaluation
     one = run_tool("train.py", "-c", single)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 
@@ -42,14 +66,13 @@ def test_two_workers_match_one(tmp_path):
     assert hashes[0] == hashes[1]
     assert "epoch 2/2 done" in worker[0] and "epoch" not in worker[1]
     assert "2 workers" in worker[0]
-    steps = 6  # 48 images / (2 workers x 4)
-    assert sorted(f for f in os.listdir(tmp_path / "two") if f.endswith(".ckpt")) == [
-        f"volo_d1_224-1_{steps}.ckpt", f"volo_d1_224-2_{steps}.ckpt"]
+    assert sorted(f for f in os.listdir(root / "two") if f.endswith(".ckpt")) == [
+        f"volo_d1_224-1_{STEPS}.ckpt", f"volo_d1_224-2_{STEPS}.ckpt"]
 
     # One worker on the same global batches: same weights, EMA and optimizer moments. BatchNorm's running
     # statistics are excluded: the workers average theirs, one worker updates them batch after batch.
-    final_two = read_ckpt(tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt")
-    final_one = read_ckpt(tmp_path / "one" / f"volo_d1_224-2_{steps * 2}.ckpt")
+    final_two = read_ckpt(root / "two" / f"volo_d1_224-2_{STEPS}.ckpt")
+    final_one = read_ckpt(root / "one" / f"volo_d1_224-2_{STEPS * 2}.ckpt")
     keep = [k for k in final_two if "moving_" not in k and not k.startswith("train_state.")]
     assert len(keep) > 250
     assert max_difference({k: final_two[k] for k in keep}, {k: final_one[k] for k in keep}) <= 1e-5
@@ -60,9 +83,63 @@ def test_two_workers_match_one(tmp_path):
     assert result["num_samples"] == 12 and 0 <= result["top1"] <= 1 and result["top5"] == 1.0
     assert not [line for line in worker[1].splitlines() if line.startswith("{")]
     # ... exactly the figures of one process validating the same weights (the EMA's, as train.py does)
-    alone = run_tool("validate.py", "-c", config, "--ckpt_path", tmp_path / "two" / f"volo_d1_224-2_{steps}.ckpt",
+    alone = run_tool("validate.py", "-c", config, "--ckpt_path", root / "two" / f"volo_d1_224-2_{STEPS}.ckpt",
                      "--ema", "True")
     assert alone.returncode == 0, alone.stderr[-3000:]
     expected = last_json(alone.stdout)
     assert [result[k] for k in ("top1", "top5", "loss", "num_samples")] == [
         expected[k] for k in ("top1", "top5", "loss", "num_samples")]
+
+
+def msrun_workers(msrun_pid):
+    """The pids of msrun's training workers: its children running train.py with MS_ROLE=MS_WORKER (not the
+    scheduler, not the log tails)."""
+    children = open(f"/proc/{msrun_pid}/task/{msrun_pid}/children", encoding="ascii").read().split()
+    workers = []
+    for pid in map(int, children):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            command = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"MS_ROLE=MS_WORKER" in environ and b"train.py" in command:
+            workers.append(pid)
+    return workers
+
+
+def test_sigterm_stops_every_worker_at_one_step_and_resumes_exactly(tmp_path, two_workers):
+    """msrun itself answers Ctrl-C by killing its workers outright (SIGKILL): a graceful stop is a SIGTERM (or
+    SIGINT) to the workers, as a cluster scheduler sends it. Both stop after the same step, rank 0 saves."""
+    root, data, _, _, env = two_workers
+    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "ckpt", batch_size=4, **AUGMENTED)
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(msrun(config, logs), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 600
+    while "epoch 2/2 step 1/" not in ((logs / "worker_0.log").read_text() if (logs / "worker_0.log").exists()
+                                      else ""):
+        assert proc.poll() is None and time.time() < deadline, worker_logs(logs)[0][-3000:]
+        time.sleep(0.2)
+    workers = msrun_workers(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=600)
+    assert proc.returncode != 0  # msrun reports workers that ended with an exit code of their own
+    worker = worker_logs(logs)
+    match = re.search(r"stopped by SIGTERM after epoch 2 step (\d+)/6: saved (\S+); to continue, add --resume True "
+                      "to the msrun command", worker[0])
+    assert match, worker[0][-3000:]
+    step = int(match.group(1))
+    assert f"rank 1: stopped by SIGTERM after epoch 2 step {step}/6, as every rank; rank 0 saved" in worker[1]
+    saved = tmp_path / "ckpt" / f"volo_d1_224-2_{step}.ckpt"
+    assert match.group(2) == str(saved)
+    assert int(read_ckpt(saved)["train_state.epoch_step"]) == step
+
+    resumed = subprocess.run(msrun(config, tmp_path / "logs2", "--resume", "True"), cwd=ROOT, capture_output=True,
+                             text=True, timeout=900, env=env)
+    worker = worker_logs(tmp_path / "logs2")
+    assert resumed.returncode == 0, worker[0][-3000:] + worker[1][-3000:]
+    assert f"epoch 2 at step {step}/6" in worker[0]
+    final = f"volo_d1_224-2_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(root / "two" / final)) <= 1e-5

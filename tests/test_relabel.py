@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import TINY_ARCH, tiny_volo
 from mindcv_volo.errors import run_cli
 from mindcv_volo.relabel import main
-from mindcv_volo.token_labeling.label_maps import label_map_path, list_images
+from mindcv_volo.engine.data import list_images
+from mindcv_volo.token_labeling.label_maps import label_map_path
 from mindcv_volo.token_labeling.relabel import TeacherTopK
 from mindcv_volo.weights import load_checkpoint_into, save_checkpoint
 

@@ -8,6 +8,7 @@ from mindspore import nn, ops
 
 from mindcv_volo.token_labeling.loss import (LabelMapsWithLoss, LabelsWithLoss, TokenLabelCrossEntropy,
                                              mix_ground_truth, topk_target)
+from mindcv_volo.engine.randomness import STREAMS
 from mindcv_volo.token_labeling.mix_token import box_mask, clipped_box, mix_rng, mixed_lambda, sample_mix_box
 
 from conftest import tiny_volo
@@ -38,7 +39,7 @@ def test_box_mask_marks_rows_x_and_columns_y():
 
 def test_sample_draws_beta_then_row_then_column_from_the_step_state():
     lam, box = sample_mix_box(mix_rng(7, 2, 5), 14, 14)
-    ref = np.random.default_rng([7, 2, 5, 0])
+    ref = np.random.default_rng([STREAMS["mix_token"], 7, 2, 5, 0])
     ref_lam = ref.beta(1.0, 1.0)
     center = (ref.integers(14), ref.integers(14))
     assert lam == ref_lam and box == clipped_box(ref_lam, center, 14, 14)
@@ -130,6 +131,9 @@ def expected_loss(cls_target, dense_target, lam, eps, dtype=np.float32, scale=1.
     return cross_entropy(cls, smooth(mixed)).mean() + 0.5 * cross_entropy(aux, smooth(dense_target)).mean()
 
 
+NO_DROP = ms.Tensor(np.ones((1, 2), np.float32))  # drop-path masks of a model without drop path
+
+
 class FakeNet(nn.Cell):
     """Stands in for VOLO in the with-loss cells: 'images' (B, 1 + N, K) are the logits, times `scale`."""
 
@@ -137,7 +141,7 @@ class FakeNet(nn.Cell):
         super().__init__()
         self.scale = ms.Parameter(ms.Tensor(1.0, ms.float32), name="scale")
 
-    def forward_train(self, x, mix_mask):
+    def forward_train(self, x, mix_mask, drop_masks):
         return x[:, 0] * self.scale.astype(x.dtype), x[:, 1:] * self.scale.astype(x.dtype)
 
 
@@ -172,7 +176,8 @@ def test_loss_ground_truth_mode_by_hand(mode, lam, eps):
     dense = np.broadcast_to(one_hot[:, None], (2, 4, 3))  # every token: its own image's label
     net = LabelsWithLoss(FakeNet(), TokenLabelCrossEntropy(smoothing=eps), num_classes=3)
     images = ms.Tensor(np.concatenate([CLS[:, None], AUX], axis=1))
-    inputs = (images, ms.Tensor(LABELS), ms.Tensor(np.zeros((1, 2, 2, 1), np.float32)), ms.Tensor(lam, ms.float32))
+    inputs = (images, ms.Tensor(LABELS), ms.Tensor(np.zeros((1, 2, 2, 1), np.float32)), ms.Tensor(lam, ms.float32),
+              NO_DROP)
     loss, (grad,) = ms.value_and_grad(net, None, net.trainable_params())(*inputs)
     assert loss.dtype == ms.float32
     assert float(loss) == pytest.approx(expected_loss(one_hot, dense, lam, eps), rel=1e-5)
@@ -206,7 +211,7 @@ def test_loss_label_map_mode_by_hand(mode, ground_truth):
     net = LabelMapsWithLoss(FakeNet(), TokenLabelCrossEntropy(smoothing=0.1), num_classes=3, ground_truth=ground_truth)
     images = ms.Tensor(np.concatenate([CLS[:, None], AUX], axis=1).astype(np.float16))
     loss = net(images, ms.Tensor(LABELS), ms.Tensor(cls_idx), ms.Tensor(cls_val), ms.Tensor(tok_idx),
-               ms.Tensor(tok_val), ms.Tensor(np.zeros((1, 2, 2, 1), np.float32)), ms.Tensor(0.6, ms.float32))
+               ms.Tensor(tok_val), ms.Tensor(np.zeros((1, 2, 2, 1), np.float32)), ms.Tensor(0.6, ms.float32), NO_DROP)
     assert loss.dtype == ms.float32  # computed in float32 from float16 logits
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 

@@ -1,4 +1,5 @@
-"""train.py end to end on tiny data: outputs, checkpoints, and a SIGKILLed run resumed to the same weights."""
+"""train.py end to end on tiny data: outputs, checkpoints, and runs stopped by SIGKILL or SIGINT (every random
+part on) resumed to the same weights, EMA, optimizer state and validation as a run never stopped."""
 import json
 import os
 import re
@@ -73,22 +74,41 @@ def test_checkpoint_holds_the_training_state(reference):
     assert int(state["optimizer.global_step"].reshape(-1)[0]) == EPOCHS * STEPS // 2
     assert float(state["train_state.loss_scale"]) == 1024.0
     assert 0 <= float(state["train_state.val_top1"]) <= 1
+    assert int(state["train_state.epoch_step"]) == 0  # saved at the epoch's end
     # The EMA (decay 0.9) trails the weights: close, not equal.
     assert 0 < np.abs(state["ema.head.weight"] - state["head.weight"]).max() < 0.1
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes, reference, compile_cache):
-    _, reference_dir, _ = reference
-    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", **REFERENCE_RECIPE)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
-                            env=tool_env(compile_cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_run(config, cache):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], cwd=ROOT,
+                            env=tool_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_during_epoch_2(proc, signum):
+    """Send `signum` once epoch 2 has done 4 steps (after the epoch-1 checkpoint); returns the output so far."""
     seen = []
-    for line in proc.stdout:  # kill in the middle of epoch 2, after the epoch-1 checkpoint
+    for line in proc.stdout:
         seen.append(line)
         if f"epoch 2/{EPOCHS} step 4/{STEPS} " in line:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signum)
             break
+    return seen
+
+
+def assert_same_as_the_reference(resumed, save_dir, reference):
+    """The resumed run's final checkpoint (weights, EMA, optimizer, training state) and validation JSON are
+    the uninterrupted reference run's."""
+    final = f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(save_dir / final), read_ckpt(reference[1] / final)) <= 1e-5
+    mine, theirs = last_json(resumed.stdout), last_json(reference[0].stdout)
+    assert (mine["top1"], mine["top5"], mine["num_samples"]) == (theirs["top1"], theirs["top5"], theirs["num_samples"])
+    assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes, reference, compile_cache):
+    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", **REFERENCE_RECIPE)
+    proc = start_run(config, compile_cache)
+    seen = signal_during_epoch_2(proc, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
     assert sorted(f for f in os.listdir(tmp_path / "ckpt") if f.endswith(".ckpt")) == [f"volo_d1_224-1_{STEPS}.ckpt"]
@@ -98,10 +118,55 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes, reference, com
     assert f"resumed from {tmp_path / 'ckpt'}/volo_d1_224-1_{STEPS}.ckpt: 1 of {EPOCHS} epochs done" in resumed.stdout
     assert "epoch 1/" not in resumed.stdout  # only the remaining epochs are trained
     assert f"epoch 2/{EPOCHS} done" in resumed.stdout and f"epoch 3/{EPOCHS} done" in resumed.stdout
+    assert_same_as_the_reference(resumed, tmp_path / "ckpt", reference)
 
+
+def test_interrupted_run_saves_mid_epoch_and_resumes_exactly(tmp_path, shapes, reference, compile_cache):
+    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", **REFERENCE_RECIPE)
+    proc = start_run(config, compile_cache)
+    seen = signal_during_epoch_2(proc, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    # MindSpore turns a SIGINT that arrives while a compiled step runs into SIGTERM: either stops the run.
+    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), "".join(seen)[-2000:] + out + err
+    assert "Traceback" not in err
+    line = out.strip().splitlines()[-1]
+    match = re.fullmatch(rf"\S+ stopped by (SIGINT|SIGTERM) after epoch 2 step (\d+)/{STEPS}: saved (\S+); to "
+                         rf"continue, run: python {re.escape(os.path.join(ROOT, 'train.py'))} -c {re.escape(config)} "
+                         "--resume True", line)
+    assert match, line
+    assert proc.returncode == 128 + getattr(signal, match.group(1))
+    step = int(match.group(2))
+    assert 4 <= step < STEPS and step % 2 == 0  # after an update (accumulation 2), before the epoch's end
+    saved = tmp_path / "ckpt" / f"volo_d1_224-2_{step}.ckpt"
+    assert match.group(3) == str(saved) and saved.exists()
+    state = read_ckpt(saved)
+    assert (int(state["train_state.epoch"]), int(state["train_state.epoch_step"])) == (1, step)
+    assert int(state["train_state.global_step"]) == (STEPS + step) // 2
+    assert not [f for f in os.listdir(tmp_path / "ckpt") if f.startswith(".")]  # nothing half-written
+
+    resumed = run_tool("train.py", "-c", config, "--resume", "True", cache=compile_cache)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {saved}: 1 of {EPOCHS} epochs done, epoch 2 at step {step}/{STEPS}" in resumed.stdout
+    assert f"epoch 2/{EPOCHS} step {step}/" not in resumed.stdout  # the steps done are not trained again
+    assert f"epoch 2/{EPOCHS} step {step + 2}/{STEPS} " in resumed.stdout
+    assert_same_as_the_reference(resumed, tmp_path / "ckpt", reference)
+    # metrics.csv: the reference's rows (the interrupted epoch's loss includes the steps before the stop)
+    from mindcv_volo.engine.metrics import read_metrics
+
+    rows, expected = read_metrics(tmp_path / "ckpt" / "metrics.csv"), read_metrics(reference[1] / "metrics.csv")
+    for key in ("epoch", "train_loss", "lr", "val_top1", "val_top5", "val_loss"):
+        assert [row[key] for row in rows] == pytest.approx([row[key] for row in expected], abs=1e-5), key
+
+
+def test_data_workers_change_nothing(tmp_path, shapes, reference, compile_cache):
+    """Every random decision is a function of the seed and the sample's position: two data workers give the
+    reference's (one worker's) weights exactly."""
+    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", **{**REFERENCE_RECIPE,
+                                                                                 "num_parallel_workers": 2})
+    proc = run_tool("train.py", "-c", config, cache=compile_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt"
-    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(reference_dir / final)) <= 1e-5
-    assert last_json(resumed.stdout)["top1"] == last_json(reference[0].stdout)["top1"]
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(reference[1] / final)) == 0.0
 
 
 def tiny_config_of(*argv):
@@ -197,7 +262,11 @@ def test_checkpoint_pruning(tmp_path, policy, kept):
         keeper.scores[str(path)] = top1
         keeper.prune()
     # latest_k keeps the newest three; top_k keeps the best two and always the latest (resume needs it).
-    assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), "m")] == kept
+    assert [epoch for epoch, _, _ in list_checkpoints(str(tmp_path), "m")] == kept
     assert (tmp_path / "other-1_5.ckpt").exists()
-    keeper.discard_earlier()  # what a fresh run (no --resume) does first
+    # A checkpoint saved mid-epoch (epoch 6, 2 steps) sorts after epoch 5's end and before epoch 6's.
+    (tmp_path / checkpoint_name("m", 6, 2)).write_bytes(b"")
+    (tmp_path / checkpoint_name("m", 6, 5)).write_bytes(b"")
+    assert [(e, s) for e, s, _ in list_checkpoints(str(tmp_path), "m")][-3:] == [(5, 5), (6, 2), (6, 5)]
+    keeper.discard_earlier()  # what a fresh run with --overwrite True does first
     assert list_checkpoints(str(tmp_path), "m") == [] and (tmp_path / "other-1_5.ckpt").exists()

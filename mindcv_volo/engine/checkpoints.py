@@ -1,19 +1,24 @@
 """Training checkpoints: model weights under their own names, the rest under prefixes, pruned, resumable.
 
-A file `<model>-<epoch>_<steps>.ckpt` in ckpt_save_dir holds
+A file `<model>-<epoch>_<step>.ckpt` in ckpt_save_dir (MindSpore's naming: the epoch it belongs to, the
+steps of it done; an epoch's last checkpoint says its steps per epoch) holds
   * the model's parameters and BatchNorm statistics under their plain names (validate.py and
     create_model(checkpoint_path=...) read it as any weights file),
   * `ema.<name>`: the EMA weights (when ema is on),
   * `optimizer.<name>`: the optimizer's state (moments, step counter),
-  * `train_state.<name>`: epoch (completed), global update step, loss scale and its good-step counter,
-    steps per epoch, and the validation top-1 when known.
+  * `train_state.<name>`: epochs completed, the steps done of the epoch in progress (0 at an epoch's end;
+    a run stopped by a signal saves mid-epoch), the training loss of those steps (sum, count, skipped),
+    global update step, loss scale and its good-step counter, steps per epoch, and the validation top-1
+    when known.
 Each file is written to a temporary name and renamed (`weights.save_checkpoint`), so a kill during a save
-leaves the previous files intact and never a partial latest one.
+leaves the previous files intact and never a partial latest one. A run removes only files it wrote (pruning);
+a fresh run refuses a folder holding another run's checkpoints of its model unless told to overwrite them.
 """
 import hashlib
 import logging
 import os
 import re
+from typing import NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -28,19 +33,20 @@ logger = logging.getLogger("mindcv_volo")
 _NAME = re.compile(r"^(?P<model>.+)-(?P<epoch>\d+)_(?P<steps>\d+)\.ckpt$")
 
 
-def checkpoint_name(model_name, epoch, steps):
-    return f"{model_name}-{epoch}_{steps}.ckpt"
+def checkpoint_name(model_name, epoch, step):
+    """`epoch`: the epoch (from 1) the checkpoint belongs to; `step`: its steps done (all: the epoch's end)."""
+    return f"{model_name}-{epoch}_{step}.ckpt"
 
 
 def list_checkpoints(folder, model_name):
-    """[(epoch, path)] of this model's checkpoints in `folder`, oldest first."""
+    """[(epoch, step, path)] of this model's checkpoints in `folder`, oldest first."""
     if not os.path.isdir(folder):
         return []
     found = []
     for entry in os.listdir(folder):
         match = _NAME.match(entry)
         if match and match.group("model") == model_name:
-            found.append((int(match.group("epoch")), os.path.join(folder, entry)))
+            found.append((int(match.group("epoch")), int(match.group("steps")), os.path.join(folder, entry)))
     return sorted(found)
 
 
@@ -72,12 +78,16 @@ class CheckpointKeeper:
         self.scores = {}  # path -> validation top-1, for the top_k policy
         self.description = description
 
-    def entries(self, epoch, global_step, steps_per_epoch, val_top1=None):
+    def entries(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
+        """`progress`: an EpochProgress of the epoch in progress (None: `epoch` epochs are complete)."""
+        progress = progress or EpochProgress()
         entries = {name: p.value() for name, p in self.model_params.items()}
         entries.update({EMA_PREFIX + name: p.value() for name, p in self.ema_params.items()})
         entries.update({OPTIMIZER_PREFIX + name: p.value() for name, p in self.optimizer_params.items()})
         train_state = {"epoch": np.int64(epoch), "global_step": np.int64(global_step),
-                       "steps_per_epoch": np.int64(steps_per_epoch),
+                       "steps_per_epoch": np.int64(steps_per_epoch), "epoch_step": np.int64(progress.steps),
+                       "epoch_loss_sum": np.float64(progress.loss_sum), "epoch_losses": np.int64(progress.losses),
+                       "epoch_skipped": np.int64(progress.skipped),
                        "loss_scale": self.state_cell.loss_scale.value(),
                        "good_steps": self.state_cell.good_steps.value()}
         if val_top1 is not None:
@@ -93,24 +103,31 @@ class CheckpointKeeper:
             digest.update(np.ascontiguousarray(self.model_params[name].asnumpy()).tobytes())
         return digest.hexdigest()[:16]
 
-    def save(self, epoch, global_step, steps_per_epoch, val_top1=None):
-        path = os.path.join(self.folder, checkpoint_name(self.model_name, epoch, steps_per_epoch))
-        save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1), path, self.description)
+    def save(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
+        """Write a checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
+        name = (checkpoint_name(self.model_name, epoch + 1, progress.steps) if progress is not None
+                else checkpoint_name(self.model_name, epoch, steps_per_epoch))
+        path = os.path.join(self.folder, name)
+        save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1, progress), path,
+                        self.description)
         self.scores[path] = val_top1
         logger.info("saved %s", path)
         self.prune()
         return path
 
+    def earlier(self):
+        """Paths of the checkpoints of this model already in the folder (a fresh run must not mix with them)."""
+        return [path for _, _, path in list_checkpoints(self.folder, self.model_name)]
+
     def discard_earlier(self):
-        """A fresh run in a folder holding checkpoints of an earlier run of this model: remove them, or a
+        """Remove the checkpoints of an earlier run of this model (a fresh run told to overwrite them), or a
         later --resume (and the pruning) would take the earlier run's files for this run's."""
-        for _, path in list_checkpoints(self.folder, self.model_name):
+        for path in self.earlier():
             os.remove(path)
-            logger.info("removed %s of an earlier run (resume it with --resume True instead of starting afresh)",
-                        path)
+            logger.info("removed %s of an earlier run (overwrite is on)", path)
 
     def prune(self):
-        saved = [path for _, path in list_checkpoints(self.folder, self.model_name)]
+        saved = self.earlier()
         if self.policy is None or len(saved) <= self.keep_max:  # policy null: every checkpoint stays
             return
         latest = saved[-1]
@@ -144,6 +161,15 @@ class CheckpointKeeper:
         ms_state.loss_scale.set_data(ms.Tensor(train_state["loss_scale"], ms.float32))
         ms_state.good_steps.set_data(ms.Tensor(train_state["good_steps"], ms.int32))
         return {k: v.item() for k, v in train_state.items()}
+
+
+class EpochProgress(NamedTuple):
+    """How far the epoch in progress got: micro-steps done, and its training loss so far (the sum and count
+    of the finite losses, the steps skipped), so a resumed epoch reports what an uninterrupted one does."""
+    steps: int = 0
+    loss_sum: float = 0.0
+    losses: int = 0
+    skipped: int = 0
 
 
 def _saved_top1(path):

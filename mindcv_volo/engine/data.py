@@ -1,13 +1,16 @@
-"""Data: ImageFolder splits, MindCV's transforms and loaders, and a data order keyed by (seed, epoch).
+"""Data: ImageFolder splits, the training samples and their order keyed by (seed, epoch), evaluation loaders.
 
-Training reads `data_dir/train_split` through `mindcv.data` (create_dataset on the ImageFolder layout,
-create_transforms, create_loader, MindCV's Mixup). The order of the images is not left to MindSpore's
-shuffle: each epoch a permutation is drawn from numpy's generator seeded with (seed, epoch), cut into
-global batches, and every rank takes its own slice of each global batch (a SubsetSampler). So:
+Training reads `data_dir/train_split` image by image (`TrainSamples`, a random-access source for MindSpore's
+GeneratorDataset). The order of the images is not left to MindSpore's shuffle: each epoch a permutation is
+drawn from (seed, epoch), cut into global batches, and every rank takes its own slice of each global batch.
+Each sample is augmented by `augment.TrainAugmentation` with the generator of (seed, epoch, its position in
+the epoch's global order), and each batch is mixed (mixup/cutmix) with the generator of (seed, epoch, step,
+rank). So:
   * the union of the ranks' batches at step s is the batch a single process with the global batch size
-    sees at step s;
-  * a resumed run sees exactly the order of a run that was never stopped.
-The augmentation's random state is also re-seeded from (seed, epoch) when an epoch's pipeline is built.
+    sees at step s, with the same per-sample augmentation;
+  * a resumed run, even one resumed in the middle of an epoch, sees exactly the data of a run that was
+    never stopped, and nothing but the position needs saving;
+  * the number of data workers, and which worker takes which sample, change nothing.
 
 Evaluation uses the model's own preprocessing (`Preprocessing`, `eval_transforms`: the one definition used
 by validation, inference and the relabelling teacher): resize to size / crop_pct (PIL bicubic, as the
@@ -23,12 +26,32 @@ import numpy as np
 import mindspore.dataset as ds
 from mindspore.dataset import vision
 from mindspore.dataset.vision import Inter
-from mindcv.data import create_dataset, create_loader, create_transforms
-from mindcv.data.mixup import Mixup
+from mindcv.data import create_dataset, create_loader
+from PIL import Image
 
 from ..errors import UserError
 from ..models.volo import IMAGENET_MEAN, IMAGENET_STD
+from .augment import BatchMixer, TrainAugmentation
+from .randomness import generator, sample_generator
 from .runtime import available_cores
+
+
+def list_images(folder):
+    """(relative path, class index) of every file of an ImageFolder split: classes and files sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder not found: {folder}")
+    items = _class_files(folder)[1]
+    if not items:
+        raise UserError(f"{folder} holds no images (expected one sub-folder per class)")
+    return items
+
+
+def _class_files(folder):
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    items = [(f"{name}/{f.name}", label) for label, name in enumerate(classes)
+             for f in sorted(os.scandir(os.path.join(folder, name)), key=lambda e: e.name) if f.is_file()]
+    return classes, items
+
 
 class SplitInfo:
     """One split folder of an ImageFolder data set: its classes (sorted sub-folders) and image count."""
@@ -43,9 +66,9 @@ class SplitInfo:
             present = sorted(e for e in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, e)))
             raise UserError(f"split folder not found: {self.folder} (folders in {data_dir}: "
                             f"{', '.join(present) or 'none'})")
-        self.classes = sorted(e for e in os.listdir(self.folder) if os.path.isdir(os.path.join(self.folder, e)))
-        # MindSpore's ImageFolderDataset reads every file of a class folder; count them the same way.
-        self.count = sum(1 for c in self.classes for f in os.scandir(os.path.join(self.folder, c)) if f.is_file())
+        # Every file of a class folder is an image (MindSpore's ImageFolderDataset, evaluation's reader, agrees).
+        self.classes, self.items = _class_files(self.folder)
+        self.count = len(self.items)
         if not self.count:
             raise UserError(f"split {self.folder} is empty: it needs one sub-folder per class holding the images")
 
@@ -64,17 +87,12 @@ class SplitInfo:
                             f"set --num_classes {len(self.classes)}")
 
 
-def order_seed(seed, epoch):
-    """One integer seed for (seed, epoch): numpy's SeedSequence mixes the pair, so epochs do not collide."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 def epoch_order(num_images, global_batch, steps, seed, epoch, shuffle=True):
     """The image indices of one epoch for all ranks: `steps` global batches, from (seed, epoch) alone.
 
     When the images do not fill `steps` batches the permutation wraps around (drop_remainder off).
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_images) if shuffle else np.arange(num_images)
+    order = generator("order", seed, epoch).permutation(num_images) if shuffle else np.arange(num_images)
     return np.resize(order, steps * global_batch)
 
 
@@ -90,14 +108,46 @@ def train_steps(num_images, global_batch, accumulation, drop_remainder):
     return batches // accumulation * accumulation
 
 
-def train_transforms(aug):
-    """MindCV's training transforms for the `augmentation` section (mean/std null: ImageNet's)."""
-    return create_transforms(
-        "imagenet", image_resize=aug.image_resize, is_training=True, auto_augment=aug.auto_augment,
-        scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip,
-        color_jitter=aug.color_jitter, interpolation=aug.interpolation, mean=list(aug.mean or IMAGENET_MEAN_255),
-        std=list(aug.std or IMAGENET_STD_255), re_prob=aug.re_prob, re_scale=tuple(aug.re_scale),
-        re_ratio=tuple(aug.re_ratio), re_value=aug.re_value, re_max_attempts=aug.re_max_attempts)
+def train_augmentation(aug):
+    """The per-sample training transforms of the `augmentation` section (mean/std null: ImageNet's)."""
+    return TrainAugmentation(aug, aug.mean or IMAGENET_MEAN_255, aug.std or IMAGENET_STD_255)
+
+
+def read_image(path):
+    """An image file as an RGB PIL image; a UserError naming a file that cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise UserError(f"cannot read image {path}: corrupt or not an image; remove or replace it") from None
+
+
+class TrainSamples:
+    """Random-access source (for GeneratorDataset) of one epoch's training samples, by position.
+
+    Item `position` (in the epoch's global order, all ranks together) is the image order[position] of the
+    split, augmented with the generator of (seed, epoch, position): (image float32 CHW, label int32, and the
+    columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
+    """
+
+    columns = ("image", "label")
+
+    def __init__(self, split, order, augmentation, seed, epoch):
+        self.folder, self.items = split.folder, split.items
+        self.order, self.augmentation, self.seed, self.epoch = order, augmentation, seed, epoch
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, position):
+        relpath, label = self.items[self.order[position]]
+        image = read_image(os.path.join(self.folder, relpath))
+        array, geometry = self.augmentation(image, sample_generator(self.seed, self.epoch, position))
+        return (array, np.int32(label), *self.extra_columns(relpath, geometry))
+
+    def extra_columns(self, relpath, geometry):
+        """More columns of a sample, from its file and the geometry its image went through."""
+        return ()
 
 
 class Preprocessing(NamedTuple):
@@ -154,25 +204,32 @@ def _image_folder(folder, indices, workers):
     return dataset
 
 
-def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime):
-    """This rank's batches of one epoch: (image float32 NCHW, label int32 (B,) or float32 (B, K) with mixup).
+def sample_batches(source, batch_size, runtime, first_step, workers):
+    """This rank's batches of `source` (TrainSamples) from `first_step` on, as numpy arrays.
+
+    Any number of workers gives the same batches: each sample carries its own randomness, and
+    GeneratorDataset returns the samples in the sampler's order.
+    """
+    positions = rank_slice(np.arange(len(source)), batch_size, runtime.rank, runtime.world)[first_step * batch_size:]
+    workers = _workers(workers)
+    dataset = ds.GeneratorDataset(source, column_names=list(source.columns), sampler=ds.SubsetSampler(positions.tolist()),
+                                  num_parallel_workers=workers, python_multiprocessing=workers > 1)
+    return iterate(dataset.batch(batch_size, drop_remainder=True))
+
+
+def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
+    """This rank's batches of one epoch from `first_step` on: (image float32 NCHW, label int32 (B,), or
+    float32 (B, K) targets with mixup/cutmix), numpy.
 
     `data`, `aug`: the run's data and augmentation sections; `runtime`: its rank and world size.
     """
     order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
-    epoch_seed = order_seed(seed, epoch)
-    ds.config.set_seed(epoch_seed % (2 ** 32))  # the augmentation's random state, per (seed, epoch)
-    np.random.seed(epoch_seed % (2 ** 32))  # MindCV's Mixup draws from numpy's global generator
-    workers = _workers(data.num_parallel_workers)
-    dataset = _image_folder(split.folder, rank_slice(order, data.batch_size, runtime.rank, runtime.world), workers)
-    loader = create_loader(dataset, data.batch_size, drop_remainder=True, is_training=True,
-                           transform=train_transforms(aug), num_parallel_workers=workers)
-    if aug.mixup > 0 or aug.cutmix > 0:
-        mix = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.cutmix_prob,
-                    switch_prob=aug.mixup_switch_prob, label_smoothing=0.0, num_classes=num_classes)
-        # One worker: the batches then meet numpy's generator in order, so the mixing is reproducible.
-        loader = loader.map(operations=mix, input_columns=["image", "label"], num_parallel_workers=1)
-    return loader
+    source = TrainSamples(split, order, train_augmentation(aug), seed, epoch)
+    batches = sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers)
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return batches
+    mixer = BatchMixer(aug, num_classes, seed, runtime.rank)
+    return (mixer(images, labels, epoch, step) for step, (images, labels) in enumerate(batches, start=first_step))
 
 
 def create_eval_loader(split, batch_size, preprocessing, rank=0, world=1, workers=4):
@@ -184,10 +241,16 @@ def create_eval_loader(split, batch_size, preprocessing, rank=0, world=1, worker
 
 
 _BAD_FILE = re.compile(r"The corresponding data file is: (.+?)\.(?: |\n|$)")
+# A UserError raised by a pipeline source (an unreadable image, a label map that does not fit), as MindSpore
+# quotes it: "UserError: ..." or "mindcv_volo.errors.UserError: ..." on a line of its own.
+_RAISED = re.compile(r"^(?:[\w.]+\.)?UserError: (.+)$", re.MULTILINE)
 
 
 def pipeline_error(err):
     """A UserError for a data-pipeline failure caused by a file (e.g. an unreadable image), else None."""
+    raised = _RAISED.findall(str(err))
+    if raised:
+        return UserError(raised[-1].strip())
     match = _BAD_FILE.search(str(err))
     if match is None:
         return None

@@ -21,6 +21,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..errors import UserError
+from ..models.volo import NUM_STAGES
 from .data import SplitInfo, create_eval_loader, iterate
 from .model_spec import load_model, preprocessing
 from .runtime import amp_level, describe, progress, release_free_heap, setup_runtime
@@ -125,7 +126,7 @@ def cpu_batch_size(model, requested):
     """The largest batch up to `requested` whose activations take at most half the available memory (an
     estimate from the model's token-channels; a 128-image batch of volo_d1_224 peaked at 15 GB on CPU)."""
     tokens = (model.img_size // 8) ** 2  # stage 0 at stride 8, the transformer stages at stride 16
-    stages = [model.network[0], *model.network[2:]]
+    stages = [model.stage(index) for index in range(NUM_STAGES)]
     per_image = ACTIVATION_BYTES_PER_TOKEN_CHANNEL * sum(
         len(stage) * (tokens if index == 0 else tokens // 4) * stage[0].norm1.gamma.shape[0]
         for index, stage in enumerate(stages))

@@ -2,24 +2,27 @@
 import logging
 import math
 import os
+import shlex
+import signal
+import sys
 import time
 from typing import NamedTuple, Optional
 
-import numpy as np
 from mindcv.optim import create_optimizer
 from mindcv.scheduler import create_scheduler
 from mindspore import nn
 
-from ..errors import UserError
-from ..weights.checkpoint import load_checkpoint_into
-from .checkpoints import CheckpointKeeper, list_checkpoints
+from ..errors import Interrupted, UserError
+from ..weights.checkpoint import STATE_PREFIX, load_checkpoint_into, read_checkpoint
+from .checkpoints import CheckpointKeeper, EpochProgress, list_checkpoints
 from .config import save_config
-from .data import SplitInfo, create_eval_loader, create_train_loader, iterate, train_steps
+from .data import SplitInfo, create_eval_loader, create_train_loader, train_steps
 from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
 from .model_spec import build_model, preprocessing, resolve
-from .runtime import add_log_file, amp_level, describe, release_free_heap, setup_runtime
+from .runtime import add_log_file, amp_level, describe, release_free_heap, setup_runtime, under_msrun
 from .step import EMA, TrainState, TrainStep, apply_amp, build_train_steps
+from .stopping import StopRequests
 
 logger = logging.getLogger("mindcv_volo")
 
@@ -141,7 +144,33 @@ def log_options_that_do_not_apply(config):
         logger.info("dataset_sink_mode: the loop feeds each step from the host (its inputs are drawn per step "
                     "on the host), on every device")
     if config.augmentation.auto_augment and config.augmentation.color_jitter is not None:
-        logger.info("color_jitter is not applied with auto_augment (MindCV's training transforms)")
+        logger.info("color_jitter is not applied with auto_augment (as MindCV's training transforms)")
+
+
+def warn_what_is_not_reproduced(model_options):
+    """One warning for the randomness this project cannot draw on the host (see README, Reproducibility)."""
+    rates = {"drop_rate": model_options.drop_rate or 0.0,
+             "attn_drop_rate": model_options.arch_overrides.get("attn_drop_rate") or 0.0}
+    on = [f"{name} {rate:g}" for name, rate in rates.items() if rate > 0]
+    if on:
+        logger.warning("warning: %s: dropout draws inside the graph (MindSpore's nn.Dropout), so a resumed run does "
+                       "not redraw it exactly and devices do not reproduce it from the seed", ", ".join(on))
+
+
+def resume_command():
+    """This process's command line with `--resume True` (in place of any resume option it had)."""
+    argv, kept, skip = sys.argv, [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--resume", "--resume_opt", "--resume-opt"):
+            skip = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+            continue
+        if arg.startswith(("--resume=", "--resume_opt=", "--resume-opt=")):
+            continue
+        kept.append(arg)
+    return shlex.join(["python", *kept, "--resume", "True"])
 
 
 def format_time(seconds):
@@ -159,6 +188,7 @@ class Run:
         data, aug, steps = config.data, config.augmentation, config.train_step
         self.runtime = setup_runtime(config.system, config.system.distribute)
         log_options_that_do_not_apply(config)
+        warn_what_is_not_reproduced(config.model)
 
         self.train_split = SplitInfo(data.data_dir, data.train_split)
         self.val_split = self._val_split()
@@ -175,6 +205,13 @@ class Run:
 
         classes = self.train_split.classes
         self.spec = resolve(config.model, num_classes=len(classes), class_names=classes)
+        ckpt = config.checkpoint
+        earlier = [] if ckpt.resume else list_checkpoints(ckpt.ckpt_save_dir, self.spec.name)
+        if earlier and not ckpt.overwrite:
+            raise UserError(f"{ckpt.ckpt_save_dir} holds {len(earlier)} checkpoint(s) of an earlier run of "
+                            f"{self.spec.name} (latest {os.path.basename(earlier[-1][2])}); continue that run "
+                            "with --resume True, write this one elsewhere with --ckpt_save_dir DIR, or replace "
+                            "them with --overwrite True")
         self.train_split.check_num_classes(self.spec.num_classes)
         self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate)
         if config.model.recompute:
@@ -195,15 +232,17 @@ class Run:
          self.update_step, self.state, self.ema) = build_training(config, self.model, self.spec.num_classes,
                                                                   self.runtime, self.updates, build_loss)
         self.eval_network = EvalNetwork(network)
-        ckpt = config.checkpoint
+        check_inputs = getattr(self.loss_network, "check_inputs", None)  # e.g. a label map for every image
+        if check_inputs is not None:
+            check_inputs(self.train_split)
         self.keeper = CheckpointKeeper(ckpt.ckpt_save_dir, self.spec.name, params, self.optimizer, self.state,
                                        self.ema, ckpt.keep_checkpoint_max, ckpt.ckpt_save_policy,
                                        self.spec.describe(self.preprocessing))
         # Only now, with every input checked, does the run write anything.
         if self.runtime.is_main:
             add_log_file(os.path.join(ckpt.ckpt_save_dir, "train.log"))
-        self.start_epoch, self.global_step = self._resume()
-        if self.runtime.is_main and not ckpt.resume:
+        self.start_epoch, self.global_step, self.progress = self._resume()
+        if self.runtime.is_main and earlier:
             self.keeper.discard_earlier()
         self.metrics = MetricsLog(ckpt.ckpt_save_dir, self.start_epoch) if self.runtime.is_main else None
         if self.runtime.is_main:
@@ -224,25 +263,35 @@ class Run:
         return split
 
     def _resume(self):
+        """(epochs done, global update step, EpochProgress of the epoch in progress) to continue from."""
         ckpt = self.config.checkpoint
         if not ckpt.resume:
-            return 0, 0
-        if self.config.model.ckpt_path:
-            path = self.config.model.ckpt_path
-        else:
-            saved = list_checkpoints(ckpt.ckpt_save_dir, self.spec.name)
+            return 0, 0, EpochProgress()
+        path = self.config.model.ckpt_path
+        saved = list_checkpoints(ckpt.ckpt_save_dir, self.spec.name)
+        if path and saved and not _holds_training_state(path):
+            # A weights-only ckpt_path is this run's starting point (fine-tuning): continue from its checkpoints.
+            logger.info("resume: %s is the starting point of the run (weights only); continuing from %s", path,
+                        ckpt.ckpt_save_dir)
+            path = ""
+        if not path:
             if not saved:
                 logger.info("resume: no checkpoint of %s in %s, starting from epoch 1", self.spec.name,
                             ckpt.ckpt_save_dir)
-                return 0, 0
-            path = saved[-1][1]
+                return 0, 0, EpochProgress()
+            path = saved[-1][2]
         state = self.keeper.restore(path)
         if state["steps_per_epoch"] != self.steps:
             raise UserError(f"{path} was saved with {state['steps_per_epoch']} steps per epoch, this run has "
                             f"{self.steps} (other batch_size, device count or data?); resume with the same setup")
-        logger.info("resumed from %s: %d of %d epochs done, global step %d", path, state["epoch"],
-                    self.config.scheduler.epoch_size, state["global_step"])
-        return int(state["epoch"]), int(state["global_step"])
+        progress = EpochProgress(int(state.get("epoch_step", 0)), float(state.get("epoch_loss_sum", 0.0)),
+                                 int(state.get("epoch_losses", 0)), int(state.get("epoch_skipped", 0)))
+        epoch = int(state["epoch"])
+        logger.info("resumed from %s: %d of %d epochs done%s, global step %d", path, epoch,
+                    self.config.scheduler.epoch_size,
+                    f", epoch {epoch + 1} at step {progress.steps}/{self.steps}" if progress.steps else "",
+                    state["global_step"])
+        return epoch, int(state["global_step"]), progress
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -257,20 +306,28 @@ class Run:
         self.run_start = time.time()
         self.steps_done = 0
         metrics = None
-        for epoch in range(self.start_epoch, epochs):
-            train_loss, img_per_s, seconds = self.train_epoch(epoch)
-            done = epoch + 1
-            metrics = None
-            if self.val_split is not None and ckpt.val_while_train and (done % ckpt.val_interval == 0
-                                                                        or done == epochs):
-                metrics = self.validate()
-                logger.info("epoch %d/%d val: top-1 %.4f top-5 %.4f loss %.4f (all %d images)", done, epochs,
-                            metrics["top1"], metrics["top5"], metrics["loss"], metrics["num_samples"])
-            if self.runtime.is_main:
-                lr = self.lrs[min(self.global_step, len(self.lrs)) - 1]
-                self.metrics.add(done, train_loss, lr, img_per_s, seconds, metrics)
-                if done % ckpt.ckpt_save_interval == 0 or done == epochs:
-                    self.keeper.save(done, self.global_step, self.steps, metrics and metrics["top1"])
+        with StopRequests(self.runtime.world) as stop:
+            for epoch in range(self.start_epoch, epochs):
+                progress = self.progress if epoch == self.start_epoch else EpochProgress()
+                progress, img_per_s, seconds = self.train_epoch(epoch, progress, stop)
+                if progress.steps < self.steps:
+                    self.stop_run(stop, epoch, progress)
+                done = epoch + 1
+                train_loss = progress.loss_sum / progress.losses if progress.losses else float("nan")
+                metrics = None
+                if self.val_split is not None and ckpt.val_while_train and (done % ckpt.val_interval == 0
+                                                                            or done == epochs):
+                    metrics = self.validate()
+                    logger.info("epoch %d/%d val: top-1 %.4f top-5 %.4f loss %.4f (all %d images)", done, epochs,
+                                metrics["top1"], metrics["top5"], metrics["loss"], metrics["num_samples"])
+                saved = None
+                if self.runtime.is_main:
+                    lr = self.lrs[min(self.global_step, len(self.lrs)) - 1]
+                    self.metrics.add(done, train_loss, lr, img_per_s, seconds, metrics)
+                    if done % ckpt.ckpt_save_interval == 0 or done == epochs:
+                        saved = self.keeper.save(done, self.global_step, self.steps, metrics and metrics["top1"])
+                if done < epochs and stop.agreed():
+                    self.stop_run(stop, done, None, saved, metrics and metrics["top1"])
         if self.runtime.world > 1:
             # Every rank says what it ends with, so a launcher (and the tests) can see they agree.
             print(f"rank {self.runtime.rank} weights sha256 {self.keeper.fingerprint()}", flush=True)
@@ -283,17 +340,40 @@ class Run:
             print(line, flush=True)
         return line
 
-    def train_epoch(self, epoch):
+    def stop_run(self, stop, epochs_done, progress, saved=None, val_top1=None):
+        """Stop as every rank agreed (`stop`) after `epochs_done` epochs and `progress` (None: at the epoch's
+        end): rank 0 writes the checkpoint to continue from (unless the epoch's is `saved`, its path), every
+        rank waits for it, and the run ends with Interrupted."""
+        signum = stop.agreed()
+        stop_name = signal.Signals(signum).name
+        where = (f"epoch {epochs_done + 1} step {progress.steps}/{self.steps}" if progress is not None
+                 else f"epoch {epochs_done}")
+        path = saved
+        if self.runtime.is_main and path is None:
+            path = self.keeper.save(epochs_done, self.global_step, self.steps, val_top1, progress)
+        stop.barrier()
+        if self.runtime.is_main:
+            how = "add --resume True to the msrun command" if under_msrun() else f"run: {resume_command()}"
+            message = f"stopped by {stop_name} after {where}: saved {path}; to continue, {how}"
+        else:
+            message = f"rank {self.runtime.rank}: stopped by {stop_name} after {where}, as every rank; rank 0 saved"
+        logger.warning("%s", message)  # the one line (other ranks log warnings only)
+        raise Interrupted(message, 128 + signum)
+
+    def train_epoch(self, epoch, progress, stop):
+        """Train the steps of `epoch` after `progress` (EpochProgress); stops early, at an update, when every
+        rank agrees on a stop request (`stop`). Returns (EpochProgress, img/s, seconds)."""
         config = self.config
         accumulation = config.train_step.gradient_accumulation_steps
         log_interval, epochs = config.system.log_interval, config.scheduler.epoch_size
         # A loss that needs other columns (label maps) brings its own loader; see engine.step.
         make_loader = getattr(self.loss_network, "create_train_loader", create_train_loader)
-        loader = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
-                             self.spec.num_classes, config.system.seed, self.runtime)
-        losses, skipped = [], 0
+        batches = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
+                              self.spec.num_classes, config.system.seed, self.runtime, progress.steps)
+        loss_sum, losses, skipped, first = progress.loss_sum, progress.losses, progress.skipped, progress.steps
+        steps_done = first
         epoch_start = interval_start = time.time()
-        for step, batch in enumerate(iterate(loader)):
+        for step, batch in enumerate(batches, start=first):
             applies = (step + 1) % accumulation == 0
             cell = self.update_step if applies else self.micro_step
             loss, norm, overflow, scale = cell(*self.loss_network.step_inputs(batch, epoch, step))
@@ -310,12 +390,14 @@ class Run:
                 logger.info("epoch %d step %d: non-finite %s at loss scale %g: update skipped", epoch + 1,
                             step + 1, "loss" if not math.isfinite(loss) else "gradients", float(scale.asnumpy()))
             else:
-                losses.append(loss)
+                loss_sum += loss
+                losses += 1
             if applies:
                 self.global_step += 1
             self.steps_done += 1
             if self.steps_done == 1:
                 release_free_heap()  # what compiling the step left freed but held
+            steps_done = step + 1
             if (step + 1) % log_interval == 0 or step + 1 == self.steps:
                 now = time.time()
                 span = (step % log_interval) + 1
@@ -326,12 +408,16 @@ class Run:
                             epoch + 1, epochs, step + 1, self.steps, loss, lr,
                             float(norm.asnumpy()), rate, format_time(left * per_step))
                 interval_start = now
+            # The epoch's last step is followed by the epoch's end, which asks again.
+            if applies and step + 1 < self.steps and stop.agreed():
+                break
         seconds = time.time() - epoch_start
-        mean_loss = float(np.mean(losses)) if losses else float("nan")
-        img_per_s = self.steps * self.global_batch / max(seconds, 1e-9)
-        logger.info("epoch %d/%d done: train loss %.4f (rank %d's batches), %.1f s, %.1f img/s%s", epoch + 1, epochs,
-                    mean_loss, self.runtime.rank, seconds, img_per_s, f", {skipped} step(s) skipped" if skipped else "")
-        return mean_loss, img_per_s, seconds
+        img_per_s = (steps_done - first) * self.global_batch / max(seconds, 1e-9)
+        if steps_done == self.steps:
+            logger.info("epoch %d/%d done: train loss %.4f (rank %d's batches), %.1f s, %.1f img/s%s", epoch + 1,
+                        epochs, loss_sum / losses if losses else float("nan"), self.runtime.rank, seconds, img_per_s,
+                        f", {skipped} step(s) skipped" if skipped else "")
+        return EpochProgress(steps_done, loss_sum, losses, skipped), img_per_s, seconds
 
     def validate(self):
         """Metrics of the current weights (the EMA weights when ema is on) on the whole validation split."""
@@ -349,6 +435,10 @@ class Run:
         finally:
             for (param, _), value in zip(swap, saved):
                 param.set_data(value)
+
+
+def _holds_training_state(path):
+    return any(name.startswith(STATE_PREFIX) for name in read_checkpoint(path))
 
 
 def train(config, build_loss):

@@ -9,46 +9,74 @@ changes. Contract for every loss (what the train step relies on):
   * `construct(*inputs)` returns the loss of this device's batch as a float32 scalar;
   * `step_inputs(batch, epoch, step)` (host side, once per micro-step) returns the tuple of Tensors passed
     to `construct`, built from the loader's batch (numpy arrays in the loader's column order) and anything
-    drawn for this step, from a generator seeded with (seed, epoch, step, rank) so a resumed run draws the
-    same values;
+    drawn for this step, from a generator keyed by (seed, epoch, step, rank) (`engine.randomness`) so a
+    resumed run draws the same values; among them the model's drop-path masks (`DropPathMasks`), which
+    `construct` hands to the model: nothing random is drawn inside the graph;
   * shapes and dtypes of the inputs stay the same at every step (one compiled graph);
-  * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime)`
-    replaces `data.create_train_loader` (same arguments, same (seed, epoch) order via `data.epoch_order`
-    and `data.rank_slice`) when the loss needs other columns than (image, label), e.g. label maps.
+  * optionally, a method `create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime,
+    first_step)` replaces `data.create_train_loader` (same arguments, same (seed, epoch) order and
+    per-sample augmentation via `data.epoch_order`, `data.TrainSamples` and `data.sample_batches`) when
+    the loss needs other columns than (image, label), e.g. label maps;
+  * optionally, a method `check_inputs(split)` checks what the loss reads beside the images (e.g. a label
+    map for every training image) before anything is compiled or written; a UserError stops the run.
 `classification_loss` serves MindCV's losses (ce, bce, asl_*); token labeling's is
 `token_labeling.training.build_token_label_loss`.
 """
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.communication import get_group_size
 from mindcv.loss import create_loss
 
+from .randomness import step_generator
+
+
+class DropPathMasks:
+    """The drop-path masks of one step, drawn on the host: float32 (rows, B), 1 keeps a sample's branch.
+
+    Row r is Bernoulli(keep_probs[r]) per sample (the model's `drop_path_keep_probs()`), from (seed, epoch,
+    step, rank): a resumed run drops exactly what an uninterrupted run drops. A model without drop path still
+    gets one row (unused), so every step's inputs have one form.
+    """
+
+    def __init__(self, keep_probs, seed, rank):
+        self.keep_probs = np.asarray(keep_probs, np.float64).reshape(-1, 1)
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, epoch, step, batch_size):
+        if not self.keep_probs.size:
+            return Tensor(np.ones((1, batch_size), np.float32))
+        rng = step_generator("drop_path", self.seed, epoch, step, self.rank)
+        return Tensor((rng.random((len(self.keep_probs), batch_size)) < self.keep_probs).astype(np.float32))
+
 
 class ClassificationLoss(nn.Cell):
     """MindCV's loss (`create_loss`: ce, bce, asl_*; label smoothing; soft targets from mixup/cutmix) on
-    `model(images)`.
+    `model(images, drop_masks)`.
 
-    Inputs (images float (B, C, H, W), labels int (B,) or float (B, K)); the logits are cast to float32
-    first, so the loss is computed in float32 at every AMP level.
+    Inputs (images float (B, C, H, W), labels int (B,) or float (B, K), drop_masks float (rows, B)); the
+    logits are cast to float32 first, so the loss is computed in float32 at every AMP level.
     """
 
-    def __init__(self, model, name="ce", label_smoothing=0.0, reduction="mean"):
+    def __init__(self, model, drop_masks, name="ce", label_smoothing=0.0, reduction="mean"):
         super().__init__(auto_prefix=False)  # the model's parameters keep their own names
         self.model = model
+        self.drop_masks = drop_masks
         self.loss_fn = create_loss(name, label_smoothing=label_smoothing, reduction=reduction)
 
-    def construct(self, images, labels):
-        return self.loss_fn(self.model(images).astype(ms.float32), labels)
+    def construct(self, images, labels, drop_masks):
+        return self.loss_fn(self.model(images, drop_masks).astype(ms.float32), labels)
 
     def step_inputs(self, batch, epoch, step):
-        """The loader batch (image, label) as the inputs of `construct`; nothing is drawn per step."""
+        """The loader batch (image, label) and the step's drop-path masks, as the inputs of `construct`."""
         images, labels = batch[0], batch[1]
-        return Tensor(images), Tensor(labels)
+        return Tensor(images), Tensor(labels), self.drop_masks(epoch, step, len(images))
 
 
 def classification_loss(model, loss_options, num_classes, seed, runtime):
     """The loss builder of MindCV's losses (the seam's signature)."""
-    return ClassificationLoss(model, loss_options.loss, loss_options.label_smoothing, loss_options.reduction)
+    return ClassificationLoss(model, DropPathMasks(model.drop_path_keep_probs(), seed, runtime.rank),
+                              loss_options.loss, loss_options.label_smoothing, loss_options.reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,9 +186,9 @@ class TrainStep(nn.Cell):
     `loss_network(*inputs)` at the current loss scale. With `accumulation` > 1 the gradients are added to
     buffers; the instance built with `apply_update=True` (called on the last micro-step of each group)
     then averages them over devices and micro-steps, unscales, measures the global norm, clips it to
-    `clip_value` (0: off) and applies the optimizer and the EMA, unless a gradient is not finite: then
-    the update is skipped and, under a dynamic scale, the scale halves (it doubles after
-    `scale_window` good updates). The loss returned is unscaled.
+    `clip_value` (0: off) and applies the optimizer, averages the BatchNorm statistics over devices, and
+    updates the EMA, unless a gradient is not finite: then the update is skipped and, under a dynamic scale,
+    the scale halves (it doubles after `scale_window` good updates). The loss returned is unscaled.
     """
 
     def __init__(self, loss_network, optimizer, state, apply_update=True, accumulation=1, clip_value=0.0,
@@ -210,10 +238,13 @@ class TrainStep(nn.Cell):
             grads = self.hyper_map(ops.partial(_scale_grad, factor), grads)
         if not overflow:
             self.optimizer(grads)
-            if self.ema is not None:
-                self.ema()
         if self.buffers_to_sync is not None:
             self.hyper_map(ops.partial(_average_into, self.all_reduce, self.inverse_world), self.buffers_to_sync)
+        # After the averaging: the EMA of the BatchNorm statistics is then the same on every device, so a
+        # validation sharded over the devices evaluates one set of EMA weights.
+        if self.ema is not None:
+            if not overflow:
+                self.ema()
         if self.dynamic_scale:
             self._update_scale(overflow)
         if self.accumulation > 1:

@@ -228,22 +228,25 @@ class GELU(nn.Cell):
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth: drops the whole residual branch per sample, scaled by 1/keep in training."""
+    """Stochastic depth: in training, x / keep_prob * keep per sample (keep: 0 or 1), as the official.
+
+    `keep` (B,) is fed with the step's inputs, drawn on the host from the seed and the position in the run
+    (`engine.step.DropPathMasks`): MindSpore's in-graph random state can be neither saved nor restored, and
+    Ascend does not reproduce it from a seed. A caller that feeds no masks (MindCV's own train loop, say)
+    gets them drawn in the graph. Inference, and a rate of 0, pass x through.
+    """
 
     def __init__(self, rate):
         super().__init__()
         self.keep_prob = 1.0 - rate
 
-    def construct(self, x):
+    def construct(self, x, keep=None):
         if not self.training or self.keep_prob == 1.0:
             return x
+        if keep is None:
+            keep = ops.floor(self.keep_prob + ops.rand((x.shape[0],), dtype=x.dtype))
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = ops.floor(self.keep_prob + ops.rand(shape, dtype=x.dtype))
-        return x / self.keep_prob * keep
-
-
-def drop_path(rate):
-    return DropPath(rate) if rate > 0 else nn.Identity()
+        return x / self.keep_prob * keep.astype(x.dtype).reshape(shape)
 
 
 class Mlp(nn.Cell):

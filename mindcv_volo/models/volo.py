@@ -13,9 +13,9 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
-from .layers import (FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm, batch_norm_relu_channels_last,
-                     dense, drop_path, layer_norm, split_class_token, swap_axes_kernel, transpose, uses_window_gathers,
-                     uses_fused_cpu_kernels)
+from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
+                     batch_norm_relu_channels_last, dense, layer_norm, split_class_token, swap_axes_kernel, transpose,
+                     uses_fused_cpu_kernels, uses_window_gathers)
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
@@ -80,7 +80,11 @@ class OutlookAttention(nn.Cell):
 
 
 class PreNormBlock(nn.Cell):
-    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention."""
+    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention.
+
+    `drop_masks` (rows, B) holds the step's drop-path masks of the whole model: the two branches of this
+    block take rows `mask_row` and `mask_row + 1` (numbered by VOLO); None: no masks fed (`DropPath`).
+    """
 
     attention = None
 
@@ -88,13 +92,17 @@ class PreNormBlock(nn.Cell):
         super().__init__()
         self.norm1 = layer_norm(dim)
         self.attn = self.attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.drop_path = drop_path(drop_path_rate)
+        self.drop_path = DropPath(drop_path_rate)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mask_row = None
 
-    def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def construct(self, x, drop_masks=None):
+        attn_keep, mlp_keep = None, None
+        if drop_masks is not None and self.mask_row is not None:
+            attn_keep, mlp_keep = drop_masks[self.mask_row], drop_masks[self.mask_row + 1]
+        x = x + self.drop_path(self.attn(self.norm1(x)), attn_keep)
+        return x + self.drop_path(self.mlp(self.norm2(x)), mlp_keep)
 
 
 class Outlooker(PreNormBlock):
@@ -306,6 +314,15 @@ class VOLO(nn.Cell):
                 for rate in rates[stage]]))
         self.network = nn.CellList(network)
 
+        # Each block under drop path takes two rows of the step's masks (its two branches), in block order.
+        keep_probs = []
+        for stage in map(self.stage, range(NUM_STAGES)):
+            for block in stage:
+                if block.drop_path.keep_prob < 1.0:
+                    block.mask_row = len(keep_probs)
+                    keep_probs += [block.drop_path.keep_prob] * 2
+        self.keep_probs = tuple(keep_probs)
+
         self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, embed_dims[-1])), name="cls_token")
         self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
                                          for _ in range(2)])
@@ -376,6 +393,17 @@ class VOLO(nn.Cell):
             block.recompute()
         self.grad_checkpointing = True
 
+    def drop_path_keep_probs(self):
+        """The keep probability of each row of the drop-path masks a training step takes (`drop_masks`
+        (rows, B) of construct and forward_train); () without drop path."""
+        return self.keep_probs
+
+    @staticmethod
+    def run_stage(stage, x, drop_masks):
+        for block in stage:
+            x = block(x, drop_masks)
+        return x
+
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
         return self.patch_embed.channels_last(x)
@@ -384,24 +412,24 @@ class VOLO(nn.Cell):
         """The cell of stage `index`: 0 the outlookers (network.0), 1-3 the transformers (network.2-4)."""
         return self.network[0 if index == 0 else index + 1]
 
-    def run_stages(self, x, last=NUM_STAGES - 1):
+    def run_stages(self, x, last=NUM_STAGES - 1, drop_masks=None):
         """Stride-8 tokens -> the channels-last outputs of stages 0 .. `last` (a list).
 
         The downsample (network.1) and the position embedding come before stage 1. The CellList is indexed,
         never sliced: in PyNative a slice is a new CellList, which renames its cells' parameters.
         """
-        x = self.stage(0)(x)
+        x = self.run_stage(self.stage(0), x, drop_masks)
         outputs = [x]
         if last > 0:
             x = self.pos_drop(self.network[1](x) + self.pos_embed)
         for index in range(1, last + 1):
-            x = self.stage(index)(x)
+            x = self.run_stage(self.stage(index), x, drop_masks)
             outputs.append(x)
         return outputs
 
-    def forward_tokens(self, x):
+    def forward_tokens(self, x, drop_masks=None):
         """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
-        return flatten_grid(self.run_stages(x)[-1])
+        return flatten_grid(self.run_stages(x, drop_masks=drop_masks)[-1])
 
     def forward_cls(self, tokens):
         """Prepend the class token and run the class blocks, then the final norm: (B, 1 + N, C)."""
@@ -411,9 +439,9 @@ class VOLO(nn.Cell):
             x = block(x)
         return self.norm(x)
 
-    def forward_features(self, x):
+    def forward_features(self, x, drop_masks=None):
         """Image -> normed tokens (B, 1 + N, C), class token first."""
-        return self.forward_cls(self.forward_tokens(self.embed(x)))
+        return self.forward_cls(self.forward_tokens(self.embed(x), drop_masks))
 
     def forward_head(self, tokens, pre_logits=False):
         """Normed tokens (B, 1 + N, C) -> logits: head(class token) + 0.5 * max over tokens of aux_head(tokens),
@@ -465,23 +493,25 @@ class VOLO(nn.Cell):
             x = self.norm(x)
         return x.transpose(0, 3, 1, 2) if output_fmt == "NCHW" else x
 
-    def forward_stages(self, x):
-        """Image -> the NCHW maps of the stages in `out_indices` (features_only)."""
-        return tuple(self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True))
+    def forward_stages(self, x, drop_masks=None):
+        """Image -> the NCHW maps of the stages in `out_indices` (features_only); `drop_masks` as construct's."""
+        taken, last_taken = take_indices(NUM_STAGES, self.out_indices)
+        outputs = self.run_stages(self.embed(x), last_taken, drop_masks)
+        return tuple(self._feature_map(outputs[index], False, "NCHW") for index in taken)
 
-    def forward_train(self, x, mix_mask=None):
+    def forward_train(self, x, mix_mask=None, drop_masks=None):
         """Token-labeling outputs: (class logits (B, K), per-token logits (B, N, K)).
 
         `mix_mask` (1 or B, H/16, W/16, 1), 1 inside the MixToken box: there the stride-8 tokens come
         from the batch flipped along its first axis, and the per-token logits are flipped back, so
-        each token's logits line up with its own image's token labels.
+        each token's logits line up with its own image's token labels. `drop_masks`: as construct's.
         """
         x = self.embed(x)
         if mix_mask is not None:
             fine_mask = self._to_stride8(mix_mask).astype(x.dtype)
             # ops.flip, not x[::-1]: MindSpore 2.10 has no gradient for a negative-stride slice.
             x = x * (1 - fine_mask) + ops.flip(x, (0,)) * fine_mask
-        cls_token, patch_tokens = split_class_token(self.forward_cls(self.forward_tokens(x)))
+        cls_token, patch_tokens = split_class_token(self.forward_cls(self.forward_tokens(x, drop_masks)))
         cls_logits = self.head(cls_token.squeeze(1))
         aux_logits = self.aux_head(patch_tokens)
         if mix_mask is not None:
@@ -497,10 +527,12 @@ class VOLO(nn.Cell):
                                 (batch, height, POOLING_SCALE, width, POOLING_SCALE, 1))
         return mask.reshape(batch, height * POOLING_SCALE, width * POOLING_SCALE, 1)
 
-    def construct(self, x):
+    def construct(self, x, drop_masks=None):
+        """Logits (or feature maps); in training, `drop_masks` (rows of `drop_path_keep_probs()`, B) are the
+        step's drop-path masks (1 keeps a sample's branch); inference needs none."""
         if self.features_only:
-            return self.forward_stages(x)
-        return self.forward_head(self.forward_features(x))
+            return self.forward_stages(x, drop_masks)
+        return self.forward_head(self.forward_features(x, drop_masks))
 
 
 # The architectures of the official release (models/volo.py of sail-sg/volo).

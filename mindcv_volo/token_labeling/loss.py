@@ -40,7 +40,7 @@ def topk_target(indices, scores, num_classes):
     The top-k scores are the teacher's logits; the other classes count as logit 0 (the official
     scatters the top-k into a zero map) and a softmax over all K classes gives the target.
     indices: int (..., k); scores: float (..., k). Duplicate indices add (only zero-score padding
-    repeats an index, see label_maps.crop_label_map).
+    repeats an index, see label_maps.follow_image).
     """
     scores = scores.astype(ms.float32)
     logits = ops.zeros(scores.shape[:-1] + (num_classes,), ms.float32)
@@ -101,7 +101,8 @@ class TokenLabelCrossEntropy(nn.Cell):
 
 
 class LabelsWithLoss(nn.Cell):
-    """Network with loss, ground-truth mode: construct(images, labels (B,) int, mix_mask, lam) -> loss."""
+    """Network with loss, ground-truth mode: construct(images, labels (B,) int, mix_mask, lam, drop_masks)
+    -> loss (drop_masks: the model's drop-path masks of the step, see VOLO.construct)."""
 
     def __init__(self, network, loss_fn, num_classes):
         super().__init__(auto_prefix=False)  # the network's parameters keep their names
@@ -109,8 +110,8 @@ class LabelsWithLoss(nn.Cell):
         self.loss_fn = loss_fn
         self.num_classes = num_classes
 
-    def construct(self, images, labels, mix_mask, lam):
-        cls_logits, aux_logits = self.network.forward_train(images, mix_mask)
+    def construct(self, images, labels, mix_mask, lam, drop_masks):
+        cls_logits, aux_logits = self.network.forward_train(images, mix_mask, drop_masks)
         cls_target = one_hot_target(labels, self.num_classes)
         dense_target = broadcast_dense_target(cls_target, aux_logits.shape[1])
         return self.loss_fn(cls_logits, aux_logits, cls_target, dense_target, lam)
@@ -120,9 +121,9 @@ class LabelMapsWithLoss(nn.Cell):
     """Network with loss, label-map mode (the official pre-training).
 
     construct(images, labels (B,), cls_indices (B, k), cls_scores (B, k), token_indices (B, N, k),
-    token_scores (B, N, k), mix_mask, lam) -> loss. The class target is the teacher's label of the
-    crop (the official TokenLabelCrossEntropy); `ground_truth=True` mixes in the image label as the
-    official --ground-truth fine-tuning does. The columns come from label_maps.RandomResizedCropWithMap.
+    token_scores (B, N, k), mix_mask, lam, drop_masks) -> loss. The class target is the teacher's label of
+    what the image shows (the official TokenLabelCrossEntropy); `ground_truth=True` mixes in the image label
+    as the official --ground-truth fine-tuning does. The columns come from label_maps.label_map_columns.
     """
 
     def __init__(self, network, loss_fn, num_classes, ground_truth=False):
@@ -132,8 +133,9 @@ class LabelMapsWithLoss(nn.Cell):
         self.num_classes = num_classes
         self.ground_truth = ground_truth
 
-    def construct(self, images, labels, cls_indices, cls_scores, token_indices, token_scores, mix_mask, lam):
-        cls_logits, aux_logits = self.network.forward_train(images, mix_mask)
+    def construct(self, images, labels, cls_indices, cls_scores, token_indices, token_scores, mix_mask, lam,
+                  drop_masks):
+        cls_logits, aux_logits = self.network.forward_train(images, mix_mask, drop_masks)
         cls_target = topk_target(cls_indices, cls_scores, self.num_classes)
         if self.ground_truth:
             cls_target = mix_ground_truth(cls_target, one_hot_target(labels, self.num_classes))

@@ -15,6 +15,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from ..engine.randomness import step_generator
+
 # The official MixToken draws lam ~ Beta(1, 1), i.e. the box area is uniform.
 MIX_BETA = 1.0
 
@@ -24,7 +26,7 @@ def mix_rng(seed, epoch, step, rank=0):
 
     Each rank mixes within its own local batch (as the official DDP training, seeded per rank).
     """
-    return np.random.default_rng([int(seed), int(epoch), int(step), int(rank)])
+    return step_generator("mix_token", seed, epoch, step, rank)
 
 
 def clipped_box(lam, center, grid_h, grid_w):

@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from ..engine.data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
+from ..engine.data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing, list_images
 from ..engine.runtime import describe, progress, setup_runtime
 from ..errors import UserError
-from .label_maps import label_map_path, list_images, write_label_map, write_meta
+from .label_maps import label_map_path, write_label_map, write_meta
 
 logger = logging.getLogger("mindcv_volo")
 

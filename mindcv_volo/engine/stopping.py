@@ -1,0 +1,71 @@
+"""Stopping a training run on SIGINT or SIGTERM at a step boundary, every device at the same step.
+
+`StopRequests` turns the signals into a flag (the step in progress finishes: the handler only records the
+signal); the loop asks `agreed()` after every optimizer update and after every epoch's end. With several
+devices the flag is all-reduced at each of those points, so all ranks stop after the same step: a rank
+leaving alone would leave the others waiting in their next collective. A second SIGINT stops at once, as
+Python does by default.
+"""
+import signal
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _AllReduceSum(nn.Cell):
+    """The sum over every device, compiled (the eager collectives have no CPU kernel in 2.10; the CPU kernel
+    sums float32 only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    @ms.jit
+    def construct(self, x):
+        return self.all_reduce(x)
+
+
+class StopRequests:
+    """Records SIGINT/SIGTERM while installed (a context manager); `agreed()`: the signal number every rank
+    stops for, or 0."""
+
+    def __init__(self, world):
+        self.world = world
+        self.received = 0
+        self.stopping = 0  # once every rank agreed, it stays agreed (no further collective)
+        self.previous = {}
+        self.all_reduce = _AllReduceSum() if world > 1 else None
+
+    def __enter__(self):
+        for signum in SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _record(self, signum, frame):
+        self.received = self.received or signum
+        signal.signal(signum, self.previous[signum])  # the same signal again: the default, immediate stop
+
+    def agreed(self):
+        """The signal some rank received (SIGTERM if any rank got it; every rank calls this at the same
+        points), or 0."""
+        if not self.stopping and self.all_reduce is None:
+            self.stopping = self.received
+        elif not self.stopping:
+            flags = np.array([self.received == signum for signum in SIGNALS], np.float32)
+            counts = self.all_reduce(Tensor(flags)).asnumpy()
+            self.stopping = next((signum for signum, count in sorted(zip(SIGNALS, counts), reverse=True) if count),
+                                 0)
+        return self.stopping
+
+    def barrier(self):
+        """Every rank waits here until all arrive (rank 0 after writing the checkpoint)."""
+        if self.all_reduce is not None:
+            self.all_reduce(Tensor(np.zeros(len(SIGNALS), np.float32))).asnumpy()
