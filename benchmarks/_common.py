@@ -16,17 +16,28 @@ CHILD_FLAG = "--child"
 RESULT_PREFIX = "BENCH_RESULT "
 
 
+def add_option(parser, name, **kwargs):
+    """`--name` in snake_case, as every entry point of the project spells its options; the dashed form works too."""
+    dashed = name.replace("_", "-")
+    parser.add_argument(f"--{name}", *([f"--{dashed}"] if dashed != name else []), **kwargs)
+
+
+def warmup_count(text):
+    return text if text == "auto" else int(text)
+
+
 def add_common_args(parser, default_device="CPU"):
-    parser.add_argument("--model", default="volo_d1_224", help="registered model name")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=None, help="default: the variant's own resolution")
-    parser.add_argument("--task", choices=("infer", "train"), default="infer",
-                        help="infer: forward in eval mode; train: one AdamW + cross-entropy step")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (compiling) call")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls; img/s is their median")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=default_device)
+    add_option(parser, "model", default="volo_d1_224", help="registered model name")
+    add_option(parser, "batch_size", type=int, default=8)
+    add_option(parser, "img_size", type=int, default=None, help="default: the variant's own resolution")
+    add_option(parser, "task", choices=("infer", "train"), default="infer",
+               help="infer: forward in eval mode; train: one AdamW + cross-entropy step")
+    add_option(parser, "warmup", type=warmup_count, default="auto",
+               help="untimed calls after the first (compiling) call; auto: until the step time settles")
+    add_option(parser, "iters", type=int, default=10, help="timed calls; img/s is their median")
+    add_option(parser, "num_classes", type=int, default=1000)
+    add_option(parser, "seed", type=int, default=0)
+    add_option(parser, "device", default=default_device)
     return parser
 
 
@@ -35,19 +46,44 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(step, batch_size, warmup, iters):
-    """Call `step()` (which must block until its result is ready) once, `warmup` more times, then `iters`
-    timed times. Returns the first call's seconds (graph compile + first run) and the timing summary."""
+# Steady state: MindSpore's oneDNN matmuls tune themselves over their first launches and the allocators grow,
+# so calls 2-12 can run ~10% faster or slower than call 100. `auto` warm-up makes at least MIN_WARMUP calls,
+# then windows of SETTLE_WINDOW calls until two successive window medians are within SETTLE_TOLERANCE (at
+# most MAX_WARMUP calls; the record says how many were made and whether the time settled).
+MIN_WARMUP, SETTLE_WINDOW, SETTLE_TOLERANCE, MAX_WARMUP = 20, 5, 0.03, 80
+
+
+def seconds_of(step):
     start = time.perf_counter()
     step()
-    first_call_s = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def warm_up(step, warmup):
+    """Untimed calls of `step` after the first: `warmup` of them, or (`auto`) until the time settles.
+    Returns (calls made, whether the time settled; None for a fixed count)."""
+    if warmup != "auto":
+        for _ in range(warmup):
+            step()
+        return warmup, None
+    calls = [seconds_of(step) for _ in range(MIN_WARMUP - SETTLE_WINDOW)]
+    previous = None
+    while len(calls) < MAX_WARMUP:
+        window = [seconds_of(step) for _ in range(SETTLE_WINDOW)]
+        calls += window
+        current = statistics.median(window)
+        if previous is not None and abs(current - previous) <= SETTLE_TOLERANCE * previous:
+            return len(calls), True
+        previous = current
+    return len(calls), False
+
+
+def time_calls(step, batch_size, warmup, iters):
+    """Call `step()` (which must block until its result is ready) once, warm it up (`warm_up`), then time
+    `iters` calls. Returns the first call's seconds (graph compile + first run) and the timing summary."""
+    first_call_s = seconds_of(step)
+    warmup_calls, settled = warm_up(step, warmup)
+    times = [seconds_of(step) for _ in range(iters)]
     median = statistics.median(times)
     return dict(
         img_per_s=round(batch_size / median, 3),
@@ -57,6 +93,8 @@ def time_calls(step, batch_size, warmup, iters):
         first_call_s=round(first_call_s, 2),
         # what the first call cost beyond an ordinary call: graph build + compile (+ allocator warm-up)
         compile_s=round(max(first_call_s - median, 0.0), 2),
+        warmup_calls=warmup_calls,
+        settled=settled,
     )
 
 
@@ -93,7 +131,7 @@ def main(script, build_parser, child_main, expand_runs):
         return 0
     parser = build_parser(argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one run")
+    add_option(parser, "timeout", type=float, default=3600, help="seconds allowed for one run")
     args = parser.parse_args()
     failed = 0
     for child_args in expand_runs(args):

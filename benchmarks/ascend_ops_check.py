@@ -59,7 +59,7 @@ FUNCTIONAL = {"Add": "add", "Mul": "mul", "Muls": "mul", "Sub": "sub", "Erf": "e
               "PowTensorScalar": "pow", "SplitWithSize": "split", "AssignAdd": "assign_add", "Tile": "tile",
               "GreaterEqual": "greater_equal", "IsFinite": "isfinite", "LogSoftmax": "log_softmax",
               "Maximum": "maximum", "Minimum": "minimum", "ReverseV2": "flip", "Select": "select",
-              "Square": "square"}
+              "Square": "square", "Divs": "div"}
 
 # The small VOLO of the check (every stage, compiled in seconds) and its input size
 TINY = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], num_heads=[2, 4, 4, 4], img_size=64)
@@ -89,7 +89,8 @@ def is_gradient(name):
 
 def findings(primitives, host_nodes):
     """What would keep these primitives and host nodes off an Ascend device: one line each, none if all is well."""
-    found = [f"host round-trip or in-graph random: {node}" for node in host_nodes]
+    found = [f"in-graph random: {node} (not restorable on resume, not reproducible on Ascend)"
+             if node in RANDOM_NODES else f"host round-trip: {node}" for node in host_nodes]
     for name in primitives:
         if name == CUSTOM:
             found.append(f"{name}: a custom op (this project's are the fused CPU kernels, built for this CPU)")
@@ -120,7 +121,7 @@ def compiled_primitives(run):
     names = set(re.findall(r"PrimFunc_([A-Za-z0-9]+)\(", text))
     names |= {n for n in re.findall(r"= ([A-Z][A-Za-z0-9]+)\(", text) if hasattr(ops, n)}
     host = sorted(h for h in HOST_NODES if h in text) + ([HOST_PIN] if HOST_PIN in text else [])
-    host += [f"{name} (in-graph random)" for name in RANDOM_NODES if re.search(rf"\b{name}\b", text)]
+    host += [name for name in RANDOM_NODES if re.search(rf"\b{name}\b", text)]
     return sorted(names - STRUCTURAL), host
 
 

@@ -1,18 +1,25 @@
-"""Throughput, first-call compile time and peak memory of this project's VOLO models (MindSpore).
+"""Throughput, first-call compile time and peak memory of this project's VOLO models: in MindSpore, or
+(`--framework onnxruntime`, inference) exported to ONNX and run by onnxruntime.
 
 One JSON line per run; every run is measured in a fresh subprocess (peak RSS = that process's high-water
-mark, so runs do not contaminate each other).
+mark, so runs do not contaminate each other). MindSpore's CPU threads are set as train.py sets them
+(`engine.runtime.cpu_threads`: the cores this process may use); onnxruntime gets the same count.
 
-  python benchmarks/benchmark.py --model volo_d1_224 --batch-size 8 --mode graph --task infer
-  python benchmarks/benchmark.py --task train --amp-level O0 --iters 3
-  python benchmarks/benchmark.py --all --batch-size 1 --iters 2      # the 11 variants, inference
+  python benchmarks/benchmark.py --model volo_d1_224 --batch_size 8 --mode graph --task infer
+  python benchmarks/benchmark.py --task train --amp_level O0
+  python benchmarks/benchmark.py --framework onnxruntime --batch_size 8
+  python benchmarks/benchmark.py --all --batch_size 1 --iters 2      # the 11 variants, inference
 
 --task train times one full training step in one compiled cell: forward, cross-entropy, value_and_grad,
 AdamW (nn.AdamWeightDecay) update. img/s is batch / median step time; compile_s is the first call minus
-a median call (graph build + compile); first_call_s is the first call itself.
+a median call (graph build + compile); first_call_s is the first call itself. With onnxruntime the model
+is exported (random weights, `layers.onnx_ops`, static batch) by a separate process first, so the measured
+process holds onnxruntime alone; first_call_s then covers session creation and the first run.
 """
 import os
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -23,18 +30,21 @@ AMP_LEVELS = ("O0", "O1", "O2", "O3")
 
 def build_parser(parser):
     _common.add_common_args(parser)
+    parser.add_argument("--framework", choices=("mindspore", "onnxruntime"), default="mindspore")
     parser.add_argument("--mode", choices=MODES, default="graph")
-    parser.add_argument("--amp-level", choices=AMP_LEVELS, default="O0")
+    parser.add_argument("--amp_level", "--amp-level", choices=AMP_LEVELS, default="O0")
     parser.add_argument("--all", action="store_true", help="sweep the 11 official variants (inference)")
-    parser.add_argument("--jit-level", choices=("O0", "O1", "O2"), default=None,
+    parser.add_argument("--jit_level", "--jit-level", choices=("O0", "O1", "O2"), default=None,
                         help="ms.set_context(jit_config={'jit_level': ...}) (default: MindSpore's)")
-    parser.add_argument("--memory-level", choices=("O0", "O1"), default=None,
+    parser.add_argument("--memory_level", "--memory-level", choices=("O0", "O1"), default=None,
                         help="ms.runtime.set_memory(optimize_level=...): O1 = memory priority (default: MindSpore's)")
     return parser
 
 
 def expand_runs(args):
-    settings = dict(batch_size=args.batch_size, img_size=args.img_size, mode=args.mode, device=args.device,
+    if args.framework == "onnxruntime" and args.task != "infer":
+        raise SystemExit("--framework onnxruntime measures inference only: --task infer")
+    settings = dict(framework=args.framework, batch_size=args.batch_size, img_size=args.img_size, mode=args.mode, device=args.device,
                     task=args.task, amp_level=args.amp_level, memory_level=args.memory_level,
                     jit_level=args.jit_level, warmup=args.warmup, iters=args.iters,
                     num_classes=args.num_classes, seed=args.seed)
@@ -75,7 +85,51 @@ def make_train_step(net):
     return TrainOneStep(net)
 
 
+# Run by a separate python: the exported file's model, built from the seed (random weights time as trained ones)
+EXPORT_SCRIPT = """
+import sys, mindspore as ms, mindcv_volo
+from mindcv_volo.engine.runtime import available_cores
+from mindcv_volo.models.layers import onnx_ops
+from mindcv_volo.weights.export import export_onnx
+model, img_size, num_classes, batch_size, seed, path = sys.argv[1:]
+ms.set_seed(int(seed))
+with onnx_ops():
+    net = mindcv_volo.create(model, img_size=None if img_size == "None" else int(img_size),
+                             num_classes=int(num_classes))
+net.set_train(False)
+export_onnx(net, path, batch_size=int(batch_size))
+print(net.img_size, available_cores())
+"""
+
+
+def onnxruntime_main(a):
+    import numpy as np
+    import onnxruntime as ort  # and nothing of MindSpore: the peak RSS is onnxruntime's
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        export = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, a["model"], str(a["img_size"]),
+                                 str(a["num_classes"]), str(a["batch_size"]), str(a["seed"]), path],
+                                capture_output=True, text=True, check=True)
+        img_size, threads = map(int, export.stdout.split()[-2:])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = []
+        x = np.random.default_rng(a["seed"]).standard_normal((a["batch_size"], 3, img_size, img_size),
+                                                             dtype=np.float32)
+
+        def step():
+            if not session:  # the first call includes building the session, as MindSpore's includes compiling
+                session.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+            return session[0].run(None, {"image": x})[0]
+
+        return _common.measure(step, dict(a, img_size=img_size, mode="onnxruntime", threads=threads,
+                                          version=ort.__version__))
+
+
 def child_main(a):
+    if a.get("framework") == "onnxruntime":
+        return onnxruntime_main(a)
     import numpy as np
     import mindspore as ms
 
@@ -87,7 +141,9 @@ def child_main(a):
     if a.get("memory_level"):
         ms.runtime.set_memory(optimize_level=a["memory_level"])
     import mindcv_volo
+    from mindcv_volo.engine.runtime import cpu_threads
 
+    threads = cpu_threads() if a["device"] == "CPU" else None
     net = mindcv_volo.create(a["model"], img_size=a["img_size"], num_classes=a["num_classes"])
     img_size = net.img_size
     if a["amp_level"] != "O0":
@@ -107,7 +163,8 @@ def child_main(a):
         def step():
             return train_step(x, labels).asnumpy()
 
-    return _common.measure(step, dict(a, img_size=img_size, framework="mindspore", version=ms.__version__))
+    return _common.measure(step, dict(a, img_size=img_size, framework="mindspore", threads=threads,
+                                       version=ms.__version__))
 
 if __name__ == "__main__":
     sys.exit(_common.main(os.path.abspath(__file__), build_parser, child_main, expand_runs))

@@ -34,7 +34,7 @@ def ms_per_op_type(rows, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="volo_d1_224")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--task", choices=("infer", "train"), default="infer")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps, after two unprofiled ones")
     parser.add_argument("--top", type=int, default=30)
