@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import last_json, make_image_folder, run_tool, tiny_config
+from conftest import TINY_ARCH, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -14,12 +14,20 @@ def shapes(tmp_path_factory):
 
 
 def test_mixtoken_with_image_labels_trains_and_validates(shapes, tmp_path):
-    config = tiny_config(tmp_path / "recipe.yaml", shapes, tmp_path / "ckpt", loss="token_label", mix_token=True,
-                         epoch_size=2, batch_size=8)
-    proc = run_tool("train.py", "-c", config)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = last_json(proc.stdout)
-    assert result["num_samples"] == 12 and 0.0 <= result["top1"] <= 1.0 and np.isfinite(result["loss"])
+    """MixToken reaches the step: with every other input drawn from the seed, only the mixing differs.
+    At 64 px (a 4 x 4 token grid) seed 7's first box covers 4 tokens; at 32 px both steps' boxes are empty."""
+    finals = {}
+    for mix in (True, False):
+        config = tiny_config(tmp_path / f"mix{mix}.yaml", shapes, tmp_path / f"mix{mix}", loss="token_label",
+                             mix_token=mix, epoch_size=1, batch_size=8, arch_overrides={**TINY_ARCH, "img_size": 64},
+                             image_resize=64)
+        proc = run_tool("train.py", "-c", config)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        result = last_json(proc.stdout)
+        assert result["num_samples"] == 12 and 0.0 <= result["top1"] <= 1.0 and np.isfinite(result["loss"])
+        finals[mix] = read_ckpt(next((tmp_path / f"mix{mix}").glob("*.ckpt")))
+    trained = [k for k in finals[True] if not k.startswith("train_state.")]
+    assert max_difference({k: finals[True][k] for k in trained}, {k: finals[False][k] for k in trained}) > 1e-4
 
 
 def test_token_labels_refuse_mixup(shapes, tmp_path):

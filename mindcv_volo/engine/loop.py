@@ -178,6 +178,45 @@ def format_time(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class StepLosses:
+    """The epoch's step losses, read back from the device only when `settle` asks (at log intervals, before a
+    stop, at the epoch's end): the host then never waits for a step to finish before feeding the next (on an
+    accelerator the steps queue up). A step with a non-finite loss or gradients was already skipped inside the
+    graph; settling logs it, or, with a fixed loss scale that does not drop such updates, ends the run."""
+
+    def __init__(self, progress, fail_on_overflow):
+        self.loss_sum, self.count, self.skipped = progress.loss_sum, progress.losses, progress.skipped
+        self.fail_on_overflow = fail_on_overflow
+        self.pending = []
+
+    def add(self, epoch, step, lr, loss, overflow, scale):
+        self.pending.append((epoch, step, lr, loss, overflow, scale))
+
+    def settle(self):
+        """Read back the pending steps' losses; returns the last one."""
+        loss = float("nan")
+        for epoch, step, lr, loss_tensor, overflow, scale in self.pending:
+            loss = float(loss_tensor.asnumpy())
+            if math.isfinite(loss) and not bool(overflow.asnumpy()):
+                self.loss_sum += loss
+                self.count += 1
+                continue
+            what = "loss" if not math.isfinite(loss) else "gradients"
+            if self.fail_on_overflow:
+                raise UserError(
+                    f"training stopped: non-finite {what} ({loss}) at epoch {epoch + 1} step {step + 1} (lr "
+                    f"{lr:.3g}, loss scale {float(scale.asnumpy()):g}); the update was not applied and nothing "
+                    "was saved for this epoch; lower lr, turn on clip_grad, or use loss_scale_type dynamic")
+            self.skipped += 1
+            logger.info("epoch %d step %d: non-finite %s at loss scale %g: update skipped", epoch + 1, step + 1,
+                        what, float(scale.asnumpy()))
+        self.pending.clear()
+        return loss
+
+    def mean(self):
+        return self.loss_sum / self.count if self.count else float("nan")
+
+
 class Run:
     """Everything one train.py run builds before its first step, from the parsed `config` and the loss
     builder (`engine.step`'s seam)."""
@@ -370,28 +409,17 @@ class Run:
         make_loader = getattr(self.loss_network, "create_train_loader", create_train_loader)
         batches = make_loader(self.train_split, epoch, self.steps, config.data, config.augmentation,
                               self.spec.num_classes, config.system.seed, self.runtime, progress.steps)
-        loss_sum, losses, skipped, first = progress.loss_sum, progress.losses, progress.skipped, progress.steps
+        first = progress.steps
+        losses = StepLosses(progress, fail_on_overflow=not self.dynamic_scale and
+                            not config.train_step.drop_overflow_update)
         steps_done = first
         epoch_start = interval_start = time.time()
         for step, batch in enumerate(batches, start=first):
             applies = (step + 1) % accumulation == 0
             cell = self.update_step if applies else self.micro_step
             loss, norm, overflow, scale = cell(*self.loss_network.step_inputs(batch, epoch, step))
-            loss, overflow = float(loss.asnumpy()), bool(overflow.asnumpy())
             lr = self.lrs[min(self.global_step, len(self.lrs) - 1)]
-            if not math.isfinite(loss) or overflow:
-                if not self.dynamic_scale and not config.train_step.drop_overflow_update:
-                    raise UserError(
-                        f"training stopped: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} "
-                        f"({loss}) at epoch {epoch + 1} step {step + 1} (lr {lr:.3g}, loss scale "
-                        f"{float(scale.asnumpy()):g}); the update was not applied and nothing was saved for this "
-                        "epoch; lower lr, turn on clip_grad, or use loss_scale_type dynamic")
-                skipped += 1
-                logger.info("epoch %d step %d: non-finite %s at loss scale %g: update skipped", epoch + 1,
-                            step + 1, "loss" if not math.isfinite(loss) else "gradients", float(scale.asnumpy()))
-            else:
-                loss_sum += loss
-                losses += 1
+            losses.add(epoch, step, lr, loss, overflow, scale)
             if applies:
                 self.global_step += 1
             self.steps_done += 1
@@ -399,25 +427,27 @@ class Run:
                 release_free_heap()  # what compiling the step left freed but held
             steps_done = step + 1
             if (step + 1) % log_interval == 0 or step + 1 == self.steps:
+                last_loss = losses.settle()
                 now = time.time()
                 span = (step % log_interval) + 1
                 rate = span * self.global_batch / max(now - interval_start, 1e-9)
                 per_step = (now - self.run_start) / self.steps_done
                 left = (epochs - epoch - 1) * self.steps + self.steps - step - 1
                 logger.info("epoch %d/%d step %d/%d loss %.4f lr %.3e grad-norm %.3f img/s %.1f eta %s",
-                            epoch + 1, epochs, step + 1, self.steps, loss, lr,
+                            epoch + 1, epochs, step + 1, self.steps, last_loss, lr,
                             float(norm.asnumpy()), rate, format_time(left * per_step))
                 interval_start = now
             # The epoch's last step is followed by the epoch's end, which asks again.
             if applies and step + 1 < self.steps and stop.agreed():
                 break
+        losses.settle()
         seconds = time.time() - epoch_start
         img_per_s = (steps_done - first) * self.global_batch / max(seconds, 1e-9)
         if steps_done == self.steps:
             logger.info("epoch %d/%d done: train loss %.4f (rank %d's batches), %.1f s, %.1f img/s%s", epoch + 1,
-                        epochs, loss_sum / losses if losses else float("nan"), self.runtime.rank, seconds, img_per_s,
-                        f", {skipped} step(s) skipped" if skipped else "")
-        return EpochProgress(steps_done, loss_sum, losses, skipped), img_per_s, seconds
+                        epochs, losses.mean(), self.runtime.rank, seconds, img_per_s,
+                        f", {losses.skipped} step(s) skipped" if losses.skipped else "")
+        return EpochProgress(steps_done, losses.loss_sum, losses.count, losses.skipped), img_per_s, seconds
 
     def validate(self):
         """Metrics of the current weights (the EMA weights when ema is on) on the whole validation split."""
