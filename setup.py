@@ -19,8 +19,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    # test: what the suite needs beyond the package; quickstart: the digits (scikit-learn ships them);
+    # test: what the suite needs beyond the package (pytest-xdist: one worker per core, see pytest.ini); quickstart: the digits (scikit-learn ships them);
     # onnx: `export --file_format ONNX --dynamic_batch` (onnx) and running the files (onnxruntime)
-    extras_require={"test": ["pytest", "scikit-learn", "onnx", "onnxruntime"], "quickstart": ["scikit-learn"],
+    extras_require={"test": ["pytest", "pytest-xdist", "scikit-learn", "onnx", "onnxruntime"], "quickstart": ["scikit-learn"],
                     "onnx": ["onnx", "onnxruntime"]},
 )
