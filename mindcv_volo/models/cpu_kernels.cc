@@ -81,14 +81,16 @@ struct KernelArgs {
 };
 
 // The geometry input of the window kernels: int32 (kernel, stride, padding)
+// What Im2Col and Col2Im share: the window (kernel, stride, padding: the int32 geometry input) and the two
+// layouts it maps between, the channels-last map (B, H, W, C) and its columns (B, OH, OW, K * K, C).
 struct Window {
-  int64_t kernel, stride, padding;
-
-  explicit Window(const void *geometry)
-      : kernel(static_cast<const int32_t *>(geometry)[0]),
-        stride(static_cast<const int32_t *>(geometry)[1]),
-        padding(static_cast<const int32_t *>(geometry)[2]) {}
+  int64_t kernel, stride, padding, batch, height, width, channels, out_h, out_w;
 };
+
+Window read_window(const void *geometry, const int64_t *map_shape, const int64_t *cols_shape) {
+  const int32_t *g = static_cast<const int32_t *>(geometry);
+  return {g[0], g[1], g[2], map_shape[0], map_shape[1], map_shape[2], map_shape[3], cols_shape[1], cols_shape[2]};
+}
 
 // op(i) for every element index i of n, vectorised, split over threads
 template <typename Op>
@@ -513,10 +515,8 @@ AOT_KERNEL(Im2ColForward) {
   const KernelArgs args{params, ndims, shapes};
   const float *x = args.in(0);
   float *cols = args.out(2);
-  const Window window(params[1]);
-  const int64_t k = window.kernel, stride = window.stride, padding = window.padding;
-  const int64_t batch = shapes[0][0], height = shapes[0][1], width = shapes[0][2], channels = shapes[0][3];
-  const int64_t out_h = shapes[2][1], out_w = shapes[2][2];
+  const auto [k, stride, padding, batch, height, width, channels, out_h, out_w] =
+      read_window(params[1], shapes[0], shapes[2]);
   parallel_for(batch * out_h, 1, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / out_h, oy = row % out_h;
@@ -546,10 +546,8 @@ AOT_KERNEL(Col2ImForward) {
   const KernelArgs args{params, ndims, shapes};
   const float *cols = args.in(0);
   float *x = args.out(2);
-  const Window window(params[1]);
-  const int64_t k = window.kernel, stride = window.stride, padding = window.padding;
-  const int64_t out_h = shapes[0][1], out_w = shapes[0][2], channels = shapes[0][4];
-  const int64_t batch = shapes[2][0], height = shapes[2][1], width = shapes[2][2];
+  const auto [k, stride, padding, batch, height, width, channels, out_h, out_w] =
+      read_window(params[1], shapes[2], shapes[0]);
   parallel_for(batch * height, 1, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / height, y = row % height;
