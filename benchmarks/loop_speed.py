@@ -112,10 +112,10 @@ def main():
     args = parse_args()
     with tempfile.TemporaryDirectory() as work:
         make_folder(os.path.join(work, "data"), args.steps * args.batch_size, 224)
-        options = recipe_options(args, os.path.join(work, "data"), os.path.join(work, "ckpt"))
-        step = measure_step(args, options + ["--ckpt_save_dir", os.path.join(work, "ckpt_step")])
+        data = os.path.join(work, "data")
+        step = measure_step(args, recipe_options(args, data, os.path.join(work, "step")))
         print(json.dumps(step), flush=True)
-        loop = measure_loop(args, options)
+        loop = measure_loop(args, recipe_options(args, data, os.path.join(work, "loop")))
         print(json.dumps(loop), flush=True)
     print(f"\nloop {loop['img_per_s']:.2f} img/s, step {step['img_per_s']:.2f} img/s: "
           f"the loop runs at {loop['img_per_s'] / step['img_per_s']:.1%} of its step")

@@ -4,7 +4,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 from mindcv.models import create_model, get_pretrained_cfg, list_models
-from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
 import mindcv_volo

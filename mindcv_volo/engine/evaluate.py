@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models.volo import NUM_STAGES
 from .data import SplitInfo, create_eval_loader, iterate
 from .model_spec import load_model, preprocessing
-from .runtime import amp_level, describe, progress, release_free_heap, setup_runtime
+from .runtime import CompiledCollective, amp_level, describe, progress, release_free_heap, setup_runtime
 from .step import apply_amp
 
 logger = logging.getLogger("mindcv_volo")
@@ -57,18 +57,6 @@ def image_metrics(logits, labels, topk=5):
     return best[:, 0] == labels, (best == labels[:, None]).any(axis=1), -log_probs[np.arange(len(labels)), labels]
 
 
-class _AllGather(nn.Cell):
-    """Rows of every device, compiled (the eager comm_func ops have no CPU kernel in MindSpore 2.10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.all_gather = ops.AllGather()
-
-    @ms.jit
-    def construct(self, x):
-        return self.all_gather(x)
-
-
 def _gather_results(hits1, hits5, losses, world):
     """Every device's per-image results, as (hits1, hits5, losses) of the whole split.
 
@@ -77,14 +65,15 @@ def _gather_results(hits1, hits5, losses, world):
     """
     if world == 1:
         return hits1, hits5, losses
+    all_gather = CompiledCollective(ops.AllGather())
     count = np.array([[len(losses)]], np.int32)
-    most = int(_AllGather()(Tensor(count)).asnumpy().max())
+    most = int(all_gather(Tensor(count)).asnumpy().max())
     rows = np.zeros((most, 5), np.int32)
     rows[:len(losses), 0] = 1  # present
     rows[:len(losses), 1] = hits1
     rows[:len(losses), 2] = hits5
     rows[:len(losses), 3:] = np.ascontiguousarray(losses, np.float64).view(np.int32).reshape(-1, 2)
-    gathered = _AllGather()(Tensor(rows)).asnumpy()
+    gathered = all_gather(Tensor(rows)).asnumpy()
     gathered = gathered[gathered[:, 0] == 1]
     return gathered[:, 1], gathered[:, 2], np.ascontiguousarray(gathered[:, 3:]).view(np.float64).reshape(-1)
 

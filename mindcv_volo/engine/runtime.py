@@ -6,6 +6,7 @@ import sys
 from typing import NamedTuple
 
 import mindspore as ms
+from mindspore import nn
 
 from ..errors import UserError
 
@@ -25,6 +26,19 @@ class Runtime(NamedTuple):
     @property
     def is_main(self):
         return self.rank == 0
+
+
+class CompiledCollective(nn.Cell):
+    """A collective op across the devices (`ops.AllReduce()`, `ops.AllGather()`, ...), run as a compiled graph:
+    MindSpore 2.10's eager collectives have no CPU kernel (and the CPU AllReduce sums float32 only)."""
+
+    def __init__(self, collective):
+        super().__init__()
+        self.collective = collective
+
+    @ms.jit
+    def construct(self, x):
+        return self.collective(x)
 
 
 def under_msrun():

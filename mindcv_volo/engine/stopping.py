@@ -8,24 +8,12 @@ Python does by default.
 """
 import signal
 
-import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
+
+from .runtime import CompiledCollective
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class _AllReduceSum(nn.Cell):
-    """The sum over every device, compiled (the eager collectives have no CPU kernel in 2.10; the CPU kernel
-    sums float32 only)."""
-
-    def __init__(self):
-        super().__init__()
-        self.all_reduce = ops.AllReduce()
-
-    @ms.jit
-    def construct(self, x):
-        return self.all_reduce(x)
 
 
 class StopRequests:
@@ -37,7 +25,7 @@ class StopRequests:
         self.received = 0
         self.stopping = 0  # once every rank agreed, it stays agreed (no further collective)
         self.previous = {}
-        self.all_reduce = _AllReduceSum() if world > 1 else None
+        self.all_reduce = CompiledCollective(ops.AllReduce()) if world > 1 else None
 
     def __enter__(self):
         for signum in SIGNALS:
