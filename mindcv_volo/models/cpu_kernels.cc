@@ -126,19 +126,31 @@ std::vector<double> channel_sums(int64_t rows, int64_t width, int terms, const B
   return total;
 }
 
-// sum of term(0) ... term(n - 1) in float, in an order fixed by the source: 16 lanes, then a pairwise fold.
-// (An `omp simd reduction` would let the vector width choose the order, and so the rounding.)
-template <typename Term>
-float fixed_order_sum(int64_t n, const Term &term) {
+// combine(...combine(init, term(0))..., term(n - 1)) in float, in an order fixed by the source: 16 lanes, then a
+// pairwise fold. (An `omp simd reduction` would let the vector width choose the order, and so the rounding;
+// a plain loop over a row is one long dependency chain, which no compiler vectorizes for max.)
+template <typename Term, typename Combine>
+float fixed_order_fold(int64_t n, float init, const Term &term, const Combine &combine) {
   constexpr int kLanes = 16;
-  float lanes[kLanes] = {};
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, init);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
-  for (int j = 0; i + j < n; ++j) lanes[j] += term(i + j);
+    for (int j = 0; j < kLanes; ++j) lanes[j] = combine(lanes[j], term(i + j));
+  for (int j = 0; i + j < n; ++j) lanes[j] = combine(lanes[j], term(i + j));
   for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    for (int j = 0; j < width; ++j) lanes[j] = combine(lanes[j], lanes[j + width]);
   return lanes[0];
+}
+
+template <typename Term>
+float fixed_order_sum(int64_t n, const Term &term) {
+  return fixed_order_fold(n, 0.f, term, [](float a, float b) { return a + b; });
+}
+
+// the largest of x[0 .. n); a NaN anywhere may or may not come out, and makes the softmax row NaN either way
+float row_max(const float *x, int64_t n) {
+  return fixed_order_fold(n, -INFINITY, [x](int64_t i) { return x[i]; }, [](float a, float b) { return a < b ? b : a; });
 }
 
 // Mean and 1 / sqrt(var + eps) of one row, two passes (as torch: no E[x^2] - E[x]^2 cancellation).
@@ -339,8 +351,7 @@ AOT_KERNEL(SoftmaxForward) {
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * width;
       float *yr = y + r * width;
-      float top = xr[0];
-      for (int64_t i = 1; i < width; ++i) top = std::max(top, xr[i]);
+      const float top = row_max(xr, width);
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) yr[i] = exp_f(xr[i] - top);
       const float inv = 1.f / fixed_order_sum(width, [yr](int64_t i) { return yr[i]; });
