@@ -66,7 +66,7 @@ def test_kernels_build_on_this_machine():
     assert LayerNorm(8).fused is not None and GELU().fused is not None and Softmax().fused is not None
 
 
-# The kernels are checked as built by default (a fixed level: x86-64-v3, AVX2, on most machines), for this
+# The kernels are checked as built by default (a fixed level: x86-64-v4, AVX-512, or x86-64-v3, AVX2), for this
 # very CPU (native: AVX-512 where it has it) and for the x86-64 floor (SSE2), and must give the same bits:
 # what passes here passes on any x86-64 CPU.
 SUPPORTED = cpu_kernels.supported_targets()
