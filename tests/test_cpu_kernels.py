@@ -130,6 +130,9 @@ def test_gelu_of_infinities_and_nan(build):
 KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be split over threads
     "GeluForward": lambda x: ([x], [x.shape]),
     "GeluBackward": lambda x: ([x, x[::-1]], [x.shape]),
+    "BiasGeluForward": lambda x: ([x.reshape(-1, 197), x[:197]], [(x.size // 197, 197)]),
+    "BiasGeluBackward": lambda x: ([x.reshape(-1, 197), x[:197], x[::-1].reshape(-1, 197)],
+                                   [(x.size // 197, 197), (197,)]),
     "SoftmaxForward": lambda x: ([x.reshape(-1, 197)], [(x.size // 197, 197)]),
     "SoftmaxBackward": lambda x: ([x.reshape(-1, 197), x[::-1].reshape(-1, 197)], [(x.size // 197, 197)]),
     "LayerNormForward": lambda x: ([x.reshape(-1, 394), x[:394], x[394:788]], [(x.size // 394, 394)]),
@@ -312,6 +315,55 @@ def test_affine_relu_values_and_gradients(mode, rows):
 def test_bias_add_values_and_gradients(mode, shape):
     x, bias = RNG.standard_normal(shape), RNG.standard_normal(shape[-1:])
     check(cpu_kernels.BiasAddFunction(), lambda x, b: x + b, [x, bias], grad_tol=1e-4)
+
+
+def numpy_gelu(x):
+    return x * 0.5 * np.vectorize(math.erfc)(-x / np.sqrt(2))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (600, 64)])  # 600 x 64: split over threads each way
+def test_bias_gelu_values_and_gradients(mode, shape):
+    """Against float64: the values, and the gradients from GELU's derivative Phi(x) + x phi(x)."""
+    h, bias = RNG.standard_normal(shape) * 2, RNG.standard_normal(shape[-1:])
+    h, bias = (v.astype(np.float32) for v in (h, bias))
+    cell = cpu_kernels.BiasGeluFunction()
+    x = h.astype(np.float64) + bias
+    np.testing.assert_allclose(cell(Tensor(h), Tensor(bias)).asnumpy(), numpy_gelu(x), rtol=1e-5, atol=1e-6)
+    weights = np.random.default_rng(1).standard_normal(shape)
+    dh, dbias = ms.grad(WeightedSum(cell, weights), (0, 1))(Tensor(h), Tensor(bias))
+    expected = weights * (numpy_gelu(x) / np.where(x == 0, 1, x) + x * np.exp(-x * x / 2) / np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(dh.asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dbias.asnumpy(), expected.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_takes_the_bias_gelu_kernel_with_the_numbers_of_dense_and_gelu(mode):
+    """The MLP with fc1's bias add in the GELU kernel against fc1 + GELU on MindSpore's ops: values and every
+    gradient; and AMP O1's float16 Dense layers (fc1 wrapped in a casting cell) keep fc1 + GELU."""
+    from mindcv_volo.engine.step import apply_amp
+    from mindcv_volo.models.layers import Mlp
+
+    fused = Mlp(16, 48)
+    with cpu_kernels.portable_ops():
+        plain = Mlp(16, 48)
+    assert fused.bias_gelu is not None and plain.bias_gelu is None
+    for p, q in zip(fused.get_parameters(), plain.get_parameters()):
+        assert p.name == q.name
+        q.set_data(Tensor(RNG.standard_normal(p.shape).astype(np.float32) * 0.3))
+        p.set_data(Tensor(q.asnumpy()))
+    x = Tensor(RNG.standard_normal((2, 5, 7, 16)).astype(np.float32))
+    weights = np.random.default_rng(1).standard_normal((2, 5, 7, 16))
+    results = []
+    for net in (fused, plain):
+        value, grads = ms.value_and_grad(WeightedSum(net, weights), 0, net.trainable_params())(x)
+        results.append([value.asnumpy(), grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]])
+    (value, *grads), (value_ref, *grads_ref) = results
+    # the weighted sum cancels (490 terms of size ~1 to ~0.03): its rounding scales with the terms
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-7 * np.abs(weights).sum())
+    for got, expected in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    apply_amp(fused, "O1")
+    assert not isinstance(fused.fc1, type(plain.fc2))  # wrapped
+    np.testing.assert_allclose(fused(x).asnumpy(), plain(x).asnumpy(), atol=2e-2)
 
 
 def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():

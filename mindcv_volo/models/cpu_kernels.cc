@@ -1,6 +1,6 @@
 // Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
-// backward: LayerNorm and softmax over the last axis, exact (erf) GELU, BatchNorm + ReLU on channels-last
-// maps (training and inference), im2col / col2im on channels-last maps, the bias gradient of a Dense, and
+// backward: LayerNorm and softmax over the last axis, exact (erf) GELU (also with the bias add before it),
+// BatchNorm + ReLU on channels-last maps (training and inference), im2col / col2im on channels-last maps, the bias gradient of a Dense, and
 // transposes (two adjacent axis groups swapped; MindSpore's own keeps an index table per output element).
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
@@ -338,6 +338,48 @@ AOT_KERNEL(GeluBackward) {
   const float *x = args.in(0), *dy = args.in(1);
   float *dx = args.out(2);
   each_element(args.size(0), [=](int64_t i) { dx[i] = dy[i] * gelu_derivative(x[i]); });
+  return 0;
+}
+
+// The MLP's first layer and its activation: GELU(h + bias) of the matmul's output h, so that the bias add is
+// not a pass of its own, nor its gradient (the column sum of dx comes out of the same pass).
+// inputs h (..., C), bias (C); output GELU(h + bias)
+AOT_KERNEL(BiasGeluForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *h = args.in(0), *bias = args.in(1);
+  float *y = args.out(2);
+  const int64_t width = args.width(0);
+  parallel_for(args.rows(0), std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *hr = h + r * width;
+      float *yr = y + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float x = hr[i] + bias[i];
+        yr[i] = x * normal_cdf(x);
+      }
+    }
+  });
+  return 0;
+}
+
+// inputs h, bias, dy; outputs dh = dy * GELU'(h + bias), dbias = dh summed over every axis but the last
+AOT_KERNEL(BiasGeluBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *h = args.in(0), *bias = args.in(1), *dy = args.in(2);
+  float *dh = args.out(3);
+  const int64_t width = args.width(0);
+  const std::vector<double> sums = channel_sums(args.rows(0), width, 1, [&](int64_t r, double *s) {
+    const float *hr = h + r * width;
+    const float *dyr = dy + r * width;
+    float *dhr = dh + r * width;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      dhr[i] = dyr[i] * gelu_derivative(hr[i] + bias[i]);
+      s[i] += dhr[i];
+    }
+  });
+  store_sums(sums, 0, width, args.out(4));
   return 0;
 }
 

@@ -260,6 +260,22 @@ class GeluFunction(UnaryKernelFunction):
     forward_name, backward_name = "GeluForward", "GeluBackward"
 
 
+class BiasGeluFunction(Float32KernelCell):
+    """(h (..., C), bias (C)) -> GELU(h + bias), one pass; the gradient one pass giving dh and dbias."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = custom_op("BiasGeluForward", same_shape, same_shape)
+        self.backward_op = custom_op("BiasGeluBackward", lambda h, bias, dy: (h, bias),
+                                     lambda h, bias, dy: (h, bias))
+
+    def construct(self, h, bias):
+        return self.forward_op(h, bias)
+
+    def bprop(self, h, bias, out, dout):
+        return self.backward_op(h, bias, dout)
+
+
 class SoftmaxFunction(UnaryKernelFunction):
     """Softmax over the last axis, float32; the gradient from the output, as MindSpore's."""
 
