@@ -133,6 +133,10 @@ KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be spli
     "BiasGeluForward": lambda x: ([x.reshape(-1, 197), x[:197]], [(x.size // 197, 197)]),
     "BiasGeluBackward": lambda x: ([x.reshape(-1, 197), x[:197], x[::-1].reshape(-1, 197)],
                                    [(x.size // 197, 197), (197,)]),
+    "QkvHeadsForward": lambda x: ([x[:4 * 197 * 96].reshape(4, 197, 3, 4, 8), x[:1]],
+                                  [(4, 4, 197, 8), (4, 4, 8, 197), (4, 4, 197, 8)]),
+    "QkvHeadsBackward": lambda x: ([x[:4 * 197 * 32].reshape(4, 4, 197, 8), x[1:4 * 197 * 32 + 1].reshape(4, 4, 8, 197),
+                                    x[::-1][:4 * 197 * 32].reshape(4, 4, 197, 8), x[:1]], [(4, 197, 3, 4, 8)]),
     "SoftmaxForward": lambda x: ([x.reshape(-1, 197)], [(x.size // 197, 197)]),
     "SoftmaxBackward": lambda x: ([x.reshape(-1, 197), x[::-1].reshape(-1, 197)], [(x.size // 197, 197)]),
     "LayerNormForward": lambda x: ([x.reshape(-1, 394), x[:394], x[394:788]], [(x.size // 394, 394)]),
@@ -336,34 +340,82 @@ def test_bias_gelu_values_and_gradients(mode, shape):
     np.testing.assert_allclose(dbias.asnumpy(), expected.sum(0), rtol=1e-5, atol=1e-5)
 
 
+def check_against_portable(make, input_shape):
+    """A cell built by `make` with the kernels against one built without them (`portable_ops`), on the same
+    random parameters: the value of a weighted sum and every gradient (input and parameters). Returns both."""
+    fused = make()
+    with cpu_kernels.portable_ops():
+        plain = make()
+    for p, q in zip(fused.get_parameters(), plain.get_parameters()):
+        assert p.name == q.name
+        q.set_data(Tensor(RNG.standard_normal(p.shape).astype(np.float32) * 0.3))
+        p.set_data(Tensor(q.asnumpy()))
+    x = Tensor(RNG.standard_normal(input_shape).astype(np.float32))
+    weights = np.random.default_rng(1).standard_normal(input_shape)
+    results = []
+    for net in (fused, plain):
+        value, grads = ms.value_and_grad(WeightedSum(net, weights), 0, net.trainable_params())(x)
+        results.append([value.asnumpy(), grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]])
+    (value, *grads), (value_ref, *grads_ref) = results
+    # the weighted sum cancels (hundreds of terms of size ~1 to ~0.03): its rounding scales with the terms
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-7 * np.abs(weights).sum())
+    assert len(grads) == 1 + len(fused.trainable_params())
+    for got, expected in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    return fused, plain
+
+
 def test_mlp_takes_the_bias_gelu_kernel_with_the_numbers_of_dense_and_gelu(mode):
     """The MLP with fc1's bias add in the GELU kernel against fc1 + GELU on MindSpore's ops: values and every
     gradient; and AMP O1's float16 Dense layers (fc1 wrapped in a casting cell) keep fc1 + GELU."""
     from mindcv_volo.engine.step import apply_amp
     from mindcv_volo.models.layers import Mlp
 
-    fused = Mlp(16, 48)
-    with cpu_kernels.portable_ops():
-        plain = Mlp(16, 48)
+    fused, plain = check_against_portable(lambda: Mlp(16, 48), (2, 5, 7, 16))
     assert fused.bias_gelu is not None and plain.bias_gelu is None
-    for p, q in zip(fused.get_parameters(), plain.get_parameters()):
-        assert p.name == q.name
-        q.set_data(Tensor(RNG.standard_normal(p.shape).astype(np.float32) * 0.3))
-        p.set_data(Tensor(q.asnumpy()))
-    x = Tensor(RNG.standard_normal((2, 5, 7, 16)).astype(np.float32))
-    weights = np.random.default_rng(1).standard_normal((2, 5, 7, 16))
-    results = []
-    for net in (fused, plain):
-        value, grads = ms.value_and_grad(WeightedSum(net, weights), 0, net.trainable_params())(x)
-        results.append([value.asnumpy(), grads[0].asnumpy()] + [g.asnumpy() for g in grads[1]])
-    (value, *grads), (value_ref, *grads_ref) = results
-    # the weighted sum cancels (490 terms of size ~1 to ~0.03): its rounding scales with the terms
-    np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-7 * np.abs(weights).sum())
-    for got, expected in zip(grads, grads_ref):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     apply_amp(fused, "O1")
     assert not isinstance(fused.fc1, type(plain.fc2))  # wrapped
+    x = Tensor(RNG.standard_normal((2, 5, 7, 16)).astype(np.float32))
     np.testing.assert_allclose(fused(x).asnumpy(), plain(x).asnumpy(), atol=2e-2)
+
+
+class QkvHeadsLoss(nn.Cell):
+    """sum(q * wq) + sum(k_t * wk) + sum(v * wv) of the QkvHeads kernel's three outputs."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.cell = cpu_kernels.QkvHeadsFunction()
+        self.weights = [Tensor(w.astype(np.float32)) for w in weights]
+
+    def construct(self, qkv, scale):
+        q, k_t, v = self.cell(qkv, scale)
+        return (q * self.weights[0]).sum() + (k_t * self.weights[1]).sum() + (v * self.weights[2]).sum()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 2), (4, 197, 12, 32)])  # (B, N, heads, d); 48 planes: threads
+def test_qkv_heads_values_and_gradients(mode, shape):
+    """Copies and one multiplication: equal to NumPy's float32, not close."""
+    batch, tokens, heads, depth = shape
+    qkv = RNG.standard_normal((batch, tokens, 3, heads, depth)).astype(np.float32)
+    scale = np.array([depth ** -0.5], np.float32)
+    q, k_t, v = (t.asnumpy() for t in cpu_kernels.QkvHeadsFunction()(Tensor(qkv), Tensor(scale)))
+    assert np.array_equal(q, (qkv[:, :, 0] * scale).transpose(0, 2, 1, 3))
+    assert np.array_equal(k_t, qkv[:, :, 1].transpose(0, 2, 3, 1))
+    assert np.array_equal(v, qkv[:, :, 2].transpose(0, 2, 1, 3))
+    weights = [RNG.standard_normal(t.shape).astype(np.float32) for t in (q, k_t, v)]
+    grad = ms.grad(QkvHeadsLoss(weights))(Tensor(qkv), Tensor(scale)).asnumpy()
+    expected = np.stack([weights[0].transpose(0, 2, 1, 3) * scale, weights[1].transpose(0, 3, 1, 2),
+                         weights[2].transpose(0, 2, 1, 3)], axis=2)
+    assert np.array_equal(grad, expected)
+
+
+def test_attention_takes_the_qkv_kernel_with_the_numbers_of_split_and_transposes(mode):
+    """Self-attention with q, k, v from the QkvHeads kernel against Split + Mul + Transpose: values and every
+    gradient, parameter names unchanged."""
+    from mindcv_volo.models.volo import Attention
+
+    fused, plain = check_against_portable(lambda: Attention(32, 4, qkv_bias=True), (2, 5, 7, 32))
+    assert fused.qkv_heads is not None and plain.qkv_heads is None
 
 
 def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():

@@ -1,7 +1,8 @@
 // Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
 // backward: LayerNorm and softmax over the last axis, exact (erf) GELU (also with the bias add before it),
-// BatchNorm + ReLU on channels-last maps (training and inference), im2col / col2im on channels-last maps, the bias gradient of a Dense, and
-// transposes (two adjacent axis groups swapped; MindSpore's own keeps an index table per output element).
+// BatchNorm + ReLU on channels-last maps (training and inference), im2col / col2im on channels-last maps,
+// the bias gradient of a Dense, transposes (two adjacent axis groups swapped; MindSpore's own keeps an index
+// table per output element), and self-attention's q, k, v laid out from the fused projection.
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
 // GPU/Ascend only), computes GELU as five passes with a slow Erf, runs LayerNorm and LayerNormGrad on one
@@ -666,6 +667,58 @@ AOT_KERNEL(SwapAxesForward) {
                        for (int64_t c = 0; c < inner; ++c) ya[(j * p + i) * inner + c] = xa[(i * q + j) * inner + c];
                  }
                });
+  return 0;
+}
+
+// Self-attention's operands from the fused qkv projection in one pass, instead of a Split, a Mul by the scale
+// and three transposes (five passes): q * scale and v head-major, k head-major and transposed for q @ k^T.
+// inputs qkv (B, N, 3, H, D), scale (1); outputs q (B, H, N, D), k_t (B, H, D, N), v (B, H, N, D)
+AOT_KERNEL(QkvHeadsForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *qkv = args.in(0);
+  const float scale = args.in(1)[0];
+  float *q = args.out(2), *k_t = args.out(3), *v = args.out(4);
+  const int64_t batch = shapes[0][0], tokens = shapes[0][1], heads = shapes[0][3], depth = shapes[0][4];
+  const int64_t dim = heads * depth;
+  // one (image, head) plane per task: each writes its own slices
+  parallel_for(batch * heads, 1, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / heads, h = plane % heads;
+      float *qp = q + plane * tokens * depth, *kp = k_t + plane * depth * tokens, *vp = v + plane * tokens * depth;
+      for (int64_t n = 0; n < tokens; ++n) {
+        const float *row = qkv + (b * tokens + n) * 3 * dim + h * depth;
+#pragma omp simd
+        for (int64_t c = 0; c < depth; ++c) qp[n * depth + c] = row[c] * scale;
+        for (int64_t c = 0; c < depth; ++c) kp[c * tokens + n] = row[dim + c];
+        std::copy_n(row + 2 * dim, depth, vp + n * depth);
+      }
+    }
+  });
+  return 0;
+}
+
+// The adjoint: inputs dq, dk_t, dv (as QkvHeadsForward's outputs), scale; output dqkv (B, N, 3, H, D)
+AOT_KERNEL(QkvHeadsBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *dq = args.in(0), *dk_t = args.in(1), *dv = args.in(2);
+  const float scale = args.in(3)[0];
+  float *dqkv = args.out(4);
+  const int64_t batch = shapes[4][0], tokens = shapes[4][1], heads = shapes[4][3], depth = shapes[4][4];
+  const int64_t dim = heads * depth;
+  parallel_for(batch * heads, 1, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / heads, h = plane % heads;
+      const float *qp = dq + plane * tokens * depth, *kp = dk_t + plane * depth * tokens;
+      const float *vp = dv + plane * tokens * depth;
+      for (int64_t n = 0; n < tokens; ++n) {
+        float *row = dqkv + (b * tokens + n) * 3 * dim + h * depth;
+#pragma omp simd
+        for (int64_t c = 0; c < depth; ++c) row[c] = qp[n * depth + c] * scale;
+        for (int64_t c = 0; c < depth; ++c) row[dim + c] = kp[c * tokens + n];
+        std::copy_n(vp + n * depth, depth, row + 2 * dim);
+      }
+    }
+  });
   return 0;
 }
 

@@ -331,6 +331,29 @@ class BiasAddFunction(Float32KernelCell):
         return dout, self.backward_op(dout)
 
 
+def _qkv_heads_shapes(qkv, scale):
+    batch, tokens, _, heads, depth = qkv
+    return (batch, heads, tokens, depth), (batch, heads, depth, tokens), (batch, heads, tokens, depth)
+
+
+class QkvHeadsFunction(Float32KernelCell):
+    """(qkv (B, N, 3, H, D), scale (1,)) -> q * scale (B, H, N, D), k^T (B, H, D, N), v (B, H, N, D): the fused
+    projection's output laid out for q @ k^T and attn @ v in one pass (a Split, a Mul and three transposes
+    otherwise); the gradient the same pass back. `scale` is a constant: its gradient is zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = custom_op("QkvHeadsForward", _qkv_heads_shapes, lambda qkv, scale: (qkv, qkv, qkv))
+        self.backward_op = custom_op("QkvHeadsBackward", lambda dq, dk_t, dv, scale: (dq[0], dq[2], 3, dq[1], dq[3]),
+                                     same_shape)
+
+    def construct(self, qkv, scale):
+        return self.forward_op(qkv, scale)
+
+    def bprop(self, qkv, scale, out, dout):
+        return self.backward_op(dout[0], dout[1], dout[2], scale), ops.zeros_like(scale)
+
+
 def _swapped_shape(x):
     return x[0], x[2], x[1], x[3]
 

@@ -16,6 +16,7 @@ from ..errors import UserError
 from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
                      batch_norm_relu_channels_last, dense, layer_norm, split_class_token, swap_axes_kernel, transpose,
                      uses_fused_cpu_kernels, uses_window_gathers)
+from .cpu_kernels import QkvHeadsFunction
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
@@ -124,18 +125,26 @@ class Attention(nn.Cell):
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
+        # CPU: q, k, v laid out from the projection in one kernel pass; no parameters
+        self.qkv_heads = QkvHeadsFunction() if uses_fused_cpu_kernels() else None
+        self.scale_tensor = ms.Tensor([self.scale], ms.float32)
 
     def construct(self, x):
         batch, height, width, dim = x.shape
         num_tokens = height * width
-        # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
-        # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
-        q, k, v = ops.split(self.qkv(x).reshape(batch, num_tokens, 3, dim), 1, axis=2)
+        qkv = self.qkv(x)
         # the scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding
-        heads = (batch, num_tokens, self.num_heads, self.head_dim)
-        q = transpose((q * self.scale).reshape(heads), (0, 2, 1, 3), self.swap)
-        k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
-        v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
+        if self.qkv_heads is not None and qkv.dtype == ms.float32:
+            q, k_t, v = self.qkv_heads(qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim),
+                                       self.scale_tensor)
+        else:
+            # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
+            # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
+            q, k, v = ops.split(qkv.reshape(batch, num_tokens, 3, dim), 1, axis=2)
+            heads = (batch, num_tokens, self.num_heads, self.head_dim)
+            q = transpose((q * self.scale).reshape(heads), (0, 2, 1, 3), self.swap)
+            k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
+            v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
         attn = self.attn_drop(self.softmax(batch_matmul(q, k_t)))
         out = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, height, width, dim)
         return self.proj(out)
