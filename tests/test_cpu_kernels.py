@@ -137,6 +137,8 @@ KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be spli
                                   [(4, 4, 197, 8), (4, 4, 8, 197), (4, 4, 197, 8)]),
     "QkvHeadsBackward": lambda x: ([x[:4 * 197 * 32].reshape(4, 4, 197, 8), x[1:4 * 197 * 32 + 1].reshape(4, 4, 8, 197),
                                     x[::-1][:4 * 197 * 32].reshape(4, 4, 197, 8), x[:1]], [(4, 197, 3, 4, 8)]),
+    "ResidualBiasAddForward": lambda x: ([x.reshape(-1, 197), x[:197], x[::-1].reshape(-1, 197)],
+                                         [(x.size // 197, 197)]),
     "SoftmaxForward": lambda x: ([x.reshape(-1, 197)], [(x.size // 197, 197)]),
     "SoftmaxBackward": lambda x: ([x.reshape(-1, 197), x[::-1].reshape(-1, 197)], [(x.size // 197, 197)]),
     "LayerNormForward": lambda x: ([x.reshape(-1, 394), x[:394], x[394:788]], [(x.size // 394, 394)]),
@@ -416,6 +418,30 @@ def test_attention_takes_the_qkv_kernel_with_the_numbers_of_split_and_transposes
 
     fused, plain = check_against_portable(lambda: Attention(32, 4, qkv_bias=True), (2, 5, 7, 32))
     assert fused.qkv_heads is not None and plain.qkv_heads is None
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (600, 64)])  # 600 x 64: split over threads
+def test_residual_bias_add_values_and_gradients(mode, shape):
+    """The bits of BiasAdd then Add; the gradient dy for h and the residual, its column sum for the bias."""
+    h, bias, residual = (RNG.standard_normal(s).astype(np.float32) for s in (shape, shape[-1:], shape))
+    cell = cpu_kernels.ResidualBiasAddFunction()
+    assert np.array_equal(cell(Tensor(h), Tensor(bias), Tensor(residual)).asnumpy(), residual + (h + bias))
+    weights = RNG.standard_normal(shape)
+    dh, dbias, dresidual = ms.grad(WeightedSum(cell, weights), (0, 1, 2))(Tensor(h), Tensor(bias), Tensor(residual))
+    weights = weights.astype(np.float32)
+    assert np.array_equal(dh.asnumpy(), weights) and np.array_equal(dresidual.asnumpy(), weights)
+    np.testing.assert_allclose(dbias.asnumpy(), weights.astype(np.float64).sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block, input_shape", [("Outlooker", (2, 6, 6, 32)), ("Transformer", (2, 5, 7, 32)),
+                                                ("ClassBlock", (2, 9, 32))])
+def test_blocks_add_their_residuals_in_the_kernel_with_the_numbers_of_add(mode, block, input_shape):
+    """Each VOLO block with its residual adds inside the branches' last Dense against the plain adds: values and
+    every gradient (drop path 0, so the block's two residual adds both take the kernel)."""
+    from mindcv_volo.models import volo
+
+    fused, _ = check_against_portable(lambda: getattr(volo, block)(32, 4), input_shape)
+    assert fused.attn.proj.fused_residual_add is not None and fused.mlp.fc2.fused_residual_add is not None
 
 
 def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():

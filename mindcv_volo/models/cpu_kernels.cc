@@ -1,7 +1,7 @@
 // Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
 // backward: LayerNorm and softmax over the last axis, exact (erf) GELU (also with the bias add before it),
 // BatchNorm + ReLU on channels-last maps (training and inference), im2col / col2im on channels-last maps,
-// the bias gradient of a Dense, transposes (two adjacent axis groups swapped; MindSpore's own keeps an index
+// the bias add of a Dense (with the residual add after it) and its gradient, transposes (two adjacent axis groups swapped; MindSpore's own keeps an index
 // table per output element), and self-attention's q, k, v laid out from the fused projection.
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
@@ -717,6 +717,23 @@ AOT_KERNEL(QkvHeadsBackward) {
         for (int64_t c = 0; c < depth; ++c) row[dim + c] = kp[c * tokens + n];
         std::copy_n(vp + n * depth, depth, row + 2 * dim);
       }
+    }
+  });
+  return 0;
+}
+
+// A block's residual branch ends in a Dense: residual + (h + bias) in one pass, where BiasAdd and Add take two.
+// Its gradient needs no kernel of its own (dy for h and the residual, BiasAddBackward for the bias).
+// inputs h (..., C), bias (C), residual (..., C); output residual + (h + bias), the unfused order
+AOT_KERNEL(ResidualBiasAddForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *h = args.in(0), *bias = args.in(1), *residual = args.in(2);
+  float *y = args.out(3);
+  const int64_t width = args.width(0);
+  parallel_for(args.rows(0), std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) y[r * width + i] = residual[r * width + i] + (h[r * width + i] + bias[i]);
     }
   });
   return 0;

@@ -354,6 +354,22 @@ class QkvHeadsFunction(Float32KernelCell):
         return self.backward_op(dout[0], dout[1], dout[2], scale), ops.zeros_like(scale)
 
 
+class ResidualBiasAddFunction(Float32KernelCell):
+    """(h (N, C), bias (C), residual (N, C)) -> residual + (h + bias) in one pass, the bits of BiasAdd then Add
+    (two passes); the gradient: dy itself for h and the residual, its column sum (one kernel) for the bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = custom_op("ResidualBiasAddForward", same_shape, same_shape)
+        self.bias_grad = custom_op("BiasAddBackward", lambda dy: dy[-1:], same_shape)
+
+    def construct(self, h, bias, residual):
+        return self.forward_op(h, bias, residual)
+
+    def bprop(self, h, bias, residual, out, dout):
+        return dout, self.bias_grad(dout), dout
+
+
 def _swapped_shape(x):
     return x[0], x[2], x[1], x[3]
 

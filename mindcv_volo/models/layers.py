@@ -96,26 +96,45 @@ def batch_norm(channels):
 
 
 class Dense(nn.Dense):
-    """nn.Dense (parameters `weight`, `bias`); in training with the fused CPU kernels the bias gradient of a
-    float32 output is one multi-threaded column sum (MindSpore's CPU BiasAddGrad took ~5% of a training
-    step). Inference keeps nn.Dense's ops exactly (the bias cell measured ~3% slower there)."""
+    """nn.Dense (parameters `weight`, `bias`), optionally with a residual added to its output (`residual +
+    dense(x)`, the end of a block's branch). With the fused CPU kernels and float32: the bias and the residual
+    are added in one kernel pass (`ResidualBiasAddFunction`); in training the bias gradient is one
+    multi-threaded column sum (MindSpore's CPU BiasAddGrad took ~5% of a training step). Without a residual,
+    inference keeps nn.Dense's ops exactly (a bias-add kernel alone measured ~3% slower there)."""
 
     def __init__(self, in_features, out_features, has_bias=True, **kwargs):
         super().__init__(in_features, out_features, has_bias=has_bias, **kwargs)
-        self.fused_bias_add = cpu_kernels.BiasAddFunction() if has_bias and uses_fused_cpu_kernels() else None
+        fused = has_bias and uses_fused_cpu_kernels()
+        self.fused_bias_add = cpu_kernels.BiasAddFunction() if fused else None
+        self.fused_residual_add = cpu_kernels.ResidualBiasAddFunction() if fused else None
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         out = self.project(x)
+        out_shape = x.shape[:-1] + (out.shape[-1],)
+        if residual is not None and self.fused_residual_add is not None and out.dtype == ms.float32 \
+                and residual.dtype == ms.float32:
+            return self.fused_residual_add(out, self.bias, residual.reshape(out.shape)).reshape(out_shape)
         if self.has_bias:
             if self.fused_bias_add is not None and self.training and out.dtype == ms.float32:
                 out = self.fused_bias_add(out, self.bias)
             else:
                 out = self.bias_add(out, self.bias)
-        return out.reshape(x.shape[:-1] + (out.shape[-1],))
+        out = out.reshape(out_shape)
+        return out if residual is None else residual + out
 
     def project(self, x):
         """x @ weight^T as (rows, out_features), without the bias: for a kernel that adds it itself."""
         return self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
+
+
+def dense_plus_residual(layer, x, residual=None):
+    """residual + layer(x), or layer(x) when residual is None: `Dense` adds the residual itself (one kernel pass
+    with the bias); AMP O1's casting wrapper around a Dense takes x alone."""
+    if residual is None:
+        return layer(x)
+    if isinstance(layer, Dense):
+        return layer(x, residual)
+    return residual + layer(x)
 
 
 def dense(in_features, out_features, has_bias=True):
@@ -243,8 +262,12 @@ class DropPath(nn.Cell):
         super().__init__()
         self.keep_prob = 1.0 - rate
 
+    def passes_through(self):
+        """Static: inference, or a rate of 0."""
+        return not self.training or self.keep_prob == 1.0
+
     def construct(self, x, keep=None):
-        if not self.training or self.keep_prob == 1.0:
+        if self.passes_through():
             return x
         if keep is None:
             keep = ops.floor(self.keep_prob + ops.rand((x.shape[0],), dtype=x.dtype))
@@ -253,24 +276,24 @@ class DropPath(nn.Cell):
 
 
 class Mlp(nn.Cell):
-    """fc1, GELU, fc2. With the fused CPU kernels a float32 input takes fc1's bias add and the GELU as one kernel
-    pass each way (`cpu_kernels.BiasGeluFunction`): the bias add and its gradient are no passes of their own."""
+    """fc1, GELU, fc2 (+ `residual`, if given). With the fused CPU kernels a float32 input takes fc1's bias add
+    and the GELU as one kernel pass each way (`cpu_kernels.BiasGeluFunction`): the bias add and its gradient
+    are no passes of their own. (The official Mlp's dropout is never switched on in VOLO: there is none.)"""
 
-    def __init__(self, dim, hidden_dim, drop=0.0):
+    def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = dense(dim, hidden_dim)
         self.act = GELU()
         self.fc2 = dense(hidden_dim, dim)
-        self.drop = nn.Dropout(p=drop)
         self.bias_gelu = cpu_kernels.BiasGeluFunction() if uses_fused_cpu_kernels() else None
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         # not when AMP has wrapped fc1 in a casting cell (O1: the Dense layers in float16)
         if self.bias_gelu is not None and x.dtype == ms.float32 and isinstance(self.fc1, Dense):
             hidden = self.bias_gelu(self.fc1.project(x), self.fc1.bias).reshape(x.shape[:-1] + (-1,))
         else:
             hidden = self.act(self.fc1(x))
-        return self.drop(self.fc2(self.drop(hidden)))
+        return dense_plus_residual(self.fc2, hidden, residual)
 
 
 @constexpr

@@ -14,7 +14,7 @@ from mindcv.models.registry import register_model
 
 from ..errors import UserError
 from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
-                     batch_norm_relu_channels_last, dense, layer_norm, split_class_token, swap_axes_kernel, transpose,
+                     batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token, swap_axes_kernel, transpose,
                      uses_fused_cpu_kernels, uses_window_gathers)
 from .cpu_kernels import QkvHeadsFunction
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
@@ -52,7 +52,7 @@ class OutlookAttention(nn.Cell):
             self.fold = ChannelsLastFold(kernel_size, padding, stride)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
         kk = self.kernel_size * self.kernel_size
         out_h, out_w = height // self.stride, width // self.stride
@@ -67,7 +67,7 @@ class OutlookAttention(nn.Cell):
             v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
             attn = self.attn_drop(self.softmax(attn * self.scale))
             out = transpose(batch_matmul(attn, transpose(v, (0, 1, 3, 2, 4), self.swap)), (0, 1, 3, 2, 4), self.swap)
-            return self.proj(self.fold(out.reshape(batch, out_h, out_w, kk, dim)))
+            return dense_plus_residual(self.proj, self.fold(out.reshape(batch, out_h, out_w, kk, dim)), residual)
 
         v = self.v(x).transpose(0, 3, 1, 2)
         # Unfold keeps torch's channel order: (C, k*k) along axis 1.
@@ -77,7 +77,7 @@ class OutlookAttention(nn.Cell):
         out = batch_matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
         out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
                        padding=self.padding, stride=self.stride)
-        return self.proj(out.transpose(0, 2, 3, 1))
+        return dense_plus_residual(self.proj, out.transpose(0, 2, 3, 1), residual)
 
 
 class PreNormBlock(nn.Cell):
@@ -99,6 +99,10 @@ class PreNormBlock(nn.Cell):
         self.mask_row = None
 
     def construct(self, x, drop_masks=None):
+        if self.drop_path.passes_through():
+            # the residual adds inside the branches' last Dense (one kernel pass with its bias, on CPU)
+            x = self.attn(self.norm1(x), x)
+            return self.mlp(self.norm2(x), x)
         attn_keep, mlp_keep = None, None
         if drop_masks is not None and self.mask_row is not None:
             attn_keep, mlp_keep = drop_masks[self.mask_row], drop_masks[self.mask_row + 1]
@@ -129,7 +133,7 @@ class Attention(nn.Cell):
         self.qkv_heads = QkvHeadsFunction() if uses_fused_cpu_kernels() else None
         self.scale_tensor = ms.Tensor([self.scale], ms.float32)
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
         num_tokens = height * width
         qkv = self.qkv(x)
@@ -147,7 +151,7 @@ class Attention(nn.Cell):
             v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
         attn = self.attn_drop(self.softmax(batch_matmul(q, k_t)))
         out = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, height, width, dim)
-        return self.proj(out)
+        return dense_plus_residual(self.proj, out, residual)
 
 
 class Transformer(PreNormBlock):
@@ -171,7 +175,7 @@ class ClassAttention(nn.Cell):
         self.proj = dense(dim, dim)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
 
-    def construct(self, x):
+    def construct(self, x, residual=None):
         batch, num_tokens, dim = x.shape
         k, v = ops.split(self.kv(x).reshape(batch, num_tokens, 2, dim), 1, axis=2)
         heads = (batch, num_tokens, self.num_heads, self.head_dim)
@@ -180,7 +184,7 @@ class ClassAttention(nn.Cell):
         q = self.q(split_class_token(x)[0]).reshape(batch, self.num_heads, 1, self.head_dim)
         attn = self.attn_drop(self.softmax(batch_matmul(q * self.scale, k_t)))
         cls_embed = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, 1, dim)
-        return self.proj(cls_embed)
+        return dense_plus_residual(self.proj, cls_embed, residual)
 
 
 class ClassBlock(nn.Cell):
@@ -195,8 +199,8 @@ class ClassBlock(nn.Cell):
 
     def construct(self, x):
         cls_embed, tokens = split_class_token(x)
-        cls_embed = cls_embed + self.attn(self.norm1(x))
-        cls_embed = cls_embed + self.mlp(self.norm2(cls_embed))
+        cls_embed = self.attn(self.norm1(x), cls_embed)
+        cls_embed = self.mlp(self.norm2(cls_embed), cls_embed)
         return ops.cat((cls_embed, tokens), axis=1)
 
 
