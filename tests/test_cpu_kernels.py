@@ -127,6 +127,17 @@ def test_gelu_of_infinities_and_nan(build):
     assert out[0] == np.inf and np.isnan(out[1:]).all()  # as torch: -inf * Phi(-inf) = -inf * 0
 
 
+# outlook attention: v, its windows' logits (4 heads: 8 (batch, head) pairs for the threads), dout; geometry (kernel,
+# stride, padding, heads) and scale
+OUTLOOK_V, OUTLOOK_LOGITS = (2, 28, 28, 48), (2, 14, 14, 4 * 81)
+OUTLOOK_CONSTANTS = [np.array([3, 2, 1, 4], np.int32), np.array([0.35], np.float32)]
+
+
+def outlook_operands(x):
+    v = x[:math.prod(OUTLOOK_V)].reshape(OUTLOOK_V)
+    return v, x[-math.prod(OUTLOOK_LOGITS):].reshape(OUTLOOK_LOGITS), x[::-1][:v.size].reshape(OUTLOOK_V)
+
+
 KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be split over threads
     "GeluForward": lambda x: ([x], [x.shape]),
     "GeluBackward": lambda x: ([x, x[::-1]], [x.shape]),
@@ -150,6 +161,10 @@ KERNEL_CASES = {  # name: (inputs, output shapes); sizes large enough to be spli
                                         [(x.size // 197, 197), (197,), (197,)]),
     "BiasAddBackward": lambda x: ([x.reshape(-1, 197)], [(197,)]),
     "SwapAxesForward": lambda x: ([x.reshape(8, 197, 197, 1)], [(8, 197, 197, 1)]),
+    "OutlookForward": lambda x: ([*outlook_operands(x)[:2], *OUTLOOK_CONSTANTS], [OUTLOOK_V]),
+    "OutlookBackward": lambda x: ([*outlook_operands(x), *OUTLOOK_CONSTANTS], [OUTLOOK_V, OUTLOOK_LOGITS]),
+    "AvgPool2x2Forward": lambda x: ([x.reshape(1, 394, 4, 197)], [(1, 197, 2, 197)]),
+    "AvgPool2x2Backward": lambda x: ([x[:197 * 394].reshape(1, 197, 2, 197)], [(1, 394, 4, 197)]),
 }
 
 

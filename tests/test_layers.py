@@ -207,7 +207,8 @@ def test_conv_channels_last_with_the_kernels_equals_conv2d_values_and_gradients(
 
 
 def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
-    """The gather formulation (CPU) and the ops.unfold/ops.fold one (accelerators): values and gradients."""
+    """The CPU formulation (here the fused kernels: tests/test_outlook_kernel.py compares them with the gathers)
+    and the ops.unfold/ops.fold one (accelerators): values and gradients."""
     cpu = OutlookAttention(12, 3)
     assert cpu.channels_last  # the tests run on CPU
     reference = OutlookAttention(12, 3)

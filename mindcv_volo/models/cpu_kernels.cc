@@ -1,8 +1,10 @@
 // Fused float32 CPU kernels for MindSpore's AOT custom ops (ops.Custom(func_type="aot")), each forward and
 // backward: LayerNorm and softmax over the last axis, exact (erf) GELU (also with the bias add before it),
 // BatchNorm + ReLU on channels-last maps (training and inference), im2col / col2im on channels-last maps,
-// the bias add of a Dense (with the residual add after it) and its gradient, transposes (two adjacent axis groups swapped; MindSpore's own keeps an index
-// table per output element), and self-attention's q, k, v laid out from the fused projection.
+// the bias add of a Dense (with the residual add after it) and its gradient, transposes (two adjacent axis
+// groups swapped; MindSpore's own keeps an index table per output element), self-attention's q, k, v laid
+// out from the fused projection, and outlook attention's core (softmax, window weighting, overlap-add) and
+// 2 x 2 average pooling.
 //
 // Why by hand: MindSpore's CPU backend runs every op as its own pass over memory (kernel fusion is for
 // GPU/Ascend only), computes GELU as five passes with a slow Erf, runs LayerNorm and LayerNormGrad on one
@@ -151,7 +153,8 @@ float fixed_order_sum(int64_t n, const Term &term) {
 
 // the largest of x[0 .. n); a NaN anywhere may or may not come out, and makes the softmax row NaN either way
 float row_max(const float *x, int64_t n) {
-  return fixed_order_fold(n, -INFINITY, [x](int64_t i) { return x[i]; }, [](float a, float b) { return a < b ? b : a; });
+  return fixed_order_fold(n, -INFINITY, [x](int64_t i) { return x[i]; },
+                          [](float a, float b) { return a < b ? b : a; });
 }
 
 // Mean and 1 / sqrt(var + eps) of one row, two passes (as torch: no E[x^2] - E[x]^2 cancellation).
@@ -752,5 +755,227 @@ AOT_KERNEL(BiasAddBackward) {
                                                   for (int64_t i = 0; i < width; ++i) s[i] += dy[r * width + i];
                                                 });
   store_sums(sums, 0, width, dbias);
+  return 0;
+}
+
+// Outlook attention (VOLO): each window's K * K taps are mixed, per head, by a (K * K, K * K) softmax map
+// predicted from the pooled token, and the mixed taps are added back onto the map. One kernel each way instead
+// of im2col, two transposes, a batched matmul of 9 x 9 maps, the scale, the softmax and col2im (~7 passes over
+// maps 2.25x the input, forward and backward). The threads split the (batch, head) pairs: a head owns its
+// channels, so no two threads write one place, and each visits its windows in raster order, so every sum that
+// gathers several windows has one order.
+namespace {
+
+// One window and head as each_window hands it over, in one thread's buffers
+struct OutlookWindow {
+  std::vector<float> a;           // the softmax map, (taps, taps)
+  std::vector<int64_t> inside;    // the taps inside the map, in order (padding taps neither give nor take)
+  std::vector<int64_t> offset;    // each inside tap's pixel in the map, batch and head included
+  int64_t logits;                 // where the window's map starts in the logits
+  std::vector<float> scratch;     // (taps, taps): the softmax's row maxima, then the backward's dA
+  std::vector<float> mixed;       // (taps, head_dim): mix_taps' sums
+  std::vector<float> transposed;  // (head_dim, taps): the backward's window of v
+};
+
+// The operands of OutlookForward / OutlookBackward: v (B, H, W, C) and its windows (the geometry input: int32
+// kernel, stride, padding, heads), the logits (B, OH, OW, heads * K^4) and the scale (float32, one value).
+// Logit [head * K^4 + i * K^2 + j] weighs key tap j for query tap i, taps in (ky, kx) order.
+struct Outlook {
+  Window window;
+  int64_t heads, head_dim, taps;
+  float scale;
+
+  Outlook(const KernelArgs &args, int geometry, int scale_index)
+      : window(read_window(args.params[geometry], args.shapes[0], args.shapes[1])),
+        heads(static_cast<const int32_t *>(args.params[geometry])[3]),
+        head_dim(window.channels / heads),
+        taps(window.kernel * window.kernel),
+        scale(args.in(scale_index)[0]) {}
+
+  // term(0) + ... + term(taps - 1) in order: fixed_order_sum's 16 lanes and their fold cost more than a row of 9
+  // (a quarter of the forward's time)
+  template <typename Term>
+  float row_sum(const Term &term) const {
+    float sum = 0.f;
+    for (int64_t j = 0; j < taps; ++j) sum += term(j);
+    return sum;
+  }
+
+  // softmax(scale * logits) of one window and head, row by row, the exps of the whole map in one vector loop.
+  // tops: scratch, taps^2. The short rows are summed in order, one add after another (`row_sum`).
+  void softmax(const float *logits, float *a, float *tops) const {
+    const int64_t n = taps * taps;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) a[k] = logits[k] * scale;
+    for (int64_t i = 0; i < taps; ++i) {
+      float top = a[i * taps];
+      for (int64_t j = 1; j < taps; ++j) top = std::max(top, a[i * taps + j]);
+      std::fill_n(tops + i * taps, taps, top);
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) a[k] = exp_f(a[k] - tops[k]);
+    for (int64_t i = 0; i < taps; ++i) {
+      float *ar = a + i * taps;
+      const float inv = 1.f / row_sum([ar](int64_t j) { return ar[j]; });
+      for (int64_t j = 0; j < taps; ++j) ar[j] *= inv;
+    }
+  }
+
+  // body(w) for every window and head (a, inside, offset and logits filled); the (batch, head) pairs are split
+  // over threads, each pair's windows in raster order. First the map output `zeroed` is set to 0 on the pair's
+  // channels.
+  template <typename Body>
+  void each_window(const float *logits, float *zeroed, const Body &body) const {
+    const int64_t pixels = window.height * window.width, channels = window.channels;
+    parallel_for(window.batch * heads, 1, [&](int64_t begin, int64_t end, int64_t) {
+      OutlookWindow w{std::vector<float>(taps * taps), {}, std::vector<int64_t>(taps), 0,
+                      std::vector<float>(taps * taps), std::vector<float>(taps * head_dim),
+                      std::vector<float>(head_dim * taps)};
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t b = pair / heads, head = pair % heads;
+        const int64_t base = b * pixels * channels + head * head_dim;
+        for (int64_t p = 0; p < pixels; ++p) std::fill_n(zeroed + base + p * channels, head_dim, 0.f);
+        for (int64_t oy = 0; oy < window.out_h; ++oy)
+          for (int64_t ox = 0; ox < window.out_w; ++ox) {
+            w.logits = (((b * window.out_h + oy) * window.out_w + ox) * heads + head) * taps * taps;
+            softmax(logits + w.logits, w.a.data(), w.scratch.data());
+            w.inside.clear();
+            for (int64_t t = 0; t < taps; ++t) {
+              const int64_t y = oy * window.stride - window.padding + t / window.kernel;
+              const int64_t x = ox * window.stride - window.padding + t % window.kernel;
+              if (y < 0 || y >= window.height || x < 0 || x >= window.width) continue;
+              w.inside.push_back(t);
+              w.offset[t] = base + (y * window.width + x) * channels;
+            }
+            body(w);
+          }
+      }
+    });
+  }
+
+  // For each inside tap t: map[t's pixel] += sum over the inside taps s, in order, of weight(t, s) * rows[s's
+  // pixel], on the head's channels (the sums first, then onto the map: a matmul, then the overlap-add). A row of
+  // `rows` is read once and added to every sum: each sum's next add comes taps adds later, not waiting on the
+  // last one's store.
+  template <typename Weight>
+  void mix_taps(OutlookWindow &w, const float *rows, const Weight &weight, float *map) const {
+    for (const int64_t t : w.inside) std::fill_n(w.mixed.data() + t * head_dim, head_dim, 0.f);
+    for (const int64_t s : w.inside) {
+      const float *row = rows + w.offset[s];
+      for (const int64_t t : w.inside) {
+        const float weight_ts = weight(t, s);
+        float *sum = w.mixed.data() + t * head_dim;
+#pragma omp simd
+        for (int64_t c = 0; c < head_dim; ++c) sum[c] += weight_ts * row[c];
+      }
+    }
+    for (const int64_t t : w.inside) {
+      const float *sum = w.mixed.data() + t * head_dim;
+      float *to = map + w.offset[t];
+#pragma omp simd
+      for (int64_t c = 0; c < head_dim; ++c) to[c] += sum[c];
+    }
+  }
+};
+
+}  // namespace
+
+// inputs v (B, H, W, C), logits (B, OH, OW, heads * K^4), geometry, scale; output out (B, H, W, C): for every
+// window and head, query tap i's pixel gets sum_j A[i][j] v[key tap j's pixel], A = softmax(scale * logits)
+AOT_KERNEL(OutlookForward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *v = args.in(0);
+  float *out = args.out(4);
+  const Outlook outlook(args, 2, 3);
+  const int64_t taps = outlook.taps;
+  outlook.each_window(args.in(1), out, [&](OutlookWindow &w) {
+    const float *a = w.a.data();
+    outlook.mix_taps(w, v, [a, taps](int64_t i, int64_t j) { return a[i * taps + j]; }, out);
+  });
+  return 0;
+}
+
+// inputs v, logits, dout (B, H, W, C), geometry, scale; outputs dv (B, H, W, C), dlogits. The softmax is
+// recomputed from the logits. Per window and head, with dy_i = dout at query tap i's pixel:
+// dv[key tap j's pixel] += sum_i A[i][j] dy_i; dA[i][j] = dy_i . v_j; dlogits = A (dA - sum_j dA A) * scale.
+AOT_KERNEL(OutlookBackward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *v = args.in(0), *dout = args.in(2);
+  float *dv = args.out(5), *dlogits = args.out(6);
+  const Outlook outlook(args, 3, 4);
+  const int64_t taps = outlook.taps, head_dim = outlook.head_dim;
+  outlook.each_window(args.in(1), dv, [&](OutlookWindow &w) {
+    const float *a = w.a.data();
+    outlook.mix_taps(w, dout, [a, taps](int64_t j, int64_t i) { return a[i * taps + j]; }, dv);
+    // dA[i][j] = dy_i . v_j, each a sum over the channels in order, for every j at once: v's window transposed
+    // to (head_dim, taps) first, zero on the padding taps (one fixed_order_sum per dot took 40% of the time)
+    float *grad = w.scratch.data(), *vt = w.transposed.data();
+    std::fill_n(vt, head_dim * taps, 0.f);
+    for (const int64_t j : w.inside)
+      for (int64_t c = 0; c < head_dim; ++c) vt[c * taps + j] = v[w.offset[j] + c];
+    std::fill_n(grad, taps * taps, 0.f);
+    for (int64_t c = 0; c < head_dim; ++c)
+      for (const int64_t i : w.inside) {
+        const float dy = dout[w.offset[i] + c], *vc = vt + c * taps;
+        float *gr = grad + i * taps;
+#pragma omp simd
+        for (int64_t j = 0; j < taps; ++j) gr[j] += dy * vc[j];
+      }
+    float *dl = dlogits + w.logits;
+    for (int64_t i = 0; i < taps; ++i) {
+      const float *ar = a + i * taps, *gr = grad + i * taps;
+      const float dot = outlook.row_sum([ar, gr](int64_t j) { return gr[j] * ar[j]; });
+      for (int64_t j = 0; j < taps; ++j) dl[i * taps + j] = ar[j] * (gr[j] - dot) * outlook.scale;
+    }
+  });
+  return 0;
+}
+
+// VOLO's 2 x 2 average pooling on channels-last maps (MindSpore's ReduceMean over a reshape: ~5 ms on
+// (8, 28, 28, 192), this kernel 0.3 ms).
+namespace {
+
+// body(block, pixel) for every 2 x 2 block of a (B, H, W, C) map pooled to `pooled` (B, H / 2, W / 2, C): block,
+// the block's offset in the pooled map; pixel, its top-left pixel's in the map. Split over threads by rows.
+template <typename Body>
+void each_2x2_block(const int64_t *pooled, const Body &body) {
+  const int64_t out_h = pooled[1], out_w = pooled[2], channels = pooled[3];
+  parallel_for(pooled[0] * out_h, std::max<int64_t>(1, 16384 / (out_w * channels)),
+               [&](int64_t begin, int64_t end, int64_t) {
+                 for (int64_t row = begin; row < end; ++row)
+                   for (int64_t ox = 0; ox < out_w; ++ox)
+                     body((row * out_w + ox) * channels, (2 * row * out_w + ox) * 2 * channels);
+               });
+}
+
+}  // namespace
+
+// input x (B, H, W, C), H and W even; output y (B, H / 2, W / 2, C), each 2 x 2 block's mean
+AOT_KERNEL(AvgPool2x2Forward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *x = args.in(0);
+  float *y = args.out(1);
+  const int64_t channels = args.width(1), line = 2 * shapes[1][2] * channels;  // a row of x
+  each_2x2_block(shapes[1], [&](int64_t block, int64_t pixel) {
+    const float *top = x + pixel, *bottom = top + line;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c)
+      y[block + c] = ((top[c] + top[channels + c]) + (bottom[c] + bottom[channels + c])) * 0.25f;
+  });
+  return 0;
+}
+
+// input dy (B, OH, OW, C); output dx (B, 2 OH, 2 OW, C), dy / 4 on each pixel of its block
+AOT_KERNEL(AvgPool2x2Backward) {
+  const KernelArgs args{params, ndims, shapes};
+  const float *dy = args.in(0);
+  float *dx = args.out(1);
+  const int64_t channels = args.width(0), line = 2 * shapes[0][2] * channels;
+  each_2x2_block(shapes[0], [&](int64_t block, int64_t pixel) {
+    float *top = dx + pixel, *bottom = top + line;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c)
+      top[c] = top[channels + c] = bottom[c] = bottom[channels + c] = dy[block + c] * 0.25f;
+  });
   return 0;
 }

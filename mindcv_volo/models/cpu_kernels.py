@@ -3,10 +3,10 @@
 The C++ file is compiled with the machine's g++ on first use into a per-user cache. The kernels give the
 same bits whatever instruction set they are built for (see the file's header), and they are built for a
 fixed level, not for this CPU: `x86-64-v4` (AVX-512) where the CPU has it, else `x86-64-v3` (AVX2 + FMA),
-`x86-64-v2` or `x86-64`; elsewhere the compiler's default. (The AVX-512 build runs GELU ~1.7x faster than
-the AVX2 one on an AVX-512 Xeon: more registers, masked loads and selects, mostly at 256 bits.) The cache key holds everything the binary depends on: the
-source, the flags (the level among them), the compiler and the machine's architecture, plus the CPU's
-own flags for a `native` build. Concurrent processes (msrun workers) each write their own temporary file
+`x86-64-v2` or `x86-64`; elsewhere the compiler's default (the AVX-512 build runs GELU ~1.7x faster than the
+AVX2 one on an AVX-512 Xeon). The cache key holds everything the binary depends on: the source, the flags
+(the level among them), the compiler and the machine's architecture, plus the CPU's own flags for a `native`
+build. Concurrent processes (msrun workers) each write their own temporary file
 and move it into place. A library is used only after it loads and its GELU matches float64 math on a few
 points; without a compiler, or if the build, the load or that check fails, `available()` is False after
 one warning, and the layers keep MindSpore's own kernels: same numbers, slower.
@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from ..files import atomic_path
 
@@ -125,9 +125,9 @@ def build(target=None):
 
 
 def call_kernel(path, name, inputs, output_shapes):
-    """Run kernel `name` of the library at `path` on float32 numpy `inputs` outside MindSpore (ctypes),
-    with the AOT calling convention; returns the float32 outputs."""
-    arrays = [np.ascontiguousarray(a, np.float32) for a in inputs]
+    """Run kernel `name` of the library at `path` on float32 numpy `inputs` (int32 ones, a geometry, stay int32)
+    outside MindSpore (ctypes), with the AOT calling convention; returns the float32 outputs."""
+    arrays = [np.ascontiguousarray(a, np.int32 if a.dtype == np.int32 else np.float32) for a in inputs]
     arrays += [np.zeros(shape, np.float32) for shape in output_shapes]
     count = len(arrays)
     sizes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
@@ -402,3 +402,53 @@ class SwapAxesFunction(nn.Cell):
         if self.kernel:
             return (self.backward_op(dout),)
         return (dout.transpose(0, 2, 1, 3),)
+
+
+def _first_two(v, logits, *_):
+    return v, logits
+
+
+class OutlookAttentionFunction(Float32KernelCell):
+    """Outlook attention's core on channels-last maps, float32: (v (B, H, W, C), logits (B, OH, OW, heads * K^4))
+    -> (B, H, W, C), the overlap-add over the K x K windows (stride, padding) of softmax(scale * logits) times each
+    window's taps of v, per head: `windows.ChannelsLastUnfold`, the softmax, the batched matmul and
+    `windows.ChannelsLastFold` as one kernel. The gradient is one kernel that recomputes the softmax from the
+    logits. The map must be stride-aligned (OH * stride = H)."""
+
+    def __init__(self, num_heads, scale, kernel_size, padding, stride):
+        super().__init__()
+        self.forward_op = custom_op("OutlookForward", same_shape, same_shape)
+        self.backward_op = custom_op("OutlookBackward", _first_two, _first_two)
+        self.geometry = Tensor(np.array([kernel_size, stride, padding, num_heads], np.int32))
+        self.scale = Tensor(np.array([scale], np.float32))
+
+    def construct(self, v, logits):
+        return self.forward_op(v, logits, self.geometry, self.scale)
+
+    def bprop(self, v, logits, out, dout):
+        return self.backward_op(v, logits, dout, self.geometry, self.scale)
+
+
+def _halved(x):
+    return x[0], x[1] // 2, x[2] // 2, x[3]
+
+
+def _doubled(x):
+    return x[0], x[1] * 2, x[2] * 2, x[3]
+
+
+class AvgPool2x2Function(Float32KernelCell):
+    """The mean of each 2 x 2 block of a channels-last map with even sides, float32: (B, H, W, C) ->
+    (B, H / 2, W / 2, C), one pass each way (MindSpore's ReduceMean over a reshape and its gradient: ~14 ms on
+    (8, 28, 28, 192), these ~4.5 ms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_op = custom_op("AvgPool2x2Forward", _halved, same_shape)
+        self.backward_op = custom_op("AvgPool2x2Backward", _doubled, same_shape)
+
+    def construct(self, x):
+        return self.forward_op(x)
+
+    def bprop(self, x, out, dout):
+        return (self.backward_op(dout),)

@@ -13,9 +13,10 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
+from . import cpu_kernels
 from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
-                     batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token, swap_axes_kernel, transpose,
-                     uses_fused_cpu_kernels, uses_window_gathers)
+                     batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token,
+                     swap_axes_kernel, transpose, uses_fused_cpu_kernels, uses_window_gathers)
 from .cpu_kernels import QkvHeadsFunction
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
@@ -51,16 +52,34 @@ class OutlookAttention(nn.Cell):
             self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)
             self.fold = ChannelsLastFold(kernel_size, padding, stride)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
+        # CPU kernels (no parameters): the 2x2 average, and the softmax, the window weighting and the overlap-add
+        # as one kernel each way (`takes_kernels`)
+        self.fused_pool = self.fused_core = None
+        if uses_fused_cpu_kernels():
+            self.fused_pool = cpu_kernels.AvgPool2x2Function() if stride == 2 else None
+            self.fused_core = cpu_kernels.OutlookAttentionFunction(num_heads, self.scale, kernel_size, padding, stride)
+
+    def takes_kernels(self, x):
+        """Static: the CPU kernels were built for this cell and take x: float32, a stride-aligned map (the im2col
+        kernel's own condition, which AMP's float16 flags turn off)."""
+        return self.fused_core is not None and self.channels_last and self.unfold.takes_kernels(x)
 
     def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
         kk = self.kernel_size * self.kernel_size
         out_h, out_w = height // self.stride, width // self.stride
         num_windows = out_h * out_w
+        kernels = self.takes_kernels(x)
 
         # The window attention comes from the 2x2 average of the tokens (ceil mode: H, W are even here).
-        pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
-        attn = self.attn(pooled).reshape(batch, num_windows, self.num_heads, kk, kk)
+        if kernels and self.fused_pool is not None:
+            pooled = self.fused_pool(x)
+        else:
+            pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
+        logits = self.attn(pooled)
+        if kernels and not (self.training and self.attn_drop.p > 0):  # (dropout on the map: the ops below)
+            return dense_plus_residual(self.proj, self.fused_core(self.v(x), logits), residual)
+        attn = logits.reshape(batch, num_windows, self.num_heads, kk, kk)
 
         if self.channels_last:
             # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
