@@ -579,16 +579,21 @@ AOT_KERNEL(Im2ColForward) {
       const int64_t b = row / out_h, oy = row % out_h;
       float *dst = cols + row * out_w * k * k * channels;
       for (int64_t ox = 0; ox < out_w; ++ox) {
-        for (int64_t ky = 0; ky < k; ++ky) {
+        // the k taps of one window row are k neighbouring pixels, contiguous in both layouts: one copy of the
+        // taps inside the map (k * C values; for the 7x7 stem convolution's 3 channels, 7 copies of 12 bytes
+        // became one), zeros for those in the padding
+        const int64_t x0 = ox * stride - padding;
+        const int64_t first = std::clamp<int64_t>(-x0, 0, k), last = std::clamp<int64_t>(width - x0, first, k);
+        for (int64_t ky = 0; ky < k; ++ky, dst += k * channels) {
           const int64_t y = oy * stride - padding + ky;
-          for (int64_t kx = 0; kx < k; ++kx, dst += channels) {
-            const int64_t xx = ox * stride - padding + kx;
-            if (y < 0 || y >= height || xx < 0 || xx >= width) {
-              std::fill(dst, dst + channels, 0.f);
-            } else {
-              std::copy_n(x + ((b * height + y) * width + xx) * channels, channels, dst);
-            }
+          if (y < 0 || y >= height) {
+            std::fill(dst, dst + k * channels, 0.f);
+            continue;
           }
+          std::fill(dst, dst + first * channels, 0.f);
+          std::copy_n(x + ((b * height + y) * width + x0 + first) * channels, (last - first) * channels,
+                      dst + first * channels);
+          std::fill(dst + last * channels, dst + k * channels, 0.f);
         }
       }
     }
