@@ -178,7 +178,8 @@ def test_conv_channels_last_patchify(mode, has_bias):
     np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, has_bias", [(7, 2, 3, False), (3, 1, 1, False), (4, 4, 0, True)])
+@pytest.mark.parametrize("kernel, stride, padding, has_bias", [(7, 2, 3, False), (3, 1, 1, False), (5, 1, 2, True),
+                                                           (4, 4, 0, True)])
 def test_conv_channels_last_with_the_kernels_equals_conv2d_values_and_gradients(mode, kernel, stride, padding,
                                                                                  has_bias):
     """The stem's convolutions as the im2col kernel + matmul whose gradient recomputes the patches

@@ -170,18 +170,27 @@ class UnfoldMatmul(ChannelsLastWindows):
     the convolution's `unfold` + `matmul_nt`, with a gradient that recomputes the patches from x instead of
     keeping them from the forward. The patches are k * k times the map (for the stem's 3x3 convolutions 27.6 MB
     per image each): autodiff of unfold + matmul keeps them alive from the forward to the backward. In the
-    backward the weight's gradient comes first, then the patches' (ordered), so one such matrix lives at a
-    time. Used where the kernels apply (`takes_kernels`); the same ops and numbers as unfold + matmul_nt."""
+    backward the weight's gradient comes first, then the input's (ordered), so one such matrix lives at a time.
+    Used where the kernels apply (`takes_kernels`); the same ops and numbers as unfold + matmul_nt, to float
+    rounding.
+
+    The backward's matmuls take the shapes MindSpore's CPU MatMul runs fastest (measured on the stem's 3x3
+    convolution, B=8, 112 x 112, 64 -> 64 channels): the weight's gradient as (patches^T dy)^T, 57 ms, not dy^T
+    patches, 89 ms; and for a stride-1 "same" convolution the input's gradient as the same convolution of dy
+    with the flipped weight (im2col of dy, then a matmul into C columns, 40 ms + the im2col), not dy W into
+    k * k * C columns (75 ms) overlap-added by col2im."""
 
     def __init__(self, kernel_size, padding, stride):
         super().__init__(kernel_size, padding, stride)
         self.matmul = ops.MatMul()
         self.matmul_tn = ops.MatMul(transpose_a=True)
+        self.same_size = stride == 1 and 2 * padding == kernel_size - 1
         if self.kernels:
             # its own instance, marked: an identical im2col would be merged with the forward's (CSE), and the
             # forward's patches kept alive for it
             self.im2col_again = _window_kernels(kernel_size, padding, stride)[0]
             self.im2col_again.add_prim_attr("recomputed_in_backward", True)
+            self.im2col_of_dy = _window_kernels(kernel_size, padding, stride)[0]
 
     def construct(self, x, weight):
         patches = self.im2col(x, self.geometry)
@@ -193,9 +202,17 @@ class UnfoldMatmul(ChannelsLastWindows):
         patches = self.im2col_again(ops.depend(x, dout), self.geometry)  # in the backward, not before
         shape = patches.shape
         rows = shape[0] * shape[1] * shape[2]
-        dout = dout.reshape(rows, weight.shape[0])
-        dweight = self.matmul_tn(dout, patches.reshape(rows, -1))
-        dpatches = self.matmul(ops.depend(dout, dweight), weight)
+        out_channels, k = weight.shape[0], self.kernel_size
+        dout_rows = dout.reshape(rows, out_channels)
+        dweight = self.matmul_tn(patches.reshape(rows, -1), dout_rows).T
+        if self.same_size:
+            # dx[y, x, c] = sum over (ky, kx, o) of dy[y + p - ky, x + p - kx, o] w[o, ky, kx, c]: the convolution
+            # of dy with w flipped in (ky, kx), its in and out channels swapped
+            flipped = ops.flip(weight.reshape(out_channels, k, k, -1), (1, 2)).transpose(3, 1, 2, 0)
+            dy_patches = self.im2col_of_dy(ops.depend(dout, dweight), self.geometry)
+            dx = matmul_nt(dy_patches.reshape(rows, -1), flipped.reshape(flipped.shape[0], -1))
+            return dx.reshape(x.shape), dweight
+        dpatches = self.matmul(ops.depend(dout_rows, dweight), weight)
         return self.col2im(dpatches.reshape(shape), self.geometry), dweight
 
 
