@@ -399,13 +399,13 @@ def test_mlp_takes_the_bias_gelu_kernel_with_the_numbers_of_dense_and_gelu(mode)
 class QkvHeadsLoss(nn.Cell):
     """sum(q * wq) + sum(k_t * wk) + sum(v * wv) of the QkvHeads kernel's three outputs."""
 
-    def __init__(self, weights):
+    def __init__(self, scale, weights):
         super().__init__()
-        self.cell = cpu_kernels.QkvHeadsFunction()
+        self.cell = cpu_kernels.QkvHeadsFunction(scale)
         self.weights = [Tensor(w.astype(np.float32)) for w in weights]
 
-    def construct(self, qkv, scale):
-        q, k_t, v = self.cell(qkv, scale)
+    def construct(self, qkv):
+        q, k_t, v = self.cell(qkv)
         return (q * self.weights[0]).sum() + (k_t * self.weights[1]).sum() + (v * self.weights[2]).sum()
 
 
@@ -414,13 +414,13 @@ def test_qkv_heads_values_and_gradients(mode, shape):
     """Copies and one multiplication: equal to NumPy's float32, not close."""
     batch, tokens, heads, depth = shape
     qkv = RNG.standard_normal((batch, tokens, 3, heads, depth)).astype(np.float32)
-    scale = np.array([depth ** -0.5], np.float32)
-    q, k_t, v = (t.asnumpy() for t in cpu_kernels.QkvHeadsFunction()(Tensor(qkv), Tensor(scale)))
+    scale = np.float32(depth ** -0.5)
+    q, k_t, v = (t.asnumpy() for t in cpu_kernels.QkvHeadsFunction(float(scale))(Tensor(qkv)))
     assert np.array_equal(q, (qkv[:, :, 0] * scale).transpose(0, 2, 1, 3))
     assert np.array_equal(k_t, qkv[:, :, 1].transpose(0, 2, 3, 1))
     assert np.array_equal(v, qkv[:, :, 2].transpose(0, 2, 1, 3))
     weights = [RNG.standard_normal(t.shape).astype(np.float32) for t in (q, k_t, v)]
-    grad = ms.grad(QkvHeadsLoss(weights))(Tensor(qkv), Tensor(scale)).asnumpy()
+    grad = ms.grad(QkvHeadsLoss(float(scale), weights))(Tensor(qkv)).asnumpy()
     expected = np.stack([weights[0].transpose(0, 2, 1, 3) * scale, weights[1].transpose(0, 3, 1, 2),
                          weights[2].transpose(0, 2, 1, 3)], axis=2)
     assert np.array_equal(grad, expected)

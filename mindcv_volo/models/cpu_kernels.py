@@ -337,21 +337,22 @@ def _qkv_heads_shapes(qkv, scale):
 
 
 class QkvHeadsFunction(Float32KernelCell):
-    """(qkv (B, N, 3, H, D), scale (1,)) -> q * scale (B, H, N, D), k^T (B, H, D, N), v (B, H, N, D): the fused
-    projection's output laid out for q @ k^T and attn @ v in one pass (a Split, a Mul and three transposes
-    otherwise); the gradient the same pass back. `scale` is a constant: its gradient is zero."""
+    """qkv (B, N, 3, H, D) -> q * scale (B, H, N, D), k^T (B, H, D, N), v (B, H, N, D): the fused projection's
+    output laid out for q @ k^T and attn @ v in one pass (a Split, a Mul and three transposes otherwise); the
+    gradient the same pass back."""
 
-    def __init__(self):
+    def __init__(self, scale):
         super().__init__()
         self.forward_op = custom_op("QkvHeadsForward", _qkv_heads_shapes, lambda qkv, scale: (qkv, qkv, qkv))
         self.backward_op = custom_op("QkvHeadsBackward", lambda dq, dk_t, dv, scale: (dq[0], dq[2], 3, dq[1], dq[3]),
                                      same_shape)
+        self.scale = Tensor(np.array([scale], np.float32))
 
-    def construct(self, qkv, scale):
-        return self.forward_op(qkv, scale)
+    def construct(self, qkv):
+        return self.forward_op(qkv, self.scale)
 
-    def bprop(self, qkv, scale, out, dout):
-        return self.backward_op(dout[0], dout[1], dout[2], scale), ops.zeros_like(scale)
+    def bprop(self, qkv, out, dout):
+        return (self.backward_op(dout[0], dout[1], dout[2], self.scale),)
 
 
 class ResidualBiasAddFunction(Float32KernelCell):

@@ -149,8 +149,7 @@ class Attention(nn.Cell):
         self.proj = dense(dim, dim)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
         # CPU: q, k, v laid out from the projection in one kernel pass; no parameters
-        self.qkv_heads = QkvHeadsFunction() if uses_fused_cpu_kernels() else None
-        self.scale_tensor = ms.Tensor([self.scale], ms.float32)
+        self.qkv_heads = QkvHeadsFunction(self.scale) if uses_fused_cpu_kernels() else None
 
     def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
@@ -158,8 +157,7 @@ class Attention(nn.Cell):
         qkv = self.qkv(x)
         # the scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding
         if self.qkv_heads is not None and qkv.dtype == ms.float32:
-            q, k_t, v = self.qkv_heads(qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim),
-                                       self.scale_tensor)
+            q, k_t, v = self.qkv_heads(qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim))
         else:
             # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
             # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
