@@ -17,7 +17,6 @@ from . import cpu_kernels
 from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
                      batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token,
                      swap_axes_kernel, transpose, uses_fused_cpu_kernels, uses_window_gathers)
-from .cpu_kernels import QkvHeadsFunction
 from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
@@ -149,7 +148,7 @@ class Attention(nn.Cell):
         self.proj = dense(dim, dim)
         self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
         # CPU: q, k, v laid out from the projection in one kernel pass; no parameters
-        self.qkv_heads = QkvHeadsFunction(self.scale) if uses_fused_cpu_kernels() else None
+        self.qkv_heads = cpu_kernels.QkvHeadsFunction(self.scale) if uses_fused_cpu_kernels() else None
 
     def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
