@@ -1,4 +1,5 @@
-"""Framework-free plumbing shared by `benchmark.py` (MindSpore) and `reference_torch.py` (PyTorch).
+"""Framework-free plumbing shared by the benchmarks (MindSpore) and `reference_torch.py` (PyTorch): options,
+resident-memory readings, the steady-state rule, timing, child processes.
 
 Imports neither MindSpore nor torch: the reference runs in its own virtualenv with its own python and
 imports this file from the script's folder. Each measured run happens in a fresh child process (the
@@ -46,6 +47,33 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def proc_status_kb(*fields):
+    """{field: kB} of /proc/self/status lines such as VmRSS, VmHWM, RssAnon, RssFile, Threads (Linux)."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in fields:
+                values[key] = int(value.split()[0])
+    return values
+
+
+def rss_mb(field="VmRSS"):
+    """VmRSS (now) or VmHWM (the high-water mark since the last `reset_peak_rss`) of this process, in MB."""
+    return proc_status_kb(field)[field] / 1024
+
+
+def reset_peak_rss():
+    """Restart VmHWM from the current resident set (Linux >= 4.0; ru_maxrss is not affected); False where the
+    kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # Steady state: MindSpore's oneDNN matmuls tune themselves over their first launches and the allocators grow,
 # so calls 2-12 can run ~10% faster or slower than call 100. `auto` warm-up makes at least MIN_WARMUP calls,
 # then windows of SETTLE_WINDOW calls until two successive window medians are within SETTLE_TOLERANCE (at
@@ -59,6 +87,15 @@ def seconds_of(step):
     return time.perf_counter() - start
 
 
+def has_settled(times, min_calls=MIN_WARMUP, window=SETTLE_WINDOW, tolerance=SETTLE_TOLERANCE):
+    """Whether the median of the last `window` times is within `tolerance` of the median of the `window`
+    before them, after at least `min_calls` calls."""
+    if len(times) < max(min_calls, 2 * window):
+        return False
+    before, last = statistics.median(times[-2 * window:-window]), statistics.median(times[-window:])
+    return abs(last - before) <= tolerance * before
+
+
 def warm_up(step, warmup):
     """Untimed calls of `step` after the first: `warmup` of them, or (`auto`) until the time settles.
     Returns (calls made, whether the time settled; None for a fixed count)."""
@@ -67,15 +104,18 @@ def warm_up(step, warmup):
             step()
         return warmup, None
     calls = [seconds_of(step) for _ in range(MIN_WARMUP - SETTLE_WINDOW)]
-    previous = None
     while len(calls) < MAX_WARMUP:
-        window = [seconds_of(step) for _ in range(SETTLE_WINDOW)]
-        calls += window
-        current = statistics.median(window)
-        if previous is not None and abs(current - previous) <= SETTLE_TOLERANCE * previous:
+        calls += [seconds_of(step) for _ in range(SETTLE_WINDOW)]
+        if has_settled(calls):
             return len(calls), True
-        previous = current
     return len(calls), False
+
+
+def timing_summary(times, batch_size):
+    """img/s from the median of `times` (seconds per call of `batch_size` images), and the spread in ms."""
+    median = statistics.median(times)
+    return dict(img_per_s=round(batch_size / median, 3), step_ms_median=round(median * 1000, 1),
+                step_ms_min=round(min(times) * 1000, 1), step_ms_max=round(max(times) * 1000, 1))
 
 
 def time_calls(step, batch_size, warmup, iters):
@@ -86,10 +126,7 @@ def time_calls(step, batch_size, warmup, iters):
     times = [seconds_of(step) for _ in range(iters)]
     median = statistics.median(times)
     return dict(
-        img_per_s=round(batch_size / median, 3),
-        step_ms_median=round(median * 1000, 1),
-        step_ms_min=round(min(times) * 1000, 1),
-        step_ms_max=round(max(times) * 1000, 1),
+        **timing_summary(times, batch_size),
         first_call_s=round(first_call_s, 2),
         # what the first call cost beyond an ordinary call: graph build + compile (+ allocator warm-up)
         compile_s=round(max(first_call_s - median, 0.0), 2),

@@ -85,6 +85,26 @@ def make_train_step(net):
     return TrainOneStep(net)
 
 
+def model_step(net, task, batch_size, num_classes, seed, mark=lambda stage: None):
+    """What a benchmark times for `net`: inference in eval mode, or one training step (`make_train_step`), on a
+    fixed random batch drawn from `seed`. Returns (step: a call that blocks until its result is ready, the cell
+    it compiles, that cell's inputs). `mark(stage)` is called after the inputs and after the train cell."""
+    import mindspore as ms
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = ms.Tensor(rng.standard_normal((batch_size, 3, net.img_size, net.img_size), dtype=np.float32))
+    labels = ms.Tensor(rng.integers(0, num_classes, batch_size).astype(np.int32))
+    mark("inputs")
+    if task == "infer":
+        net.set_train(False)
+        return (lambda: net(x).asnumpy()), net, (x,)
+    net.set_train(True)
+    train_step = make_train_step(net)
+    mark("build_train_cell")
+    return (lambda: train_step(x, labels).asnumpy()), train_step, (x, labels)
+
+
 # Run by a separate python: the exported file's model, built from the seed (random weights time as trained ones)
 EXPORT_SCRIPT = """
 import sys, mindspore as ms, mindcv_volo
@@ -130,7 +150,6 @@ def onnxruntime_main(a):
 def child_main(a):
     if a.get("framework") == "onnxruntime":
         return onnxruntime_main(a)
-    import numpy as np
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE if a["mode"] == "graph" else ms.PYNATIVE_MODE)
@@ -148,21 +167,8 @@ def child_main(a):
     img_size = net.img_size
     if a["amp_level"] != "O0":
         net = ms.amp.auto_mixed_precision(net, a["amp_level"])
-    rng = np.random.default_rng(a["seed"])
-    x = ms.Tensor(rng.standard_normal((a["batch_size"], 3, img_size, img_size), dtype=np.float32))
-    if a["task"] == "infer":
-        net.set_train(False)
-
-        def step():
-            return net(x).asnumpy()
-    else:
-        net.set_train(True)
-        labels = ms.Tensor(rng.integers(0, a["num_classes"], a["batch_size"]).astype(np.int32))
-        train_step = make_train_step(net)
-
-        def step():
-            return train_step(x, labels).asnumpy()
-
+        net.img_size = img_size
+    step, _, _ = model_step(net, a["task"], a["batch_size"], a["num_classes"], a["seed"])
     return _common.measure(step, dict(a, img_size=img_size, framework="mindspore", threads=threads,
                                        version=ms.__version__))
 

@@ -2,7 +2,7 @@
 export in onnxruntime, alternating, on the same machine.
 
   python benchmarks/compare.py --rounds 3                       # volo_d1_224, batch 8, 224 px, infer + train
-  python benchmarks/compare.py --rounds 3 --tasks infer --torch_python /work/torchenv/bin/python
+  python benchmarks/compare.py --rounds 3 --tasks infer --torch_python ~/torchenv/bin/python
 
 Each round runs, for each task, one MindSpore run and one reference run back to back (each in its own fresh
 process, see benchmark.py), so slow phases of a shared machine hit both sides. Prints every run as a JSON
@@ -36,7 +36,7 @@ def parse_args():
     parser.add_argument("--onnxruntime", type=lambda text: text.lower() in ("1", "true", "yes"), default=True,
                         help="True/False: the onnxruntime side for inference (needs `pip install -e .[onnx]`)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
-    parser.add_argument("--torch_python", "--torch-python", default=os.environ.get("TORCH_PYTHON", "/work/torchenv/bin/python"),
+    parser.add_argument("--torch_python", "--torch-python", default=os.environ.get("TORCH_PYTHON", os.path.expanduser("~/torchenv/bin/python")),
                         help="python of the reference's virtualenv (torch + timm)")
     parser.add_argument("--baseline_path", "--baseline-path", help="also run benchmark.py with this folder first on PYTHONPATH "
                         "(e.g. an older checkout of mindcv_volo: `git archive REV mindcv_volo | tar -x -C DIR`), "

@@ -6,7 +6,7 @@ One JSON line per run, each run in a fresh process (so runs never see each other
   python benchmarks/memory_profile.py --task train --batch-size 1 2 4 8        # one run per batch size, + slope
   python benchmarks/memory_profile.py --task train --threads 2 --recompute
   python benchmarks/memory_profile.py --task infer --env MALLOC_ARENA_MAX=2 --memory-level O1 --jit-level O1
-  /work/torchenv/bin/python benchmarks/memory_profile.py --framework torch --task train   # timm, same stages
+  ~/torchenv/bin/python benchmarks/memory_profile.py --framework torch --task train   # timm, same stages
 
 Stages (MindSpore): `start` (the bare interpreter), `import_framework` (mindspore), `configure` (context, thread
 pool, memory options), `import_model_code` (mindcv_volo, which imports mindcv), `build_model`, `inputs`,
@@ -39,17 +39,14 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import proc_status_kb, reset_peak_rss  # noqa: E402
+
 RESULT_PREFIX = "MEMORY_PROFILE "
 
 
 def _status():
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Threads"):
-                fields[key] = int(value.split()[0])
-    return fields
+    return proc_status_kb("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Threads")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -71,20 +68,10 @@ def _malloc_info():
                 mmap_mb=round(info.hblkhd / 2 ** 20, 1))
 
 
-def _reset_peak():
-    """Reset the kernel's VmHWM to the current RSS (Linux >= 4.0); ru_maxrss is not affected."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Stages:
     def __init__(self):
         self.records = []
-        self.resettable = _reset_peak()
+        self.resettable = reset_peak_rss()
 
     def mark(self, name, **extra):
         s = _status()
@@ -92,7 +79,7 @@ class Stages:
                                  file_mb=round(s["RssFile"] / 1024, 1),
                                  peak_mb=round(s["VmHWM"] / 1024, 1) if self.resettable else None,
                                  threads=s["Threads"], **_malloc_info(), **extra))
-        _reset_peak()
+        reset_peak_rss()
 
 
 class Sampler:
@@ -129,14 +116,6 @@ class Sampler:
                     samples=len(self.samples))
 
 
-def malloc_trim():
-    """Hand glibc's free heap pages back to the system (all arenas, the middle of the heap too)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_calls(stages, step, calls, timeline):
     for i in range(calls):
         start = time.perf_counter()
@@ -170,6 +149,7 @@ def child_mindspore(a, stages):
         ms.runtime.set_memory(**kwargs)
     stages.mark("configure")
     import mindcv_volo
+    from benchmark import model_step  # the step benchmark.py times
 
     stages.mark("import_model_code", module=os.path.dirname(mindcv_volo.__file__))
     net = mindcv_volo.create(a["model"], img_size=a["img_size"], num_classes=a["num_classes"])
@@ -180,35 +160,15 @@ def child_mindspore(a, stages):
             if type(cell).__name__ in names:
                 cell.recompute()
     stages.mark("build_model", param_mb=round(param_mb, 1))
-    rng = np.random.default_rng(a["seed"])
-    x = ms.Tensor(rng.standard_normal((a["batch_size"], 3, net.img_size, net.img_size), dtype=np.float32))
-    stages.mark("inputs")
-    if a["task"] == "infer":
-        net.set_train(False)
-
-        def step():
-            return net(x).asnumpy()
-
-        compile_args, compiled = (x,), net
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from benchmark import make_train_step  # the same train cell as benchmark.py
-
-        net.set_train(True)
-        labels = ms.Tensor(rng.integers(0, a["num_classes"], a["batch_size"]).astype(np.int32))
-        train_step = make_train_step(net)
-        stages.mark("build_train_cell")
-
-        def step():
-            return train_step(x, labels).asnumpy()
-
-        compile_args, compiled = (x, labels), train_step
-
+    step, compiled, compile_args = model_step(net, a["task"], a["batch_size"], a["num_classes"], a["seed"],
+                                              stages.mark)
     if a["compile_first"] or a["trim"]:
         compiled.compile(*compile_args)  # graph build + kernel build, no run
         stages.mark("compile")
     if a["trim"]:
-        malloc_trim()
+        from mindcv_volo.engine.runtime import release_free_heap
+
+        release_free_heap()
         stages.mark("malloc_trim")
     run_calls(stages, step, a["calls"], a["timeline"])
     extra = dict(framework="mindspore", version=ms.__version__, param_mb=round(param_mb, 1))
@@ -228,7 +188,6 @@ def child_torch(a, stages):
     torch.set_num_threads(a["threads"] or 2)
     torch.manual_seed(a["seed"])
     stages.mark("configure")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from reference_torch import timm_step
 
     step, _, param_mb = timm_step(a, stages.mark)

@@ -24,18 +24,18 @@ alternating order), so both see the same machine load: on a shared machine the r
 (`time_ratio_median`, the median of per-pair ratios) holds where separate runs drift apart.
 """
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
-import re
-import resource
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import make_train_step  # noqa: E402
+from _common import has_settled, peak_rss_mb, reset_peak_rss, rss_mb, seconds_of, timing_summary  # noqa: E402
+from benchmark import model_step  # noqa: E402
+
+
+def settled(times, args):
+    return has_settled(times, args.min_warmup, args.window, args.tolerance)
 
 
 def parse_args():
@@ -57,48 +57,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def rss_mb(field):
-    """VmRSS / VmHWM of this process from /proc/self/status, in MB."""
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)) / 1024
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def release_free_heap():
-    """Hand the heap's free pages back to the system (glibc malloc_trim), so that later use shows in the RSS."""
-    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-
-
-def reset_peak_rss():
-    """Restart the high-water mark from the current resident set (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def timed(step):
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def has_settled(times, args):
-    """Whether the median of the last `window` times is within `tolerance` of the `window` before them."""
-    window = args.window
-    if len(times) < max(args.min_warmup, 2 * window):
-        return False
-    before, last = statistics.median(times[-2 * window:-window]), statistics.median(times[-window:])
-    return abs(last - before) <= args.tolerance * before
-
-
-def timing(times, batch_size):
-    median = statistics.median(times)
-    return dict(step_ms_median=round(median * 1000, 1), step_ms_min=round(min(times) * 1000, 1),
-                step_ms_max=round(max(times) * 1000, 1), img_per_s=round(batch_size / median, 3))
-
-
 def setup(args):
     """GRAPH_MODE on the CPU, `args.threads` kernel threads (settable once, before any kernel runs)."""
     import mindspore as ms
@@ -117,7 +75,6 @@ def build_step(args, recompute):
     """A function running one training step of `args.model` on a fixed random batch (seeded: the same weights
     and batch for every model built), and the step cell to compile."""
     import mindspore as ms
-    import numpy as np
 
     import mindcv_volo
 
@@ -126,12 +83,8 @@ def build_step(args, recompute):
                              drop_path_rate=args.drop_path_rate)
     if recompute:
         net.set_grad_checkpointing(True)
-    net.set_train(True)
-    rng = np.random.default_rng(args.seed)
-    x = ms.Tensor(rng.standard_normal((args.batch_size, 3, net.img_size, net.img_size), dtype=np.float32))
-    labels = ms.Tensor(rng.integers(0, args.num_classes, args.batch_size).astype(np.int32))
-    train_step = make_train_step(net)
-    return (lambda: train_step(x, labels).asnumpy()), (lambda: train_step.compile(x, labels))
+    step, train_step, inputs = model_step(net, "train", args.batch_size, args.num_classes, args.seed)
+    return step, (lambda: train_step.compile(*inputs))
 
 
 def fused_kernels():
@@ -142,22 +95,24 @@ def fused_kernels():
 
 def measure(args, settings):
     """One model: memory and steady-state step time."""
+    from mindcv_volo.engine.runtime import release_free_heap
+
     step, compile_graph = build_step(args, args.recompute)
     rss_built = rss_mb("VmRSS")
-    compile_s = timed(compile_graph)
+    compile_s = seconds_of(compile_graph)
     compile_peak = peak_rss_mb()
-    release_free_heap()
+    release_free_heap()  # the heap the compile freed goes back to the system: what the steps reuse counts as theirs
     reset_peak_rss()
     rss_compiled = rss_mb("VmRSS")
-    first_call_s = timed(step)
+    first_call_s = seconds_of(step)
     warmup = []
-    while len(warmup) < args.max_warmup and not has_settled(warmup, args):
-        warmup.append(timed(step))
-    times = [timed(step) for _ in range(args.iters)]
+    while len(warmup) < args.max_warmup and not settled(warmup, args):
+        warmup.append(seconds_of(step))
+    times = [seconds_of(step) for _ in range(args.iters)]
     steps_peak = rss_mb("VmHWM")
     return dict(
-        settings, recompute=args.recompute, **timing(times, args.batch_size), timed_steps=args.iters,
-        warmup_steps=len(warmup), settled=has_settled(warmup, args), warmup_ms=[round(t * 1000) for t in warmup],
+        settings, recompute=args.recompute, **timing_summary(times, args.batch_size), timed_steps=args.iters,
+        warmup_steps=len(warmup), settled=settled(warmup, args), warmup_ms=[round(t * 1000) for t in warmup],
         compile_s=round(compile_s, 1), first_call_s=round(first_call_s, 2),
         peak_rss_mb=round(max(compile_peak, steps_peak)), compile_peak_rss_mb=round(compile_peak),
         steps_peak_rss_mb=round(steps_peak), step_memory_mb=round(steps_peak - rss_compiled),
@@ -172,18 +127,18 @@ def compare(args, settings):
         compile_graph()
         steps[recompute]()  # the first call
     warmup = {False: [], True: []}
-    while len(warmup[False]) < args.max_warmup and not all(has_settled(t, args) for t in warmup.values()):
+    while len(warmup[False]) < args.max_warmup and not all(settled(t, args) for t in warmup.values()):
         for recompute in (False, True):
-            warmup[recompute].append(timed(steps[recompute]))
+            warmup[recompute].append(seconds_of(steps[recompute]))
     times = {False: [], True: []}
     for pair in range(args.iters):
         for recompute in ((False, True) if pair % 2 == 0 else (True, False)):
-            times[recompute].append(timed(steps[recompute]))
+            times[recompute].append(seconds_of(steps[recompute]))
     ratios = [with_recompute / plain for plain, with_recompute in zip(times[False], times[True])]
-    return dict(settings, recompute="paired", plain=timing(times[False], args.batch_size),
-                with_recompute=timing(times[True], args.batch_size),
+    return dict(settings, recompute="paired", plain=timing_summary(times[False], args.batch_size),
+                with_recompute=timing_summary(times[True], args.batch_size),
                 time_ratio_median=round(statistics.median(ratios), 3), timed_pairs=args.iters,
-                warmup_steps=len(warmup[False]), settled=all(has_settled(t, args) for t in warmup.values()))
+                warmup_steps=len(warmup[False]), settled=all(settled(t, args) for t in warmup.values()))
 
 
 def main():

@@ -2,10 +2,10 @@
 
 Runs in its own virtualenv, never in the project's environment (torch is not a dependency of this project):
 
-  python -m venv /work/torchenv
-  /work/torchenv/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl "numpy<2"
-  /work/torchenv/bin/pip install --no-deps timm
-  /work/torchenv/bin/pip install pillow pyyaml huggingface_hub safetensors
+  python -m venv ~/torchenv
+  ~/torchenv/bin/pip install torch "numpy<2"
+  ~/torchenv/bin/pip install --no-deps timm
+  ~/torchenv/bin/pip install pillow pyyaml huggingface_hub safetensors
   /work/torchenv/bin/python benchmarks/reference_torch.py --model volo_d1_224 --batch-size 8 --task infer
 
 torchvision: timm imports it at import time (FrozenBatchNorm2d, transforms, datasets) but VOLO uses none
