@@ -149,7 +149,7 @@ class CheckpointKeeper:
         if "epoch" not in train_state:
             raise UserError(f"{path} holds no training state (train_state.*): it is a weights-only checkpoint; "
                             "start from its weights with --ckpt_path and without --resume")
-        _assign(self.model_params, model_entries(state), path, check_names=self.model_params)
+        _assign(self.model_params, model_entries(state), path, strict=True)
         sections = [(EMA_PREFIX, self.ema_params, "ema"), (OPTIMIZER_PREFIX, self.optimizer_params, "optimizer")]
         for prefix, params, what in sections:
             values = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -179,19 +179,10 @@ def _saved_top1(path):
         return -1.0
 
 
-class _ModelView:
-    """What `check_state` needs of a model: its parameters' names and shapes."""
-
-    def __init__(self, params):
-        self.params = list(params.values())
-
-    def get_parameters(self):
-        return iter(self.params)
-
-
-def _assign(params, values, path, check_names=None):
-    if check_names is not None:
-        check_state(_ModelView(check_names), values, path)
+def _assign(params, values, path, strict=False):
+    """Copy `values` into `params` ({name: Parameter}); `strict`: `values` holds these names and no other."""
+    if strict:
+        check_state({name: tuple(param.shape) for name, param in params.items()}, values, path)
     for name, param in params.items():
         value = values[name]
         if tuple(value.shape) != tuple(param.shape):
