@@ -61,7 +61,7 @@ def learning_rates(scheduler_options, updates_per_epoch):
     if s.warmup_factor is not None:
         warmup_factor = s.warmup_factor
     else:
-        warmup_factor = min((1e-6 if s.warmup_lr is None else s.warmup_lr) / s.lr, 1.0) if s.lr > 0 else 0.0
+        warmup_factor = min(s.warmup_lr / s.lr, 1.0) if s.lr > 0 else 0.0
     lrs = create_scheduler(updates_per_epoch, scheduler=s.scheduler, lr=s.lr, min_lr=s.min_lr, warmup_epochs=warmup,
                            warmup_factor=warmup_factor, decay_epochs=max(decay or 1, 1), decay_rate=s.decay_rate,
                            milestones=list(s.multi_step_decay_milestones), num_epochs=s.epoch_size,
@@ -126,15 +126,8 @@ def build_training(config, model, num_classes, runtime, updates, build_loss):
 
 
 def check_options(config):
-    values = config.as_dict()
-    positive = ("batch_size", "epoch_size", "gradient_accumulation_steps", "ckpt_save_interval",
-                "keep_checkpoint_max", "log_interval", "val_interval", "num_parallel_workers", "image_resize")
-    for name in positive:
-        if values[name] < 1:
-            raise UserError(f"{name} must be at least 1, got {values[name]}")
-    if values["loss_scale"] <= 0:
-        raise UserError(f"loss_scale must be positive, got {values['loss_scale']}")
-    if values["ckpt_save_policy"] == "top_k" and not values["val_while_train"]:
+    ckpt = config.checkpoint
+    if ckpt.ckpt_save_policy == "top_k" and not ckpt.val_while_train:
         raise UserError("ckpt_save_policy top_k ranks checkpoints by validation top-1: turn on val_while_train")
 
 

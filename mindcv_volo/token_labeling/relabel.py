@@ -135,10 +135,6 @@ def relabel(config):
     data, tools = config.data, config.tools
     if not (config.model.ckpt_path and tools.out and data.data_dir):
         raise UserError("relabel needs --ckpt_path (the teacher), --data_dir and --out (the folder for the maps)")
-    for name in ("top_k", "batch_size", "log_interval"):
-        value = config.as_dict()[name]
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
     folder = os.path.join(data.data_dir, data.split)
     items = list_images(folder)  # checks the folder before the (slow) teacher is built
     runtime = setup_runtime(config.system, communicate=False)
