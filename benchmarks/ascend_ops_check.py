@@ -3,7 +3,7 @@
 No accelerator here, so the check is static, from what this machine can compile:
 1. A small VOLO is built in the accelerator formulation (`MINDCV_VOLO_CPU_PATHS=0`: `uses_cpu_paths()` is False,
    the cells take the path they take on GPU/Ascend) and compiled in GRAPH_MODE on CPU with `save_graphs` on:
-   the float32 inference graph (what export writes) and train.py's own step (`engine.loop.build_training`)
+   the float32 inference graph (what export writes) and train.py's own step (`engine.step.build_training`)
    under the Ascend recipe `configs/volo_d1_ascend.yaml` (AMP O2, dynamic loss scale, token labeling from
    label maps with MixToken, MindCV's AdamW), with clipping and EMA switched on as well.
 2. The primitive names are read from the front end's final IR files (`*_validate_*.ir`, after automatic
@@ -172,7 +172,7 @@ def recipe_config():
 def run_train_step():
     """One update of train.py's compiled step under the Ascend recipe, on label-map inputs of the loader's
     shapes and dtypes (token_label_dir only chooses the loss here; no map is read)."""
-    from mindcv_volo.engine.loop import build_training
+    from mindcv_volo.engine.step import build_training
     from mindcv_volo.engine.runtime import Runtime
     from mindcv_volo.token_labeling.training import build_token_label_loss
 

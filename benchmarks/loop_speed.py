@@ -75,11 +75,11 @@ from mindcv_volo.engine.data import create_train_loader
 warmup, iters, argv = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 config = parse_config(argv, "train")
 run = Run(config, loss_builder(config.loss.loss))
-make_loader = getattr(run.loss_network, "create_train_loader", create_train_loader)
+make_loader = getattr(run.training.loss_network, "create_train_loader", create_train_loader)
 batch = next(iter(make_loader(run.train_split, 0, run.steps, config.data, config.augmentation,
                               run.spec.num_classes, config.system.seed, run.runtime, 0)))
-inputs = run.loss_network.step_inputs(batch, 0, 0)
-step = lambda: run.update_step(*inputs)[0].asnumpy()
+inputs = run.training.loss_network.step_inputs(batch, 0, 0)
+step = lambda: run.training.update_step(*inputs)[0].asnumpy()
 record = _common.measure(step, dict(side="step", batch_size=config.data.batch_size, warmup=warmup, iters=iters))
 print(_common.RESULT_PREFIX + json.dumps(record), flush=True)
 """

@@ -18,9 +18,8 @@ import pytest
 
 from conftest import CASES, FIXTURES, TINY_ARCH, AllOutputs, load_converted, run_tool, tiny_volo
 from mindcv_volo.engine.config import parse_config
-from mindcv_volo.engine.loop import Training, build_training, dynamic_loss_scale
 from mindcv_volo.engine.runtime import Runtime, amp_level
-from mindcv_volo.engine.step import apply_amp
+from mindcv_volo.engine.step import Training, apply_amp, build_training, dynamic_loss_scale
 from mindcv_volo.models.layers import GELU, LayerNorm, Softmax, uses_cpu_paths
 from mindcv_volo.models.volo import OutlookAttention
 from mindcv_volo.models.windows import Conv2d

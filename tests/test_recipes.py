@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FIXTURES, ROOT, last_json, run_tool
 from mindcv_volo.engine.config import parse_config
-from mindcv_volo.engine.loop import learning_rates
+from mindcv_volo.engine.optim import learning_rates
 from mindcv_volo.models import MODEL_NAMES, VARIANTS
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

@@ -13,6 +13,8 @@ steps of it done; an epoch's last checkpoint says its steps per epoch) holds
 Each file is written to a temporary name and renamed (`weights.save_checkpoint`), so a kill during a save
 leaves the previous files intact and never a partial latest one. A run removes only files it wrote (pruning);
 a fresh run refuses a folder holding another run's checkpoints of its model unless told to overwrite them.
+The folder is listed once before a run (`earlier_checkpoints`): --resume continues from the latest of them
+(or from ckpt_path), reading that file once (`CheckpointKeeper.resume`).
 """
 import hashlib
 import logging
@@ -48,6 +50,21 @@ def list_checkpoints(folder, model_name):
         if match and match.group("model") == model_name:
             found.append((int(match.group("epoch")), int(match.group("steps")), os.path.join(folder, entry)))
     return sorted(found)
+
+
+def earlier_checkpoints(checkpoint_options, model_name):
+    """[(epoch, step, path)] of this model's checkpoints in ckpt_save_dir before the run: --resume continues
+    from them; a fresh run refuses them unless told to overwrite them (then `CheckpointKeeper.discard`)."""
+    ckpt = checkpoint_options
+    if ckpt.ckpt_save_policy == "top_k" and not ckpt.val_while_train:
+        raise UserError("ckpt_save_policy top_k ranks checkpoints by validation top-1: turn on val_while_train")
+    found = list_checkpoints(ckpt.ckpt_save_dir, model_name)
+    if found and not ckpt.resume and not ckpt.overwrite:
+        raise UserError(f"{ckpt.ckpt_save_dir} holds {len(found)} checkpoint(s) of an earlier run of "
+                        f"{model_name} (latest {os.path.basename(found[-1][2])}); continue that run "
+                        "with --resume True, write this one elsewhere with --ckpt_save_dir DIR, or replace "
+                        "them with --overwrite True")
+    return found
 
 
 def optimizer_state(optimizer, model_params):
@@ -115,19 +132,15 @@ class CheckpointKeeper:
         self.prune()
         return path
 
-    def earlier(self):
-        """Paths of the checkpoints of this model already in the folder (a fresh run must not mix with them)."""
-        return [path for _, _, path in list_checkpoints(self.folder, self.model_name)]
-
-    def discard_earlier(self):
-        """Remove the checkpoints of an earlier run of this model (a fresh run told to overwrite them), or a
-        later --resume (and the pruning) would take the earlier run's files for this run's."""
-        for path in self.earlier():
+    def discard(self, found):
+        """Remove `found`, the checkpoints of an earlier run of this model (a fresh run told to overwrite them),
+        or a later --resume (and the pruning) would take the earlier run's files for this run's."""
+        for _, _, path in found:
             os.remove(path)
             logger.info("removed %s of an earlier run (overwrite is on)", path)
 
     def prune(self):
-        saved = self.earlier()
+        saved = [path for _, _, path in list_checkpoints(self.folder, self.model_name)]
         if self.policy is None or len(saved) <= self.keep_max:  # policy null: every checkpoint stays
             return
         latest = saved[-1]
@@ -142,17 +155,45 @@ class CheckpointKeeper:
                 os.remove(path)
                 logger.info("removed %s (keep_checkpoint_max %d)", path, self.keep_max)
 
-    def restore(self, path):
-        """Load a training checkpoint into model, optimizer, EMA and step state; returns its train_state."""
-        state = read_checkpoint(path)
-        train_state = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+    def resume(self, found, path, steps_per_epoch, epochs):
+        """Restore the training checkpoint to continue from: `path` (ckpt_path) when it holds training state,
+        else the latest of `found` (`earlier_checkpoints`), each read once. Returns the Start it continues from
+        (epoch 1 when there is none); `epochs`: the run's, for the log."""
+        state = read_checkpoint(path) if path else None
+        if state is not None and found and not _section(state, STATE_PREFIX):
+            # A weights-only ckpt_path is this run's starting point (fine-tuning): continue from its checkpoints.
+            logger.info("resume: %s is the starting point of the run (weights only); continuing from %s", path,
+                        self.folder)
+            state = None
+        if state is None:
+            if not found:
+                logger.info("resume: no checkpoint of %s in %s, starting from epoch 1", self.model_name, self.folder)
+                return Start()
+            path = found[-1][2]
+            state = read_checkpoint(path)
+        train_state = self.restore(state, path)
+        if train_state["steps_per_epoch"] != steps_per_epoch:
+            raise UserError(f"{path} was saved with {train_state['steps_per_epoch']} steps per epoch, this run has "
+                            f"{steps_per_epoch} (other batch_size, device count or data?); resume with the same setup")
+        progress = EpochProgress(int(train_state.get("epoch_step", 0)), float(train_state.get("epoch_loss_sum", 0.0)),
+                                 int(train_state.get("epoch_losses", 0)), int(train_state.get("epoch_skipped", 0)))
+        epoch = int(train_state["epoch"])
+        logger.info("resumed from %s: %d of %d epochs done%s, global step %d", path, epoch, epochs,
+                    f", epoch {epoch + 1} at step {progress.steps}/{steps_per_epoch}" if progress.steps else "",
+                    train_state["global_step"])
+        return Start(epoch, int(train_state["global_step"]), progress)
+
+    def restore(self, state, path):
+        """Load a training checkpoint's entries (`state`, read from `path`) into model, optimizer, EMA and step
+        state; returns its train_state."""
+        train_state = _section(state, STATE_PREFIX)
         if "epoch" not in train_state:
             raise UserError(f"{path} holds no training state (train_state.*): it is a weights-only checkpoint; "
                             "start from its weights with --ckpt_path and without --resume")
-        _assign(self.model_params, model_entries(state), path, check_names=self.model_params)
+        _assign(self.model_params, model_entries(state), path, strict=True)
         sections = [(EMA_PREFIX, self.ema_params, "ema"), (OPTIMIZER_PREFIX, self.optimizer_params, "optimizer")]
         for prefix, params, what in sections:
-            values = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            values = _section(state, prefix)
             if params and set(values) != set(params):
                 raise UserError(f"{path} does not hold the {what} state of this run (another optimizer, ema "
                                 f"setting or model?); resume with the same recipe, or start afresh without --resume")
@@ -172,6 +213,18 @@ class EpochProgress(NamedTuple):
     skipped: int = 0
 
 
+class Start(NamedTuple):
+    """Where a run starts: epochs done, global update step, and how far the epoch in progress got."""
+    epoch: int = 0
+    global_step: int = 0
+    progress: EpochProgress = EpochProgress()
+
+
+def _section(state, prefix):
+    """The entries of `state` under `prefix`, by their names without it."""
+    return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+
+
 def _saved_top1(path):
     try:
         return float(read_checkpoint(path).get(STATE_PREFIX + "val_top1", -1.0))
@@ -179,19 +232,10 @@ def _saved_top1(path):
         return -1.0
 
 
-class _ModelView:
-    """What `check_state` needs of a model: its parameters' names and shapes."""
-
-    def __init__(self, params):
-        self.params = list(params.values())
-
-    def get_parameters(self):
-        return iter(self.params)
-
-
-def _assign(params, values, path, check_names=None):
-    if check_names is not None:
-        check_state(_ModelView(check_names), values, path)
+def _assign(params, values, path, strict=False):
+    """Copy `values` into `params` ({name: Parameter}); `strict`: `values` holds these names and no other."""
+    if strict:
+        check_state({name: tuple(param.shape) for name, param in params.items()}, values, path)
     for name, param in params.items():
         value = values[name]
         if tuple(value.shape) != tuple(param.shape):

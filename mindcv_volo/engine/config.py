@@ -21,13 +21,23 @@ import collections
 import difflib
 import json
 import sys
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import yaml
 
 from ..errors import UserError
 from ..files import write_text
 from .augment import RandAugment
+
+
+class Bound(NamedTuple):
+    """A range an option's value must lie in, checked once every source is read."""
+    words: str  # what the value must be, as the error says it
+    holds: Callable
+
+
+AT_LEAST_1 = Bound("at least 1", lambda value: value >= 1)
+POSITIVE = Bound("positive", lambda value: value > 0)
 
 
 class Option(NamedTuple):
@@ -37,6 +47,8 @@ class Option(NamedTuple):
     choices: Optional[tuple]
     help: str
     aliases: tuple = ()  # other names for the same option (MindCV's, or this project's earlier ones)
+    bound: Optional[Bound] = None
+    per_command: dict = {}  # a command's own default, in place of `default`
 
 
 O = Option
@@ -53,19 +65,22 @@ SECTIONS = {
         O("seed", "int", 42, None, "random seed (the same on every device)"),
         O("cpu_threads", "int?", None, None, "MindSpore's CPU kernel threads; null: this process's share of the "
           "cores (affinity, cgroup quota, divided among msrun's workers)"),
-        O("log_interval", "int", 10, None, "log the training loss every this many steps"),
+        O("log_interval", "int", 10, None, "log the training loss every this many steps", bound=AT_LEAST_1),
     ],
     "data": [
         O("dataset", "str", "imagenet", None, "imagenet (or ''): an ImageFolder data set, data_dir/<split>/<class>/<image>"),
         O("data_dir", "str", "", None, "dataset root folder, holding the train_split and val_split folders"),
         O("train_split", "str", "train", None, "sub-folder of data_dir used for training"),
         O("val_split", "str", "val", None, "sub-folder of data_dir used for validation"),
-        O("split", "str?", None, None, "validate.py and relabel: sub-folder of data_dir to read; null: val_split"),
+        O("split", "str?", None, None, "validate.py and relabel: sub-folder of data_dir to read; null: val_split",
+          per_command={"relabel": "train"}),
         O("dataset_download", "bool", False, None, "MindCV: download mnist/cifar (not read here: must be false)"),
-        O("num_parallel_workers", "int", 4, None, "data loading workers per device (at most the CPU cores)"),
+        O("num_parallel_workers", "int", 4, None, "data loading workers per device (at most the CPU cores)",
+          bound=AT_LEAST_1),
         O("shuffle", "bool", True, None, "shuffle the training set (an order drawn from seed and epoch)"),
         O("num_samples", "int?", None, None, "training images per epoch, drawn from the whole set; null: all"),
-        O("batch_size", "int", 128, None, "images per device per step"),
+        O("batch_size", "int", 128, None, "images per device per step", bound=AT_LEAST_1,
+          per_command={"infer": 8, "export": 1, "relabel": 16}),
         O("drop_remainder", "bool", True, None, "drop the last incomplete training batch"),
         O("eval_shuffle", "bool", False, None, "MindCV: shuffle the evaluation data (changes no metric)"),
         O("aug_repeats", "int", 0, None, "MindCV: repeated augmentation (not supported: must be 0 or 1)"),
@@ -73,7 +88,7 @@ SECTIONS = {
           "MindCV: feed batches through the device's data queue; the loop here feeds from the host (logged)"),
     ],
     "augmentation": [
-        O("image_resize", "int", 224, None, "training crop size; the model's img_size"),
+        O("image_resize", "int", 224, None, "training crop size; the model's img_size", bound=AT_LEAST_1),
         O("scale", "floats", [0.08, 1.0], None, "random-resized-crop area range"),
         O("ratio", "floats", [0.75, 1.333], None, "random-resized-crop aspect-ratio range"),
         O("hflip", "float", 0.5, None, "horizontal flip probability"),
@@ -101,7 +116,8 @@ SECTIONS = {
         O("std", "floats?", None, None, "per-channel std, 0-255 pixel scale; null: the checkpoint's, else ImageNet's"),
     ],
     "model": [
-        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the checkpoint's"),
+        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the checkpoint's",
+          per_command={"train": "volo_d1_224"}),
         O("num_classes", "int?", None, None,
           "number of classes; null: the training set's class folders, or the checkpoint's"),
         O("in_channels", "int", 3, None, "input image channels"),
@@ -128,7 +144,7 @@ SECTIONS = {
         O("layer_decay", "float?", None, None, "MindCV: layer-wise lr decay (not supported for VOLO: must be null)"),
     ],
     "scheduler": [
-        O("epoch_size", "int", 300, None, "training epochs"),
+        O("epoch_size", "int", 300, None, "training epochs", bound=AT_LEAST_1),
         O("scheduler", "str", "cosine_decay",
           ("constant", "cosine_decay", "warmup_cosine_decay", "exponential_decay", "polynomial_decay", "step_decay",
            "multi_step_decay", "one_cycle", "cyclic"), "learning-rate schedule (MindCV's create_scheduler)"),
@@ -136,7 +152,7 @@ SECTIONS = {
         O("min_lr", "float", 1e-5, None, "final learning rate (cosine, one_cycle, cyclic)"),
         O("warmup_epochs", "int", 20, None, "epochs of linear warmup"),
         O("warmup_factor", "float?", None, None, "warmup starts at lr * warmup_factor (MindCV's name)"),
-        O("warmup_lr", "float?", None, None, "warmup starts at this lr; null with no warmup_factor: 1e-6"),
+        O("warmup_lr", "float?", 1e-6, None, "warmup starts at this lr (when warmup_factor is null)"),
         O("cooldown_epochs", "int", 0, None, "epochs at min_lr after the decay (VOLO trains 10)"),
         O("decay_epochs", "int?", None, None,
           "cosine: decay length (null: what is left after warmup and cooldown); step: decay every this many epochs"),
@@ -147,7 +163,8 @@ SECTIONS = {
         O("cycle_decay", "float", 1.0, None, "cosine_decay: factor on the peak lr of each new cycle"),
     ],
     "train_step": [
-        O("gradient_accumulation_steps", "int", 1, None, "steps whose gradients are summed per update"),
+        O("gradient_accumulation_steps", "int", 1, None, "steps whose gradients are summed per update",
+          bound=AT_LEAST_1),
         O("clip_grad", "bool", False, None, "clip the global gradient norm"),
         O("clip_value", "float", 5.0, None, "gradient norm limit when clip_grad is on"),
         O("ema_decay", "float", 0.9999, None, "EMA decay"),
@@ -156,7 +173,7 @@ SECTIONS = {
         O("amp_cast_list", "str?", None, None, "MindCV: cells cast to float16 (not supported: amp_level decides)"),
         O("loss_scale_type", "str", "fixed", ("fixed", "dynamic", "auto"),
           "loss scaling; auto: dynamic where the run computes in float16 (O2/O3), fixed otherwise"),
-        O("loss_scale", "float", 1024.0, None, "(initial) loss scale"),
+        O("loss_scale", "float", 1024.0, None, "(initial) loss scale", bound=POSITIVE),
         O("drop_overflow_update", "bool", False, None, "skip the update of a step whose gradients overflow"),
     ],
     "loss": [
@@ -179,12 +196,14 @@ SECTIONS = {
           "a fresh run (no resume) in a ckpt_save_dir holding checkpoints of an earlier run of the same model "
           "removes them; off: the run refuses to start"),
         O("ckpt_save_dir", "str", "./ckpt", None, "folder for checkpoints, the log, metrics and the resolved config"),
-        O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs (and at the end)"),
+        O("ckpt_save_interval", "int", 1, None, "save a checkpoint every this many epochs (and at the end)",
+          bound=AT_LEAST_1),
         O("ckpt_save_policy", "str?", "latest_k", ("latest_k", "top_k"),
           "keep the latest checkpoints, or the best ones (needs val_while_train); null: keep all"),
-        O("keep_checkpoint_max", "int", 10, None, "number of checkpoints kept"),
+        O("keep_checkpoint_max", "int", 10, None, "number of checkpoints kept", bound=AT_LEAST_1),
         O("val_while_train", "bool", False, None, "validate during training"),
-        O("val_interval", "int", 1, None, "validate every this many epochs (and at the end) when val_while_train is on"),
+        O("val_interval", "int", 1, None, "validate every this many epochs (and at the end) when val_while_train is on",
+          bound=AT_LEAST_1),
     ],
     "modelarts": [
         O("enable_modelarts", "bool", False, None, "MindCV: run on ModelArts (not supported: must be false)"),
@@ -200,7 +219,8 @@ SECTIONS = {
         O("file_format", "str", "MINDIR", ("MINDIR", "ONNX"), "export: the format", ("format",)),
         O("dynamic_batch", "bool", False, None, "export, ONNX: a symbolic batch axis instead of batch_size"),
         O("image_path", "str", "", None, "infer: an image, or a folder of images"),
-        O("top_k", "int", 5, None, "infer: classes printed per image; relabel: classes kept per token"),
+        O("top_k", "int", 5, None, "infer: classes printed per image; relabel: classes kept per token",
+          bound=AT_LEAST_1),
         O("image_size", "int?", None, None, "relabel: the teacher's input size; null: the model's"),
     ],
 }
@@ -229,7 +249,8 @@ UNSUPPORTED = [
     ("train_url", bool, "ModelArts is not supported"),
 ]
 
-# Two ways to say one thing: a source (YAML file, command line) that sets one clears the other.
+# Two ways to say one thing: a source (YAML file, command line) that sets one clears the other; with neither
+# set, the second's table default stands.
 EXCLUSIVE = [("warmup_factor", "warmup_lr")]
 
 # Old spellings whose values read differently: name -> (option, type, translation).
@@ -244,24 +265,22 @@ _DEVICE = ("mode", "device_target", "cpu_threads")
 class Command(NamedTuple):
     description: str
     options: tuple  # accepted on the command line; a YAML file may set any option of the table
-    defaults: dict = {}
     aliases: dict = {}
 
 
 COMMANDS = {
-    "train": Command("Train VOLO (MindCV option names; YAML defaults, command-line overrides)", _RUN,
-                     {"model": "volo_d1_224"}),
+    "train": Command("Train VOLO (MindCV option names; YAML defaults, command-line overrides)", _RUN),
     "validate": Command("Evaluate a checkpoint; the last stdout line is one JSON object", _RUN),
     "infer": Command("Classify images with a checkpoint: one JSON line per image",
                      _MODEL_IO + _DEVICE + ("image_path", "top_k", "batch_size", "crop_pct", "interpolation",
-                                            "mean", "std", "num_parallel_workers"), {"batch_size": 8}),
+                                            "mean", "std", "num_parallel_workers")),
     "convert": Command("Official VOLO weights (.pth.tar/.pth, timm .safetensors) -> MindSpore .ckpt, without torch",
                        _MODEL_IO + ("src", "dst")),
     "export": Command("Export a VOLO checkpoint for deployment (MindIR, or ONNX)",
-                      _MODEL_IO + ("out", "file_format", "dynamic_batch", "batch_size"), {"batch_size": 1}),
+                      _MODEL_IO + ("out", "file_format", "dynamic_batch", "batch_size")),
     "relabel": Command("Make token-label maps with a teacher checkpoint", _MODEL_IO + _DEVICE + (
         "data_dir", "split", "out", "top_k", "batch_size", "image_size", "log_interval", "num_parallel_workers"),
-        {"split": "train", "batch_size": 16}, {"teacher": "model"}),
+        {"teacher": "model"}),
 }
 
 _TRUE, _FALSE, _NULL = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"null", "none"}
@@ -293,14 +312,15 @@ class Config:
 
 
 def parse_config(argv: list[str] | None = None, command: str = "train") -> Config:
-    """Resolve every option: table default < command's default < YAML file (-c/--config) < command line."""
+    """Resolve every option: table default (the command's own, where it has one) < YAML file (-c/--config) <
+    command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     spec = COMMANDS[command]
     # A first pass reads only -c, so the YAML values are known before the full parser (and its --help) is built.
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("-c", "--config", default="")
     path = pre.parse_known_args(argv)[0].config
-    values = {name: spec.defaults.get(name, opt.default) for name, opt in OPTIONS.items()}
+    values = {name: opt.per_command.get(command, opt.default) for name, opt in OPTIONS.items()}
     if path:
         _update(values, _read_source(_load_yaml(path), spec, lambda key: f"{key} in {path}"))
 
@@ -340,6 +360,9 @@ def _update(values, source):
             if name in source:
                 values[other] = None
     values.update(source)
+    for first, second in EXCLUSIVE:
+        if values[first] is None and values[second] is None:
+            values[second] = OPTIONS[second].default
 
 
 def _read_source(raw, spec, where):
@@ -371,6 +394,9 @@ def _check_supported(values):
         raise UserError(f"scheduler {values['scheduler']} rises from min_lr itself: set warmup_epochs 0")
     if values["auto_augment"]:
         RandAugment(values["auto_augment"])  # a policy it cannot read is a UserError naming the part
+    for opt in OPTIONS.values():
+        if opt.bound is not None and not opt.bound.holds(values[opt.name]):
+            raise UserError(f"{opt.name} must be {opt.bound.words}, got {values[opt.name]}")
 
 
 class _Parser(argparse.ArgumentParser):

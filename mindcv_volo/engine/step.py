@@ -1,4 +1,5 @@
-"""The compiled train step: the loss seam, mixed precision, loss scale, clipping, accumulation, EMA.
+"""The compiled train step: the loss seam, mixed precision, loss scale, clipping, accumulation, EMA;
+`build_training` assembles them for a run, with the optimizer and schedule of `engine.optim`.
 
 The seam for the loss: a loss builder `build(model, loss_options, num_classes, seed, runtime)` returns a
 Cell whose `construct(*inputs)` returns the scalar loss, and whose host-side `step_inputs(batch, epoch,
@@ -22,13 +23,20 @@ changes. Contract for every loss (what the train step relies on):
 `classification_loss` serves MindCV's losses (ce, bce, asl_*); token labeling's is
 `token_labeling.training.build_token_label_loss`.
 """
+import logging
+from typing import NamedTuple, Optional
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.communication import get_group_size
 from mindcv.loss import create_loss
 
+from .optim import build_optimizer, learning_rates
 from .randomness import step_generator
+from .runtime import amp_level
+
+logger = logging.getLogger("mindcv_volo")
 
 
 class DropPathMasks:
@@ -276,3 +284,45 @@ def build_train_steps(loss_network, optimizer, model, step_options, ema=False, d
     for cell in {id(update): update, id(micro): micro}.values():
         cell.set_train(True)
     return micro, update, state, ema
+
+
+def dynamic_loss_scale(step_options, level):
+    """Whether the loss scale adapts: `dynamic`, or `auto` where float16 needs it: at the level the run uses, O2
+    or O3 (on CPU's own formulation `amp_level` has made that O0; the accelerator formulation forced on CPU keeps
+    its level and so its loss scale, as on GPU and Ascend)."""
+    if step_options.loss_scale_type == "auto":
+        dynamic = level in ("O2", "O3")
+        logger.info("loss_scale_type auto: %s", "dynamic" if dynamic else "fixed")
+        return dynamic
+    return step_options.loss_scale_type == "dynamic"
+
+
+class Training(NamedTuple):
+    """What a run trains with (`build_training`): the AMP level it runs, the model under AMP (`network`), the
+    loss network (the seam above), one learning rate per update, the optimizer, whether the loss scale
+    adapts, the micro-step and update-step cells (one cell without accumulation), the TrainState, the EMA."""
+    amp_level: str
+    network: nn.Cell
+    loss_network: nn.Cell
+    lrs: list
+    optimizer: nn.Optimizer
+    dynamic_scale: bool
+    micro_step: TrainStep
+    update_step: TrainStep
+    state: TrainState
+    ema: Optional[EMA]
+
+
+def build_training(config, model, num_classes, runtime, updates, build_loss):
+    """train.py's compiled steps for `model` (built, weights loaded; its parameters stay float32): AMP at the
+    level this device runs, the loss of `build_loss`, MindCV's scheduler and optimizer over `updates`
+    optimizer updates, loss scale, clipping, accumulation and EMA from the `train_step` section."""
+    level = amp_level(config.train_step.amp_level, runtime.device)
+    network = apply_amp(model, level)
+    loss_network = build_loss(network, config.loss, num_classes, config.system.seed, runtime)
+    lrs = learning_rates(config.scheduler, updates)
+    optimizer = build_optimizer(config.optimizer, model, lrs)
+    dynamic = dynamic_loss_scale(config.train_step, level)
+    micro_step, update_step, state, ema = build_train_steps(loss_network, optimizer, model, config.train_step,
+                                                            config.model.ema, dynamic)
+    return Training(level, network, loss_network, lrs, optimizer, dynamic, micro_step, update_step, state, ema)

@@ -97,7 +97,7 @@ def build_teacher(config):
     from ..engine.model_spec import build_model, fit_hint, resolve
     from ..models import MODEL_NAMES
     from ..weights.checkpoint import model_entries, read_checkpoint, read_description
-    from ..weights.state import adapt_state, assign_state, check_state
+    from ..weights.state import adapt_state, assign_state, check_state, model_shapes
 
     path, image_size = config.model.ckpt_path, config.tools.image_size
     state = model_entries(read_checkpoint(path), config.model.ema, path)
@@ -107,7 +107,7 @@ def build_teacher(config):
         spec = resolve(config.model, description, num_classes=_head_classes(state, "head.weight"))
         model = build_model(spec, **({"img_size": image_size} if image_size else {}))
         state = adapt_state(model, state, path)  # resizes pos_embed to --image_size
-        check_state(model, state, path, fit_hint(spec, path, description))
+        check_state(model_shapes(model), state, path, fit_hint(spec, path, description))
         assign_state(model, state)
         return model, spec.name, model.img_size
     if not registry.is_model(name):
@@ -120,7 +120,7 @@ def build_teacher(config):
     classes = _head_classes(state, _classifier(model).weight.name)
     if classes is not None and classes != _classifier(model).out_channels:
         model = create_model(name, **{**kwargs, "num_classes": classes})
-    check_state(model, state, path)
+    check_state(model_shapes(model), state, path)
     assign_state(model, state)
     return model, name, image_size or 224
 
@@ -135,10 +135,6 @@ def relabel(config):
     data, tools = config.data, config.tools
     if not (config.model.ckpt_path and tools.out and data.data_dir):
         raise UserError("relabel needs --ckpt_path (the teacher), --data_dir and --out (the folder for the maps)")
-    for name in ("top_k", "batch_size", "log_interval"):
-        value = config.as_dict()[name]
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
     folder = os.path.join(data.data_dir, data.split)
     items = list_images(folder)  # checks the folder before the (slow) teacher is built
     runtime = setup_runtime(config.system, communicate=False)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_path
-from .state import adapt_state, assign_state, check_state
+from .state import adapt_state, assign_state, check_state, model_shapes
 
 EMA_PREFIX = "ema."
 OPTIMIZER_PREFIX = "optimizer."
@@ -75,6 +75,6 @@ def load_checkpoint_into(model, path, ema=False, adapt=False, hint=""):
     state = model_entries(read_checkpoint(path), ema, path)
     if adapt:
         state = adapt_state(model, state, path)
-    check_state(model, state, path, hint)
+    check_state(model_shapes(model), state, path, hint)
     assign_state(model, state)
     return model

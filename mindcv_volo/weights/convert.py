@@ -5,7 +5,7 @@ to MindSpore names, adapted (pos_embed resized to the model's resolution, the he
 class count differs), checked entry by entry and written atomically. Nothing is written on any mismatch.
 """
 from .checkpoint import save_checkpoint
-from .state import adapt_state, assign_state, check_state, from_official_names
+from .state import adapt_state, assign_state, check_state, from_official_names, model_shapes
 from .torch_zip import load_state_dict_file
 
 
@@ -14,7 +14,7 @@ def convert_into(model, src, dst=None, ema=False, description=None):
     write `dst`, with its `description`, if given."""
     state = from_official_names(model, load_state_dict_file(src, ema))
     state = adapt_state(model, state, src)
-    check_state(model, state, src)
+    check_state(model_shapes(model), state, src)
     assign_state(model, state)
     if dst:
         save_checkpoint({param.name: param for param in model.get_parameters()}, dst, description)

@@ -42,10 +42,9 @@ def from_official_names(model, state):
 SHOWN_PROBLEMS = 6  # a checkpoint of another architecture differs everywhere: the first few say enough
 
 
-def check_state(model, state, source, hint=""):
-    """Raise a UserError naming the missing, unexpected and mis-shaped entries of `state` (the first few, and
-    how many), then `hint`: what would fit."""
-    shapes = model_shapes(model)
+def check_state(shapes, state, source, hint=""):
+    """Raise a UserError naming the entries of `state` missing from, unexpected by or mis-shaped for `shapes`
+    ({name: shape}, e.g. `model_shapes(model)`; the first few, and how many), then `hint`: what would fit."""
     problems = [f"missing {name} {shape}" for name, shape in shapes.items() if name not in state]
     problems += [f"unexpected {name}" for name in state if name not in shapes]
     problems += [f"mis-shaped {name}: file {tuple(np.shape(value))}, model {shapes[name]}"
