@@ -296,6 +296,14 @@ def take_indices(count, indices):
     return taken, max(taken)
 
 
+def input_size_error(shape, img_size):
+    """Why a picture batch of `shape` (B, C, H, W) cannot enter a model of `img_size`, or ""."""
+    if shape[-2:] == (img_size, img_size):
+        return ""
+    return (f"VOLO input is {shape[-2]}x{shape[-1]} pixels, the model's img_size is {img_size}: resize the "
+            f"pictures to {img_size}x{img_size}, or build the model with another img_size")
+
+
 def flatten_grid(x):
     """Channels-last (B, H, W, C) -> tokens (B, H * W, C)."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -307,7 +315,9 @@ class VOLO(nn.Cell):
     `construct` gives the official eval output: head(class token) + 0.5 * max over tokens of
     aux_head(tokens). `forward_train` gives the token-labeling outputs (class logits, per-token logits).
     With `features_only=True`, `construct` returns the feature maps of the stages in `out_indices`
-    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`).
+    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`), in that order, and
+    `feature_info` and `out_channels` describe those maps.
+    Pictures must be img_size x img_size (the position embedding's grid); another size is a one-line error.
     """
 
     def __init__(self, layers, embed_dims, num_heads, mlp_ratio=3.0, stem_hidden_dim=64, img_size=224,
@@ -325,6 +335,10 @@ class VOLO(nn.Cell):
         self.out_indices = tuple(out_indices)
         self.feature_info = [dict(chs=embed_dims[0], reduction=PATCH_SIZE, name="network.0")] + [
             dict(chs=embed_dims[i], reduction=TOKEN_STRIDE, name=f"network.{i + 1}") for i in range(1, 4)]
+        if features_only:
+            # As MindCV's feature models (and timm's): feature_info and out_channels describe the maps given.
+            self.feature_info = [self.feature_info[i] for i in take_indices(NUM_STAGES, self.out_indices)[0]]
+            self.out_channels = [info["chs"] for info in self.feature_info]
 
         self.patch_embed = PatchEmbed(in_channels, stem_hidden_dim, embed_dims[0])
         grid = img_size // TOKEN_STRIDE
@@ -435,7 +449,20 @@ class VOLO(nn.Cell):
 
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
+        # Inside another cell's graph; shapes are constants while a graph compiles, so this raises then.
+        message = input_size_error(x.shape, self.img_size)
+        if message:
+            raise ValueError(message)
         return self.patch_embed.channels_last(x)
+
+    def __call__(self, *args, **kwargs):
+        # The position embedding fixes the picture's size: another size is refused here, in one line, before
+        # any graph compiles (MindSpore would append its own stack to an error raised in the graph).
+        if args and isinstance(args[0], ms.Tensor):
+            message = input_size_error(args[0].shape, self.img_size)
+            if message:
+                raise UserError(message)
+        return super().__call__(*args, **kwargs)
 
     def stage(self, index):
         """The cell of stage `index`: 0 the outlookers (network.0), 1-3 the transformers (network.2-4)."""
