@@ -252,7 +252,8 @@ class Run:
                             "with --resume True, write this one elsewhere with --ckpt_save_dir DIR, or replace "
                             "them with --overwrite True")
         self.train_split.check_num_classes(self.spec.num_classes)
-        self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate)
+        self.model = build_model(self.spec, config.model.drop_rate, config.model.drop_path_rate,
+                                 pretrained=config.model.pretrained)  # the official weights as the start point
         if config.model.recompute:
             try:
                 self.model.set_grad_checkpointing(True)

@@ -100,6 +100,10 @@ def build_teacher(config):
     from ..weights.state import adapt_state, assign_state, check_state
 
     path, image_size = config.model.ckpt_path, config.tools.image_size
+    if config.model.pretrained:  # the official weights of a VOLO variant
+        spec = resolve(config.model)
+        model = build_model(spec, pretrained=True, **({"img_size": image_size} if image_size else {}))
+        return model, spec.name, model.img_size
     state = model_entries(read_checkpoint(path), config.model.ema, path)
     description = read_description(path)
     name = config.model.model or description.get("model")
@@ -133,8 +137,9 @@ def _head_classes(state, head_weight_name):
 def relabel(config):
     """Write the label map of every image of data_dir/split that has none yet (this rank's share)."""
     data, tools = config.data, config.tools
-    if not (config.model.ckpt_path and tools.out and data.data_dir):
-        raise UserError("relabel needs --ckpt_path (the teacher), --data_dir and --out (the folder for the maps)")
+    if not ((config.model.ckpt_path or config.model.pretrained) and tools.out and data.data_dir):
+        raise UserError("relabel needs --ckpt_path (the teacher; or --pretrained True and --model NAME), --data_dir "
+                        "and --out (the folder for the maps)")
     for name in ("top_k", "batch_size", "log_interval"):
         value = config.as_dict()[name]
         if value < 1:
@@ -167,7 +172,10 @@ def relabel(config):
         for i, rel in enumerate(names):
             write_label_map(label_map_path(tools.out, rel), indices[i], values[i], teacher.num_classes)
     if grid is not None:
-        write_meta(tools.out, teacher=name, checkpoint=os.path.abspath(config.model.ckpt_path),
+        from ..models import data_config
+
+        weights = data_config(name)["url"] if config.model.pretrained else os.path.abspath(config.model.ckpt_path)
+        write_meta(tools.out, teacher=name, checkpoint=weights,
                    num_classes=teacher.num_classes, top_k=tools.top_k, grid=list(map(int, grid)), image_size=size,
                    split=data.split, scores="logits",
                    view="whole image resized to image_size x image_size, bicubic, no crop")
