@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 
 from mindcv_volo import create
 from mindcv_volo.errors import UserError
-from conftest import FIXTURES, AllOutputs, overrides, reference_options, run_tool
+from conftest import (FIXTURES, REFERENCE_CONFIGS, AllOutputs, make_image_folder, overrides, read_ckpt,
+                      reference_options, run_tool, tiny_config)
 
 HUB_TAG = "volo_d1_224.sail_in1k"
 REPO_ID = f"timm/{HUB_TAG}"
@@ -120,6 +121,27 @@ def test_convert_src_hub_writes_the_official_weights(hub, tmp_path):
     model = create("volo_d1_224", checkpoint_path=str(dst), **overrides("tiny_d1like_64", 64))
     model.set_train(False)
     assert_reference_outputs(model)
+
+
+def test_train_starts_from_the_official_weights(hub, tmp_path):
+    """A run at learning rate 0 keeps its start point: the official weights, with fresh heads for 3 classes."""
+    write_hub_cache(hub[0], HUB_TAG, WEIGHTS)
+    arch = {key: value for key, value in REFERENCE_CONFIGS["tiny_d1like_64"].items() if key != "num_classes"}
+    data = make_image_folder(tmp_path / "data", {"train": 3})
+    recipe = tiny_config(tmp_path / "recipe.yaml", data, tmp_path / "ckpt", arch_overrides=arch, image_resize=64,
+                         epoch_size=1, batch_size=3, lr=0.0, min_lr=0.0, warmup_epochs=0, warmup_lr=0.0,
+                         pretrained=True)
+    # MindCV's download folder is ~/.mindspore: a home of the test's own (the compiled CPU kernels stay where they are)
+    home = tmp_path / "home"
+    kernels = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    result = run_tool("train.py", "-c", recipe, env={"HOME": str(home), "XDG_CACHE_HOME": kernels})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (home / ".mindspore" / "models" / f"timm--{HUB_TAG}.ckpt").is_file()
+    (saved,) = (tmp_path / "ckpt").glob("volo_d1_224-1_*.ckpt")
+    state, official = read_ckpt(saved), load_file(WEIGHTS)
+    np.testing.assert_array_equal(state["pos_embed"], official["pos_embed"])
+    np.testing.assert_array_equal(state["network.2.0.mlp.fc1.weight"], official["network.2.0.mlp.fc1.weight"])
+    assert state["head.weight"].shape == (3, 64) and not state["head.bias"].any()
 
 
 def test_the_registry_names_the_hub_repository_of_every_variant():
