@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 from ..errors import UserError
 from ..models import MODEL_NAMES, create, data_config
-from ..models.volo import NUM_CLASSES, check_arch_overrides, hub_id
+from ..models.volo import NUM_CLASSES, check_arch_overrides
 from ..weights.checkpoint import load_checkpoint_into, read_description
 from .data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
 
