@@ -2,6 +2,7 @@
 offline, through huggingface_hub's own download code and a cache written here in its real layout; the
 registry's pretrained configs."""
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from mindcv.models import get_pretrained_cfg, is_model_pretrained, list_models
 from safetensors.numpy import load_file
 
 from mindcv_volo import create
+from mindcv_volo.relabel import main as relabel_main
 from mindcv_volo.errors import UserError
 from conftest import (FIXTURES, REFERENCE_CONFIGS, AllOutputs, make_image_folder, overrides, read_ckpt,
                       reference_options, run_tool, tiny_config)
@@ -142,6 +144,21 @@ def test_train_starts_from_the_official_weights(hub, tmp_path):
     np.testing.assert_array_equal(state["pos_embed"], official["pos_embed"])
     np.testing.assert_array_equal(state["network.2.0.mlp.fc1.weight"], official["network.2.0.mlp.fc1.weight"])
     assert state["head.weight"].shape == (3, 64) and not state["head.bias"].any()
+
+
+def test_relabel_with_the_official_weights_as_teacher(hub, tmp_path):
+    write_hub_cache(hub[0], HUB_TAG, WEIGHTS)
+    previous = ms.get_context("mode")
+    data = make_image_folder(tmp_path / "data", {"train": 1})
+    arch = {key: value for key, value in REFERENCE_CONFIGS["tiny_d1like_64"].items() if key != "num_classes"}
+    try:
+        relabel_main(["--model", "volo_d1_224", "--pretrained", "True", "--num_classes", "10", "--arch_overrides",
+                      json.dumps(arch), "--data_dir", data, "--out", str(tmp_path / "maps"), "--batch_size", "3",
+                      "--mode", "pynative"])
+    finally:
+        ms.set_context(mode=previous)
+    meta = json.loads((tmp_path / "maps" / "labelmaps.json").read_text())
+    assert (meta["checkpoint"], meta["num_classes"], meta["grid"]) == (f"hf-hub:{REPO_ID}", 10, [4, 4])
 
 
 def test_the_registry_names_the_hub_repository_of_every_variant():

@@ -94,15 +94,15 @@ def build_teacher(config):
     checkpoint's."""
     import mindcv.models.registry as registry
 
-    from ..engine.model_spec import build_model, fit_hint, resolve
+    from ..engine.model_spec import build_model, fit_hint, load_model, resolve
     from ..models import MODEL_NAMES
     from ..weights.checkpoint import model_entries, read_checkpoint, read_description
     from ..weights.state import adapt_state, assign_state, check_state
 
     path, image_size = config.model.ckpt_path, config.tools.image_size
     if config.model.pretrained:  # the official weights of a VOLO variant
-        spec = resolve(config.model)
-        model = build_model(spec, pretrained=True, **({"img_size": image_size} if image_size else {}))
+        model, spec, _ = load_model(config.model, path, config.model.ema,
+                                    **({"img_size": image_size} if image_size else {}))
         return model, spec.name, model.img_size
     state = model_entries(read_checkpoint(path), config.model.ema, path)
     description = read_description(path)
