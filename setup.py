@@ -15,6 +15,8 @@ setup(
         "numpy>=1.22,<2",
         "pyyaml",
         "safetensors",
+        # pretrained=True: the official weights from timm's hub repositories (hf_hub_download and its cache)
+        "huggingface_hub",
         "pillow",
         "tqdm",
         "matplotlib",

@@ -8,8 +8,10 @@ Anything else is a bug and keeps its traceback.
 import sys
 
 
-class UserError(Exception):
-    """A mistake of the user; the message says what is wrong, where, and what to do."""
+class UserError(ValueError):
+    """A mistake of the user; the message says what is wrong, where, and what to do.
+
+    A ValueError, as Python code calling the library (e.g. `create_model`) expects for a bad argument."""
 
 
 class Interrupted(Exception):

@@ -14,8 +14,9 @@ from .weights.export import export_model
 def main(argv=None):
     config = parse_config(argv, "export")
     tools = config.tools
-    if not (config.model.ckpt_path and tools.out):
-        raise UserError("export needs --ckpt_path FILE.ckpt and --out FILE (.mindir or .onnx)")
+    if not ((config.model.ckpt_path or config.model.pretrained) and tools.out):
+        raise UserError("export needs --ckpt_path FILE.ckpt (or --pretrained True and --model NAME) and --out FILE "
+                        "(.mindir or .onnx)")
     # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
     with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
         model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)

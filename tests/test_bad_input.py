@@ -93,7 +93,8 @@ def cases(tmp_path_factory):
         "missing checkpoint": (("validate.py", "-c", config, "--ckpt_path", root / "none.ckpt"),
                                f"checkpoint not found: {root / 'none.ckpt'}"),
         "no checkpoint given": (("validate.py", "-c", config),
-                                "ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert)"),
+                                "ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert), "
+                                "or --pretrained True and --model NAME for the official weights"),
         "missing config": (("train.py", "-c", missing_config), f"config file not found: {missing_config}"),
         "batch larger than data": (("train.py", "-c", config, "--batch_size", "16"),
                                    f"batch_size 16 x 1 device(s) x 1 accumulation step(s) = 16 images per update is "

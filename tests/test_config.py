@@ -247,7 +247,6 @@ def test_a_later_source_replaces_the_other_way_to_say_where_warmup_starts(tmp_pa
     ("layer_decay: 0.75\n", "layer_decay 0.75: layer-wise lr decay is not supported for VOLO"),
     ("amp_cast_list: '[nn.Conv2d]'\n", "amp_cast_list '[nn.Conv2d]': per-cell float16 lists are not supported"),
     ("aux_factor: 0.4\n", "aux_factor 0.4: VOLO's aux head is trained by loss token_label (dense_weight)"),
-    ("pretrained: true\n", "pretrained True: weights cannot be downloaded"),
     ("enable_modelarts: true\n", "enable_modelarts True: ModelArts is not supported"),
     ("scheduler: one_cycle\nwarmup_epochs: 3\n", "scheduler one_cycle rises from min_lr itself: set warmup_epochs 0"),
     ("loss: token_label\nmixup: 0.8\n", "loss token_label mixes with MixToken (mix_token) instead of mixup/cutmix"),
@@ -258,6 +257,13 @@ def test_a_later_source_replaces_the_other_way_to_say_where_warmup_starts(tmp_pa
 ])
 def test_what_cannot_be_honoured_is_refused_with_the_reason(tmp_path, text, message):
     assert error_of(["-c", write(tmp_path, text)]).startswith(message)
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "infer", "convert", "export", "relabel"])
+def test_every_command_takes_the_official_weights_instead_of_a_checkpoint(command):
+    assert parse(["--pretrained", "True", "--model", "volo_d2"], command).pretrained is True
+    assert error_of(["--pretrained", "--ckpt_path", "x.ckpt"], command) == (
+        "pretrained and ckpt_path both say which weights to start from; give one of them")
 
 
 def test_every_command_speaks_the_same_dialect():

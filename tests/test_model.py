@@ -115,13 +115,40 @@ def test_no_weight_decay_names_exist():
     assert model.no_weight_decay() == {"pos_embed", "cls_token"} <= names
 
 
-def test_stage_feature_maps(mode):
-    model = create_model("volo_d1_224", features_only=True, out_indices=(0, 1, 3),
+@pytest.mark.parametrize("out_indices, names", [((0, 1, 3), ["network.0", "network.2", "network.4"]),
+                                                 ((3, 0), ["network.4", "network.0"])])
+def test_stage_feature_maps(out_indices, names, mode):
+    model = create_model("volo_d1_224", features_only=True, out_indices=out_indices,
                          **overrides("tiny_d1like_64", 64))
     model.set_train(False)
     maps = model(ms.Tensor(np.zeros((2, 3, 64, 64), np.float32)))
-    assert [m.shape for m in maps] == [(2, 32, 8, 8), (2, 64, 4, 4), (2, 64, 4, 4)]
+    shapes = {0: (2, 32, 8, 8), 1: (2, 64, 4, 4), 3: (2, 64, 4, 4)}
+    assert [m.shape for m in maps] == [shapes[i] for i in out_indices]
+    # MindCV's feature models' contract: out_channels, and feature_info, describe the maps given
+    assert model.out_channels == [m.shape[1] for m in maps]
+    assert [info["name"] for info in model.feature_info] == names
+    assert [info["reduction"] for info in model.feature_info] == [64 // m.shape[-1] for m in maps]
+
+
+def test_a_classifier_describes_every_stage_and_has_no_out_channels():
+    model = create_model("volo_d1_224", **overrides("tiny_d1like_64", 64))
     assert [info["reduction"] for info in model.feature_info] == [8, 16, 16, 16]
+    assert not hasattr(model, "out_channels")
+
+
+def test_a_picture_of_another_size_is_one_line_naming_img_size(mode, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MindSpore writes its report of a failed compile in the working folder
+    model = create_model("volo_d1_224", **overrides("tiny_d1like_64", 64))
+    model.set_train(False)
+    expected = ("VOLO input is 48x64 pixels, the model's img_size is 64: resize the pictures to 64x64, or build "
+                "the model with another img_size")
+    with pytest.raises(mindcv_volo.errors.UserError) as info:
+        model(ms.Tensor(np.zeros((1, 3, 48, 64), np.float32)))
+    assert str(info.value) == expected
+    # inside another cell's graph the check runs while the graph compiles: a ValueError led by the same line
+    with pytest.raises(ValueError) as info:
+        AllOutputs(model)(ms.Tensor(np.zeros((1, 3, 48, 64), np.float32)))
+    assert str(info.value).strip("'").startswith(expected)
 
 
 @pytest.mark.parametrize("img_size", [32, 80])

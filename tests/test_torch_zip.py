@@ -4,7 +4,10 @@ Small checkpoints are built here by hand (zipfile + pickle opcodes) because torc
 the fixtures in tests/fixtures were written by real torch.save (see the reference README).
 """
 import struct
+import subprocess
+import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +140,122 @@ def test_tensor_reading_past_its_storage_is_refused(tmp_path):
     path = write_checkpoint(tmp_path / "oob.pth", body, {"0": np.float32([1, 2]).tobytes()})
     with pytest.raises(UserError, match="reads past the end of its storage"):
         read_torch_checkpoint(path)
+
+
+def test_storage_entry_of_another_size_is_refused(tmp_path):
+    body = p_tensor("FloatStorage", "0", 2, 0, (2,), (1,))
+    for values in ([1, 2, 3], [1]):                                 # more, and fewer, bytes than 2 floats
+        path = write_checkpoint(tmp_path / f"size{len(values)}.pth", body, {"0": np.float32(values).tobytes()})
+        assert _one_line_error(read_torch_checkpoint, path) == (
+            f"{path}: refused to load: storage '0' declares {4 * len(values)} bytes where its 2 elements take 8 "
+            "(the file may be malicious)")
+
+
+def test_compressed_entry_is_refused(tmp_path):
+    tensor, storages = fp32_tensor()
+    path = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02" + tensor + b".")
+        archive.writestr("archive/data/0", storages["0"])
+    assert _one_line_error(read_torch_checkpoint, path) == (
+        f"{path}: refused to load: zip entry 'archive/data.pkl' is compressed ({len(tensor) + 3} bytes inflated), "
+        "which torch.save never writes (the file may be malicious)")
+
+
+def test_overlapping_entries_are_refused(tmp_path):
+    """Entry 0's stored bytes hold entry 1 whole (its local header and data): each read of an entry would take
+    bytes of the file again, so nested entries multiply a file's size."""
+    storage = np.float32([1, 2]).tobytes()
+    inner_name = "archive/data/1"
+    inner = local_header(inner_name, zipfile.ZIP_STORED, len(storage), len(storage), zlib.crc32(storage)) + storage
+    body = p_dict([(p_str("a"), p_tensor("FloatStorage", "0", len(inner) // 4, 0, (1,), (1,))),
+                   (p_str("b"), p_tensor("FloatStorage", "1", 2, 0, (2,), (1,)))])
+    pickled = b"\x80\x02" + body + b"."
+    path = write_zip(tmp_path / "nested.pth", [("archive/data.pkl", zipfile.ZIP_STORED, pickled, None),
+                                               ("archive/data/0", zipfile.ZIP_STORED, inner, None)],
+                     inner={inner_name: ("archive/data/0", storage)})
+    assert _one_line_error(read_torch_checkpoint, path) == (
+        f"{path}: refused to load: zip entry 'archive/data/0' overlaps zip entry '{inner_name}' (the file may be "
+        "malicious)")
+
+
+BOMB_BYTES = 3 * 10**9                                             # 3 GB of zeros, deflated to about 3 MB
+BOMB_CHUNK = 1 << 24
+
+
+def local_header(name, method, stored, size, crc):
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, stored, size, len(name),
+                       0) + name.encode()
+
+
+def write_zip(path, entries, inner=None):
+    """A zip archive written by hand, so an entry can hold deflated bytes made elsewhere: `entries` are
+    (name, method, bytes as stored, (inflated size, crc32) or None for stored bytes). `inner` lists entries
+    stored inside another one's bytes, {name: (outer entry's name, data)}: directory records only."""
+    local, records = b"", []
+    for name, method, data, inflated in entries:
+        size, crc = inflated or (len(data), zlib.crc32(data))
+        records.append((name, len(local), method, crc, len(data), size))
+        local += local_header(name, method, len(data), size, crc) + data
+    for name, (outer, data) in (inner or {}).items():
+        outer_offset = next(record[1] for record in records if record[0] == outer)
+        records.append((name, outer_offset + 30 + len(outer), zipfile.ZIP_STORED, zlib.crc32(data), len(data),
+                        len(data)))
+    directory = b"".join(
+        struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, stored, size, len(name), 0,
+                    0, 0, 0, 0, offset) + name.encode()
+        for name, offset, method, crc, stored, size in records)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(directory), len(local), 0)
+    Path(path).write_bytes(local + directory + end)
+    return path
+
+
+def write_bomb(path):
+    """A torch-style checkpoint whose one storage entry inflates to BOMB_BYTES of zeros (the sizes it declares
+    fit its tensor, its crc is right). Each chunk ends with a full flush, so every chunk deflates to the same
+    bytes: deflated once, repeated."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk, rest = bytes(BOMB_CHUNK), bytes(BOMB_BYTES % BOMB_CHUNK)
+    deflated_chunk = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    deflated = deflated_chunk * (BOMB_BYTES // BOMB_CHUNK) + compressor.compress(rest) + compressor.flush()
+    crc = 0
+    for _ in range(BOMB_BYTES // BOMB_CHUNK):
+        crc = zlib.crc32(chunk, crc)
+    crc = zlib.crc32(rest, crc)
+    numel = BOMB_BYTES // 4
+    body = p_dict([(p_str("w"), p_tensor("FloatStorage", "0", numel, 0, (numel,), (1,)))])
+    return write_zip(path, [("archive/data.pkl", zipfile.ZIP_STORED, b"\x80\x02" + body + b".", None),
+                            ("archive/data/0", zipfile.ZIP_DEFLATED, deflated, (BOMB_BYTES, crc))])
+
+
+# Peak memory the reading may add to the interpreter's: the file itself, and a margin for Python's own work.
+MEMORY_MARGIN = 64 * 2**20
+
+
+def test_zip_bomb_is_refused_without_inflating_it(tmp_path):
+    path = write_bomb(tmp_path / "bomb.pth")
+    size = path.stat().st_size
+    assert size < 4 * 2**20
+    with zipfile.ZipFile(path) as archive:                           # a well-formed archive, as zipfile sees it
+        assert archive.getinfo("archive/data/0").file_size == BOMB_BYTES
+    # In a fresh interpreter: its peak resident memory before and after the read (ru_maxrss, KiB on Linux).
+    script = (
+        "import resource, sys\n"
+        "from mindcv_volo.errors import UserError\n"
+        "from mindcv_volo.weights.torch_zip import load_state_dict_file\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    load_state_dict_file(sys.argv[1])\n"
+        "except UserError as err:\n"
+        "    print(err)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    message, grown_kib = result.stdout.strip().splitlines()[-2:]
+    assert message == (f"{path}: refused to load: zip entry 'archive/data/0' is compressed ({BOMB_BYTES} bytes "
+                       "inflated), which torch.save never writes (the file may be malicious)")
+    assert int(grown_kib) * 1024 <= size + MEMORY_MARGIN
 
 
 # --- malicious pickles --------------------------------------------------------------------------

@@ -124,7 +124,9 @@ SECTIONS = {
         O("arch_overrides", "mapping", {}, None,
           "VOLO constructor arguments replacing the variant's (layers, embed_dims, num_heads, mlp_ratio, "
           "stem_hidden_dim, img_size, qkv_bias, attn_drop_rate), e.g. '{layers: [1, 1, 1, 1], img_size: 32}'"),
-        O("pretrained", "bool", False, None, "start from downloaded weights (none can be downloaded: convert them)"),
+        O("pretrained", "bool", False, None, "the official weights of --model, from the Hugging Face hub (timm's "
+          "repository, or its local cache offline), converted once into MindCV's download folder; "
+          "instead of ckpt_path"),
         O("ckpt_path", "str", "", None, "checkpoint to start from, evaluate, export or resume", ("ckpt",)),
         O("ema", "bool", False, None, "train: keep an exponential moving average; elsewhere: use a checkpoint's EMA weights"),
         O("drop_rate", "float?", None, None, "dropout after the position embedding; null: the model's (0)"),
@@ -213,7 +215,8 @@ SECTIONS = {
         O("train_url", "str", "", None, "MindCV (ModelArts): not supported"),
     ],
     "tools": [
-        O("src", "str", "", None, "convert: the official .pth.tar/.pth or timm .safetensors file"),
+        O("src", "str", "", None, "convert: the official .pth.tar/.pth or timm .safetensors file; `hub`: the official "
+          "weights of --model from the Hugging Face hub"),
         O("dst", "str", "", None, "convert: the MindSpore checkpoint to write (.ckpt)"),
         O("out", "str", "", None, "export: the file to write (.mindir, .onnx); relabel: the folder for the maps"),
         O("file_format", "str", "MINDIR", ("MINDIR", "ONNX"), "export: the format", ("format",)),
@@ -240,8 +243,6 @@ UNSUPPORTED = [
     ("amp_cast_list", lambda v: v is not None,
      "per-cell float16 lists are not supported: amp_level decides (O2 keeps norms in float32); set it null"),
     ("aux_factor", lambda v: v != 0, "VOLO's aux head is trained by loss token_label (dense_weight); set aux_factor 0"),
-    ("pretrained", lambda v: v, "weights cannot be downloaded: convert the official ones with "
-                                "`python -m mindcv_volo.convert` and pass --ckpt_path instead"),
     ("enable_modelarts", lambda v: v, "ModelArts is not supported; run where the data is"),
     ("multi_data_url", bool, "ModelArts is not supported"),
     ("data_url", bool, "ModelArts is not supported"),
@@ -258,7 +259,7 @@ LEGACY = {"filter_bias_and_bn": ("weight_decay_filter", "bool",
                                  lambda value: "norm_and_bias" if value else "disable")}
 
 _RUN = tuple(name for name, section in SECTION_OF.items() if section != "tools")
-_MODEL_IO = ("config", "model", "ckpt_path", "num_classes", "arch_overrides", "ema")
+_MODEL_IO = ("config", "model", "ckpt_path", "pretrained", "num_classes", "arch_overrides", "ema")
 _DEVICE = ("mode", "device_target", "cpu_threads")
 
 
@@ -392,6 +393,8 @@ def _check_supported(values):
                         "set mixup 0 and cutmix 0")
     if values["scheduler"] in ("one_cycle", "cyclic") and values["warmup_epochs"] > 0:
         raise UserError(f"scheduler {values['scheduler']} rises from min_lr itself: set warmup_epochs 0")
+    if values["pretrained"] and values["ckpt_path"]:
+        raise UserError("pretrained and ckpt_path both say which weights to start from; give one of them")
     if values["auto_augment"]:
         RandAugment(values["auto_augment"])  # a policy it cannot read is a UserError naming the part
     for opt in OPTIONS.values():

@@ -130,8 +130,6 @@ def cpu_batch_size(model, requested):
 def validate(config):
     """validate.py: evaluate `ckpt_path` on `data_dir/split`; returns the JSON line (printed by rank 0)."""
     runtime = setup_runtime(config.system)
-    if not config.model.ckpt_path:
-        raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert)")
     data = config.data
     split = SplitInfo(data.data_dir, data.split or data.val_split)
     model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)

@@ -58,8 +58,6 @@ def top_k(logits, names, k):
 
 def infer(config):
     """Print one JSON line per image; returns the number of images that could not be read."""
-    if not config.model.ckpt_path:
-        raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert)")
     if not config.tools.image_path:
         raise UserError("image_path is not set; pass --image_path PICTURE_OR_FOLDER")
     files = image_files(config.tools.image_path)

@@ -10,13 +10,11 @@ from typing import NamedTuple, Optional
 
 from ..errors import UserError
 from ..models import MODEL_NAMES, create, data_config
-from ..models.volo import check_arch_overrides
+from ..models.volo import NUM_CLASSES, check_arch_overrides
 from ..weights.checkpoint import load_checkpoint_into, read_description
 from .data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
 
 logger = logging.getLogger("mindcv_volo")
-
-DEFAULT_NUM_CLASSES = 1000
 
 
 class ModelSpec(NamedTuple):
@@ -45,7 +43,7 @@ def resolve(model_options, description=None, num_classes=None, class_names=None)
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
     overrides = model_options.arch_overrides or description.get("arch_overrides") or {}
     classes = (model_options.num_classes or description.get("num_classes") or num_classes
-               or DEFAULT_NUM_CLASSES)
+               or NUM_CLASSES)
     names = class_names if class_names is not None else description.get("class_names")
     if names is not None and len(names) != classes:
         names = None  # labels of another class count (a fine-tune's start point) do not apply
@@ -54,10 +52,13 @@ def resolve(model_options, description=None, num_classes=None, class_names=None)
 
 
 def build_model(spec, drop_rate=None, drop_path_rate=None, **extra):
-    """The registered model of `spec`; None rates leave the model's own."""
+    """The registered model of `spec`; None rates leave the model's own. `pretrained=True` (in `extra`) loads
+    the official weights (`weights.hub`)."""
     try:
         return create(spec.name, num_classes=spec.num_classes, in_channels=spec.in_channels, drop_rate=drop_rate,
                       drop_path_rate=drop_path_rate, **spec.arch_overrides, **extra)
+    except UserError:
+        raise
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot build {spec.name} with arch_overrides {spec.arch_overrides}: {err}") from None
 
@@ -89,7 +90,16 @@ def fit_hint(spec, path, description):
 
 
 def load_model(model_options, path, ema=False, drop_rate=None, drop_path_rate=None, **extra):
-    """(model with the weights of `path` loaded strictly, its spec, the checkpoint's description)."""
+    """(model with the weights of `path` loaded strictly, its spec, the checkpoint's description); with the
+    `pretrained` option, the official weights of the options' model instead (no description)."""
+    if model_options.pretrained:
+        if ema:
+            raise UserError("the official weights have no EMA copy: drop --ema (it picks a checkpoint's EMA weights)")
+        spec = resolve(model_options)
+        return build_model(spec, drop_rate, drop_path_rate, pretrained=True, **extra), spec, {}
+    if not path:
+        raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert), "
+                        "or --pretrained True and --model NAME for the official weights")
     description = read_description(path)
     spec = resolve(model_options, description)
     model = build_model(spec, drop_rate, drop_path_rate, **extra)

@@ -62,9 +62,10 @@ def epoch_steps(data_options, accumulation, train_split, world):
 
 def build_train_model(model_options, spec, image_resize, resume):
     """The model of `spec` with the section's drop rates and recompute, at the img_size `image_resize` says,
-    with ckpt_path's weights (adapted: fine-tuning) as its start point unless the run resumes."""
+    with the official weights (`pretrained`) or ckpt_path's (adapted: fine-tuning) as its start point unless the
+    run resumes."""
     options = model_options
-    model = build_model(spec, options.drop_rate, options.drop_path_rate)
+    model = build_model(spec, options.drop_rate, options.drop_path_rate, pretrained=options.pretrained)
     if options.recompute:
         try:
             model.set_grad_checkpointing(True)

@@ -13,6 +13,7 @@ from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
 
 from ..errors import UserError
+from ..weights.hub import HUB_URL_PREFIX, load_hub_weights
 from . import cpu_kernels
 from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
                      batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token,
@@ -296,6 +297,14 @@ def take_indices(count, indices):
     return taken, max(taken)
 
 
+def input_size_error(shape, img_size):
+    """Why a picture batch of `shape` (B, C, H, W) cannot enter a model of `img_size`, or ""."""
+    if shape[-2:] == (img_size, img_size):
+        return ""
+    return (f"VOLO input is {shape[-2]}x{shape[-1]} pixels, the model's img_size is {img_size}: resize the "
+            f"pictures to {img_size}x{img_size}, or build the model with another img_size")
+
+
 def flatten_grid(x):
     """Channels-last (B, H, W, C) -> tokens (B, H * W, C)."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -307,7 +316,9 @@ class VOLO(nn.Cell):
     `construct` gives the official eval output: head(class token) + 0.5 * max over tokens of
     aux_head(tokens). `forward_train` gives the token-labeling outputs (class logits, per-token logits).
     With `features_only=True`, `construct` returns the feature maps of the stages in `out_indices`
-    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`).
+    (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`), in that order, and
+    `feature_info` and `out_channels` describe those maps.
+    Pictures must be img_size x img_size (the position embedding's grid); another size is a one-line error.
     """
 
     def __init__(self, layers, embed_dims, num_heads, mlp_ratio=3.0, stem_hidden_dim=64, img_size=224,
@@ -325,6 +336,10 @@ class VOLO(nn.Cell):
         self.out_indices = tuple(out_indices)
         self.feature_info = [dict(chs=embed_dims[0], reduction=PATCH_SIZE, name="network.0")] + [
             dict(chs=embed_dims[i], reduction=TOKEN_STRIDE, name=f"network.{i + 1}") for i in range(1, 4)]
+        if features_only:
+            # As MindCV's feature models (and timm's): feature_info and out_channels describe the maps given.
+            self.feature_info = [self.feature_info[i] for i in take_indices(NUM_STAGES, self.out_indices)[0]]
+            self.out_channels = [info["chs"] for info in self.feature_info]
 
         self.patch_embed = PatchEmbed(in_channels, stem_hidden_dim, embed_dims[0])
         grid = img_size // TOKEN_STRIDE
@@ -435,7 +450,20 @@ class VOLO(nn.Cell):
 
     def embed(self, x):
         """Image (B, C, H, W) -> stride-8 tokens, channels-last (B, H/8, W/8, C0)."""
+        # Inside another cell's graph; shapes are constants while a graph compiles, so this raises then.
+        message = input_size_error(x.shape, self.img_size)
+        if message:
+            raise ValueError(message)
         return self.patch_embed.channels_last(x)
+
+    def __call__(self, *args, **kwargs):
+        # The position embedding fixes the picture's size: another size is refused here, in one line, before
+        # any graph compiles (MindSpore would append its own stack to an error raised in the graph).
+        if args and isinstance(args[0], ms.Tensor):
+            message = input_size_error(args[0].shape, self.img_size)
+            if message:
+                raise UserError(message)
+        return super().__call__(*args, **kwargs)
 
     def stage(self, index):
         """The cell of stage `index`: 0 the outlookers (network.0), 1-3 the transformers (network.2-4)."""
@@ -574,23 +602,36 @@ ARCHS = {
                mlp_ratio=4.0, stem_hidden_dim=128),
 }
 
-# The 11 official variants: arch, resolution, eval crop_pct, official top-1 and release file name.
+# The 11 official variants: arch, resolution, eval crop_pct, official top-1, release file name, and the
+# Hugging Face hub repository publishing the weights (timm's copy of the release, as model.safetensors).
 VARIANTS = {
-    "volo_d1_224": dict(arch="d1", img_size=224, crop_pct=0.96, top1=84.2, file="d1_224_84.2.pth.tar"),
-    "volo_d1_384": dict(arch="d1", img_size=384, crop_pct=1.0, top1=85.2, file="d1_384_85.2.pth.tar"),
-    "volo_d2_224": dict(arch="d2", img_size=224, crop_pct=0.96, top1=85.2, file="d2_224_85.2.pth.tar"),
-    "volo_d2_384": dict(arch="d2", img_size=384, crop_pct=1.0, top1=86.0, file="d2_384_86.0.pth.tar"),
-    "volo_d3_224": dict(arch="d3", img_size=224, crop_pct=0.96, top1=85.4, file="d3_224_85.4.pth.tar"),
-    "volo_d3_448": dict(arch="d3", img_size=448, crop_pct=1.0, top1=86.3, file="d3_448_86.3.pth.tar"),
-    "volo_d4_224": dict(arch="d4", img_size=224, crop_pct=0.96, top1=85.7, file="d4_224_85.7.pth.tar"),
-    "volo_d4_448": dict(arch="d4", img_size=448, crop_pct=1.15, top1=86.8, file="d4_448_86.79.pth.tar"),
-    "volo_d5_224": dict(arch="d5", img_size=224, crop_pct=0.96, top1=86.1, file="d5_224_86.10.pth.tar"),
-    "volo_d5_448": dict(arch="d5", img_size=448, crop_pct=1.15, top1=87.0, file="d5_448_87.0.pth.tar"),
-    "volo_d5_512": dict(arch="d5", img_size=512, crop_pct=1.15, top1=87.1, file="d5_512_87.07.pth.tar"),
+    "volo_d1_224": dict(arch="d1", img_size=224, crop_pct=0.96, top1=84.2, file="d1_224_84.2.pth.tar",
+                        hub="timm/volo_d1_224.sail_in1k"),
+    "volo_d1_384": dict(arch="d1", img_size=384, crop_pct=1.0, top1=85.2, file="d1_384_85.2.pth.tar",
+                        hub="timm/volo_d1_384.sail_in1k"),
+    "volo_d2_224": dict(arch="d2", img_size=224, crop_pct=0.96, top1=85.2, file="d2_224_85.2.pth.tar",
+                        hub="timm/volo_d2_224.sail_in1k"),
+    "volo_d2_384": dict(arch="d2", img_size=384, crop_pct=1.0, top1=86.0, file="d2_384_86.0.pth.tar",
+                        hub="timm/volo_d2_384.sail_in1k"),
+    "volo_d3_224": dict(arch="d3", img_size=224, crop_pct=0.96, top1=85.4, file="d3_224_85.4.pth.tar",
+                        hub="timm/volo_d3_224.sail_in1k"),
+    "volo_d3_448": dict(arch="d3", img_size=448, crop_pct=1.0, top1=86.3, file="d3_448_86.3.pth.tar",
+                        hub="timm/volo_d3_448.sail_in1k"),
+    "volo_d4_224": dict(arch="d4", img_size=224, crop_pct=0.96, top1=85.7, file="d4_224_85.7.pth.tar",
+                        hub="timm/volo_d4_224.sail_in1k"),
+    "volo_d4_448": dict(arch="d4", img_size=448, crop_pct=1.15, top1=86.8, file="d4_448_86.79.pth.tar",
+                        hub="timm/volo_d4_448.sail_in1k"),
+    "volo_d5_224": dict(arch="d5", img_size=224, crop_pct=0.96, top1=86.1, file="d5_224_86.10.pth.tar",
+                        hub="timm/volo_d5_224.sail_in1k"),
+    "volo_d5_448": dict(arch="d5", img_size=448, crop_pct=1.15, top1=87.0, file="d5_448_87.0.pth.tar",
+                        hub="timm/volo_d5_448.sail_in1k"),
+    "volo_d5_512": dict(arch="d5", img_size=512, crop_pct=1.15, top1=87.1, file="d5_512_87.07.pth.tar",
+                        hub="timm/volo_d5_512.sail_in1k"),
 }
 # MindCV's short names stand for the 224 px models (and replace MindCV's own VOLO entries).
 ALIASES = {f"volo_{arch}": f"volo_{arch}_224" for arch in ARCHS}
 
+NUM_CLASSES = 1000  # ImageNet-1k: the class count of every official variant
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -599,11 +640,14 @@ def data_config(name):
     """Evaluation preprocessing of a registered model: resize to size / crop_pct (bicubic), center crop."""
     variant = VARIANTS[ALIASES.get(name, name)]
     size = variant["img_size"]
-    return dict(url="", input_size=(3, size, size), crop_pct=variant["crop_pct"], interpolation="bicubic",
-                mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="patch_embed.conv.0", classifier="head")
+    return dict(url=HUB_URL_PREFIX + variant["hub"], num_classes=NUM_CLASSES, input_size=(3, size, size),
+                crop_pct=variant["crop_pct"], interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                first_conv="patch_embed.conv.0", classifier="head")
 
 
-# Read by MindCV's registry (`get_pretrained_cfg`); no url: the weights come from `mindcv_volo.convert`.
+# Read by MindCV's registry: `get_pretrained_cfg`, and `list_models(pretrained=True)` / `is_model_pretrained`
+# (a registered name with a url). The url names the hub repository `build_volo(pretrained=True)` loads from;
+# MindCV's own loader (`load_pretrained`) is never called for these models.
 default_cfgs = {name: data_config(name) for name in (*VARIANTS, *ALIASES)}
 
 
@@ -628,13 +672,22 @@ def check_arch_overrides(overrides):
     return overrides
 
 
+def hub_id(name):
+    """The hub repository of a registered model's official weights."""
+    return VARIANTS[ALIASES.get(name, name)]["hub"]
+
+
 def build_volo(name, pretrained=False, **kwargs):
-    """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...)."""
-    if pretrained:
-        raise UserError(f"{name}: pretrained=True would need a download; convert the official weights with "
-                        "`python -m mindcv_volo.convert` and pass checkpoint_path=... instead")
+    """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...).
+
+    `pretrained=True` loads the official weights from the hub (`weights.hub`); another img_size resizes
+    pos_embed, another num_classes leaves fresh heads.
+    """
     variant = VARIANTS[ALIASES.get(name, name)]
-    return VOLO(**{**ARCHS[variant["arch"]], "img_size": variant["img_size"], **kwargs})
+    model = VOLO(**{**ARCHS[variant["arch"]], "img_size": variant["img_size"], **kwargs})
+    if pretrained:
+        load_hub_weights(model, variant["hub"])
+    return model
 
 
 def _entrypoint(name):

@@ -94,12 +94,16 @@ def build_teacher(config):
     checkpoint's."""
     import mindcv.models.registry as registry
 
-    from ..engine.model_spec import build_model, fit_hint, resolve
+    from ..engine.model_spec import build_model, fit_hint, load_model, resolve
     from ..models import MODEL_NAMES
     from ..weights.checkpoint import model_entries, read_checkpoint, read_description
     from ..weights.state import adapt_state, assign_state, check_state, model_shapes
 
     path, image_size = config.model.ckpt_path, config.tools.image_size
+    if config.model.pretrained:  # the official weights of a VOLO variant
+        model, spec, _ = load_model(config.model, path, config.model.ema,
+                                    **({"img_size": image_size} if image_size else {}))
+        return model, spec.name, model.img_size
     state = model_entries(read_checkpoint(path), config.model.ema, path)
     description = read_description(path)
     name = config.model.model or description.get("model")
@@ -133,8 +137,9 @@ def _head_classes(state, head_weight_name):
 def relabel(config):
     """Write the label map of every image of data_dir/split that has none yet (this rank's share)."""
     data, tools = config.data, config.tools
-    if not (config.model.ckpt_path and tools.out and data.data_dir):
-        raise UserError("relabel needs --ckpt_path (the teacher), --data_dir and --out (the folder for the maps)")
+    if not ((config.model.ckpt_path or config.model.pretrained) and tools.out and data.data_dir):
+        raise UserError("relabel needs --ckpt_path (the teacher; or --pretrained True and --model NAME), --data_dir "
+                        "and --out (the folder for the maps)")
     folder = os.path.join(data.data_dir, data.split)
     items = list_images(folder)  # checks the folder before the (slow) teacher is built
     runtime = setup_runtime(config.system, communicate=False)
@@ -163,7 +168,10 @@ def relabel(config):
         for i, rel in enumerate(names):
             write_label_map(label_map_path(tools.out, rel), indices[i], values[i], teacher.num_classes)
     if grid is not None:
-        write_meta(tools.out, teacher=name, checkpoint=os.path.abspath(config.model.ckpt_path),
+        from ..models import data_config
+
+        weights = data_config(name)["url"] if config.model.pretrained else os.path.abspath(config.model.ckpt_path)
+        write_meta(tools.out, teacher=name, checkpoint=weights,
                    num_classes=teacher.num_classes, top_k=tools.top_k, grid=list(map(int, grid)), image_size=size,
                    split=data.split, scores="logits",
                    view="whole image resized to image_size x image_size, bicubic, no crop")

@@ -15,6 +15,11 @@ arbitrary code. Our unpickler resolves globals only from a small allow-list: exa
 checkpoint needs, each mapped to a harmless stand-in written here. Anything else is refused
 before it is ever imported, let alone called.
 
+A zip archive can also be a bomb: an entry of a few MB deflated to GBs, or entries nested in each other's
+bytes. torch.save stores every entry uncompressed, side by side, and each storage entry holds exactly its
+elements, so a compressed entry, overlapping entries or a storage entry of another size is refused from
+the zip's headers, before the entry is read: reading takes memory in proportion to the file's size.
+
 Public functions:
     read_torch_checkpoint(path)  -> the unpickled object, tensors as numpy arrays
     load_state_dict_file(path)   -> {name: numpy array} from a .pth/.pth.tar/.ckpt or .safetensors file
@@ -23,6 +28,7 @@ import collections
 import io
 import os
 import pickle
+import struct
 import types
 import zipfile
 
@@ -125,14 +131,16 @@ class _SafeUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         if key not in self._storages:
+            name = f"{self._prefix}/data/{key}"
             try:
-                raw = self._archive.read(f"{self._prefix}/data/{key}")
+                declared = self._archive.getinfo(name).file_size
             except KeyError:
                 raise pickle.UnpicklingError(f"storage '{key}' is missing from the archive") from None
             dtype = np.dtype(storage_type.dtype).newbyteorder("<" if self._byteorder == "little" else ">")
-            if len(raw) < numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage '{key}' has {len(raw)} bytes, expected {numel * dtype.itemsize}")
-            data = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
+            if declared != numel * dtype.itemsize:
+                raise UserError(f"{self._path}: refused to load: storage '{key}' declares {declared} bytes where "
+                                f"its {numel} elements take {numel * dtype.itemsize} (the file may be malicious)")
+            data = np.frombuffer(self._archive.read(name), dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
             self._storages[key] = _Storage(data, storage_type.name == "BFloat16Storage")
         return self._storages[key]
 
@@ -157,6 +165,33 @@ def _looks_like_safetensors(head):
     return len(head) > 8 and head[8:9] == b"{"
 
 
+_LOCAL_HEADER = struct.Struct("<26xHH")  # a zip entry's local header: ..., name length, extra field length
+
+
+def _check_entries(path, archive):
+    """Refuse, from the zip's headers alone, entries torch.save never writes: compressed ones (a few MB may
+    inflate to GBs), and overlapping ones (an entry holding others: reading each takes the same bytes again)."""
+    spans = []  # (first byte, end, what): each entry's local header and data
+    with open(path, "rb") as f:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise UserError(f"{path}: refused to load: zip entry '{info.filename}' is compressed "
+                                f"({info.file_size} bytes inflated), which torch.save never writes (the file may be "
+                                "malicious)")
+            f.seek(info.header_offset)
+            header = f.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size:
+                raise _not_a_checkpoint(path, f"damaged or truncated zip archive (entry '{info.filename}')")
+            name_length, extra_length = _LOCAL_HEADER.unpack(header)
+            end = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length + info.compress_size
+            spans.append((info.header_offset, end, f"zip entry '{info.filename}'"))
+    spans.sort()
+    followers = spans[1:] + [(archive.start_dir, 0, "the zip directory")]
+    for (_, end, what), (next_start, _, next_what) in zip(spans, followers):
+        if end > next_start:
+            raise UserError(f"{path}: refused to load: {what} overlaps {next_what} (the file may be malicious)")
+
+
 def read_torch_checkpoint(path):
     """Unpickle a torch.save zip file; tensors become numpy arrays, storages' sharing is not kept.
 
@@ -175,6 +210,7 @@ def read_torch_checkpoint(path):
         raise _not_a_checkpoint(path, "no zip header" if head else "the file is empty")
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_entries(path, archive)
             pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise _not_a_checkpoint(path, f"a zip archive with {len(pickles)} '<name>/data.pkl' entries, not 1")
