@@ -60,7 +60,7 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: images})[0]
 
     def predict(self, paths, k=5, batch_size=8):
-        """`predict` (above) for this file's model: (path, top-k, None) or (path, None, UserError) per picture."""
+        """`pictures.predict` for this file's model: (path, top-k, None) or (path, None, UserError) per picture."""
         return predict(self, self.preprocessing, paths, self.class_names, min(k, len(self.class_names)),
                        self.fixed_batch or batch_size)
 

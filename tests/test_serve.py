@@ -23,7 +23,8 @@ def mindspore_pipeline(preprocessing, encoded):
     from mindspore.dataset import vision
     from mindspore.dataset.vision import Inter
 
-    inter = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}[preprocessing.interpolation]
+    filters = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST}
+    inter = filters[preprocessing.interpolation]
     size = preprocessing.size
     if preprocessing.crop_pct is None:
         resize = [vision.Resize((size, size), inter)]
