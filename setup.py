@@ -4,7 +4,7 @@ setup(
     name="mindcv-volo",
     version="0.1.0",
     description="The official VOLO (Vision Outlooker) in MindSpore, registered in MindCV's model zoo",
-    packages=find_packages(include=["mindcv_volo", "mindcv_volo.*"]),
+    packages=find_packages(include=["mindcv_volo", "mindcv_volo.*", "mindcv_volo_serve"]),
     # the fused CPU kernels' source (compiled with the machine's g++ on first use) and ImageNet's class names
     package_data={"mindcv_volo.models": ["cpu_kernels.cc", "imagenet_classes.txt"]},
     python_requires=">=3.9",

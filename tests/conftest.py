@@ -207,6 +207,29 @@ def converted(tmp_path_factory):
     return ConvertedCheckpoints(tmp_path_factory.mktemp("converted"))
 
 
+# The umask the exported files below are written under: the tests check they get 0640, not MindSpore's 0400.
+EXPORT_UMASK = 0o027
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(tmp_path_factory):
+    """The tiny D1-like fixture converted and exported to ONNX with a dynamic batch through the CLIs, as a user
+    does, under EXPORT_UMASK; (its .ckpt, its .onnx)."""
+    folder = tmp_path_factory.mktemp("exported")
+    ckpt, onnx_file = folder / "tiny.ckpt", folder / "tiny.onnx"
+    previous = os.umask(EXPORT_UMASK)  # the tools inherit it
+    try:
+        convert = run_tool("-m", "mindcv_volo.convert", "--src", FIXTURES / "tiny_d1like_64.safetensors", "--dst",
+                           ckpt, "--model", "volo_d1_224", *reference_options("tiny_d1like_64"))
+        assert convert.returncode == 0, convert.stderr
+        export = run_tool("-m", "mindcv_volo.export", "--ckpt_path", ckpt, "--out", onnx_file, "--file_format", "ONNX",
+                          "--dynamic_batch")  # the checkpoint describes its model
+        assert export.returncode == 0, export.stderr
+    finally:
+        os.umask(previous)
+    return ckpt, onnx_file
+
+
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """Tiny ImageFolder data: 3 classes of drawn shapes, 24 train and 6 val images each."""

@@ -1,5 +1,6 @@
 """Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches;
-SIGTERM to the workers stops both after the same step, and the resumed run ends as one never stopped."""
+the same two workers as two nodes end as under one msrun; SIGTERM to the workers stops both after the same
+step, and the resumed run ends as one never stopped."""
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -89,6 +91,57 @@ def test_two_workers_match_one(two_workers):
     expected = last_json(alone.stdout)
     assert [result[k] for k in ("top1", "top5", "loss", "num_samples")] == [
         expected[k] for k in ("top1", "top5", "loss", "num_samples")]
+
+
+def cluster_by_hand(command, nodes, logs, env):
+    """Run `command` as `msrun --worker_num N --local_worker_num 1 --master_addr <node 0> --node_rank i` does on
+    each of N machines: a scheduler (MS_ROLE=MS_SCHED, on node 0) and worker i (MS_ROLE=MS_WORKER, MS_NODE_ID
+    and RANK_ID i, DEVICE_ID 0: the first device of its machine), all given the scheduler's address. Two msrun
+    launches cannot share one machine (each starts a scheduler when master_addr is local), so the test starts
+    the processes as msrun would. Returns the exit codes: scheduler, then worker 0, 1, ..."""
+    logs.mkdir()
+    port = free_port()
+    cluster = dict(env, MS_WORKER_NUM=str(nodes), RANK_SIZE=str(nodes), MS_SCHED_HOST="127.0.0.1",
+                   MS_SCHED_PORT=str(port))
+    roles = [("scheduler", dict(cluster, MS_ROLE="MS_SCHED"))] + [
+        (f"worker_{node}", dict(cluster, MS_ROLE="MS_WORKER", MS_NODE_ID=str(node), RANK_ID=str(node), DEVICE_ID="0"))
+        for node in range(nodes)]
+    processes = []
+    for name, role_env in roles:
+        with open(logs / f"{name}.log", "w", encoding="utf-8") as log:
+            processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=role_env))
+        if name == "scheduler":
+            wait_for_port(port, processes[0])
+    return [process.wait(timeout=900) for process in processes]
+
+
+def wait_for_port(port, process, timeout=300):
+    """Until the scheduler listens. Workers that reach the port before it did took 35-50 s here to join the
+    cluster (MindSpore's reconnect), against 5-7 s when they start after."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, "the scheduler did not start listening"
+            time.sleep(0.2)
+
+
+def test_two_nodes_train_as_one_node_with_two_workers(two_workers, tmp_path):
+    root, data, _, one_node, env = two_workers
+    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "ckpt", batch_size=4, **AUGMENTED)
+    codes = cluster_by_hand([sys.executable, os.path.join(ROOT, "train.py"), "-c", config], 2, tmp_path / "logs",
+                            env)
+    two_nodes = worker_logs(tmp_path / "logs")
+    assert codes == [0, 0, 0], two_nodes[0][-3000:] + two_nodes[1][-3000:]
+    assert "2 workers" in two_nodes[0] and "epoch 2/2 done" in two_nodes[0] and "epoch" not in two_nodes[1]
+    # every rank ends with the weights it has under one msrun, bit for bit; rank 0 alone saved them
+    for rank in range(2):
+        pattern = rf"rank {rank} weights sha256 ([0-9a-f]{{16}})"
+        assert re.search(pattern, two_nodes[rank]).group(1) == re.search(pattern, one_node[rank]).group(1)
+    final = f"volo_d1_224-2_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(root / "two" / final)) == 0
 
 
 def msrun_workers(msrun_pid):

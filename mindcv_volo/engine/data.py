@@ -12,22 +12,21 @@ rank). So:
     never stopped, and nothing but the position needs saving;
   * the number of data workers, and which worker takes which sample, change nothing.
 
-Evaluation uses the model's own preprocessing (`Preprocessing`, `eval_transforms`: the one definition used
-by validation, inference and the relabelling teacher): resize to size / crop_pct (PIL bicubic, as the
-official), center crop, mean/std normalisation, on every image of the split in file order, each rank a
-stride.
+Evaluation uses the model's own preprocessing (`mindcv_volo_serve.Preprocessing`: the one definition used
+by validation, inference, the relabelling teacher and exported ONNX files): resize to size / crop_pct (PIL
+bicubic, as the official), center crop, mean/std normalisation, on every image of the split in file order,
+each rank a stride.
 """
 import math
 import os
 import re
-from typing import NamedTuple, Optional
 
 import numpy as np
 import mindspore.dataset as ds
-from mindspore.dataset import vision
-from mindspore.dataset.vision import Inter
 from mindcv.data import create_dataset, create_loader
 from PIL import Image
+
+from mindcv_volo_serve.preprocessing import Preprocessing
 
 from ..errors import UserError
 from ..models.volo import IMAGENET_MEAN, IMAGENET_STD
@@ -150,45 +149,8 @@ class TrainSamples:
         return ()
 
 
-class Preprocessing(NamedTuple):
-    """How a model's input is made from an image: the fact checkpoints carry and every evaluator uses."""
-    size: int
-    crop_pct: Optional[float]  # None: the whole image, resized to size x size (the relabelling teacher's view)
-    interpolation: str
-    mean: tuple  # per channel, 0-255 pixel scale
-    std: tuple
-
-    def transforms(self):
-        """The steps, as the official (timm on PIL images) does them.
-
-        Decode to a PIL image, resize the shorter side to floor(size / crop_pct) with PIL's filter (MindSpore's
-        Resize runs PIL on PIL images; on arrays it runs a kernel without PIL's antialiasing, which moves the
-        pixels of a downscaled photo by ~10 levels), center crop, then mean/std on the 0-255 scale, CHW.
-        MindCV's eval transforms are the same steps on arrays.
-        """
-        if self.crop_pct is None:
-            resize = [vision.Resize((self.size, self.size), _INTER[self.interpolation])]
-        else:
-            resize = [vision.Resize(int(math.floor(self.size / self.crop_pct)), _INTER[self.interpolation]),
-                      vision.CenterCrop(self.size)]
-        return [vision.Decode(to_pil=True), *resize, vision.ToNumpy(),
-                vision.Normalize(mean=list(self.mean), std=list(self.std)), vision.HWC2CHW()]
-
-    def load(self, path):
-        """One image file as the model's input: float32 (3, size, size); a UserError naming an unreadable file."""
-        try:
-            image = np.fromfile(path, np.uint8)
-            for step in self.transforms():
-                image = step(image)
-        except (OSError, RuntimeError, ValueError):
-            raise UserError(f"cannot read image {path}: corrupt or not an image") from None
-        return image.astype(np.float32)
-
-
 IMAGENET_MEAN_255 = tuple(round(m * 255, 3) for m in IMAGENET_MEAN)
 IMAGENET_STD_255 = tuple(round(s * 255, 3) for s in IMAGENET_STD)
-_INTER = {"bicubic": Inter.BICUBIC, "bilinear": Inter.BILINEAR, "nearest": Inter.NEAREST, "area": Inter.AREA,
-          "pilcubic": Inter.PILCUBIC}
 
 
 def _workers(requested):
