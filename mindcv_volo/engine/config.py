@@ -275,10 +275,13 @@ _METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "float
 
 
 class Config:
-    """Parsed options: `config.<section>` is an immutable record of that section's options."""
+    """Parsed options: `config.<section>` is an immutable record of that section's options; `config.given`
+    names the options set on the command line (a recipe's values are defaults: a checkpoint's own description
+    of its model wins over them, not over these)."""
 
-    def __init__(self, values):
+    def __init__(self, values, given=frozenset()):
         self._values = dict(values)
+        self.given = frozenset(given)
         for section, options in SECTIONS.items():
             record = collections.namedtuple(section, [opt.name for opt in options])
             setattr(self, section, record(**{opt.name: values[opt.name] for opt in options}))
@@ -289,7 +292,7 @@ class Config:
 
     def replace(self, **values):
         """A new Config with some values changed (for tests and for commands that fill in what is missing)."""
-        return Config({**self._values, **values})
+        return Config({**self._values, **values}, self.given)
 
 
 def parse_config(argv: list[str] | None = None, command: str = "train") -> Config:
@@ -313,10 +316,11 @@ def parse_config(argv: list[str] | None = None, command: str = "train") -> Confi
         hints = ", ".join(flag + _did_you_mean(flag, names, "{}") for flag in flags)
         raise UserError(f"unknown command-line option{'s' * (len(flags) > 1)}: {hints}; "
                         "run with --help to list the valid options")
-    _update(values, _read_source(vars(given), spec, lambda key: f"{_flag(key)} on the command line"))
+    command_line = _read_source(vars(given), spec, lambda key: f"{_flag(key)} on the command line")
+    _update(values, command_line)
     values["config"] = path  # a `config:` key inside a YAML file (e.g. a saved one) is not the file we read
     _check_supported(values)
-    return Config(values)
+    return Config(values, set(command_line) - {"config"})
 
 
 def save_config(config: Config, path: str) -> None:
@@ -393,7 +397,7 @@ def _build_parser(spec, values):
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         base = opt.type.rstrip("?")
         names = [name, *opt.aliases, *command_aliases.get(name, [])]
-        flags = ["-c", "--config"] if name == "config" else []
+        flags = ["-c"] if name == "config" else []
         for each in names:  # snake_case as MindCV, and the dashed spelling
             flags += [f"--{each}"] + ([f"--{each.replace('_', '-')}"] if "_" in each else [])
         # Lists: `--scale 0.08 1.0` or `--scale 0.08,1.0`; booleans: a bare `--resume` means true.
