@@ -7,7 +7,7 @@ The .ckpt describes itself (model, classes, preprocessing), so validate.py, infe
 import logging
 
 from .engine.config import parse_config
-from .engine.model_spec import build_model, preprocessing, resolve
+from .engine.model_spec import build_model, imagenet_class_names, preprocessing, resolve
 from .errors import UserError, run_cli
 from .weights.convert import convert_into
 
@@ -20,6 +20,9 @@ def main(argv=None):
                         "--model NAME (e.g. volo_d1_224)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     spec = resolve(config.model)
+    imagenet = imagenet_class_names()
+    if spec.num_classes == len(imagenet):  # the official weights are ImageNet-1k's: their outputs are its classes
+        spec = spec._replace(class_names=imagenet)
     model = build_model(spec)
     convert_into(model, tools.src, tools.dst, ema=config.model.ema,
                  description=spec.describe(preprocessing(model, spec, config.augmentation)))

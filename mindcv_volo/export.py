@@ -18,7 +18,7 @@ def main(argv=None):
         raise UserError("export needs --ckpt_path FILE.ckpt and --out FILE (.mindir or .onnx)")
     # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
     with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
-        model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+        model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema, given=config.given)
     print(f"wrote {export_model(model, tools.out, tools.file_format, config.data.batch_size, tools.dynamic_batch)}")
 
 

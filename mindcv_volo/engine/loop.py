@@ -19,7 +19,7 @@ from .config import save_config
 from .data import SplitInfo, create_eval_loader, create_train_loader, train_steps
 from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
-from .model_spec import build_model, preprocessing, resolve
+from .model_spec import build_model, follow_checkpoint, preprocessing, resolve
 from .runtime import add_log_file, amp_level, describe, release_free_heap, setup_runtime, under_msrun
 from .step import EMA, TrainState, TrainStep, apply_amp, build_train_steps
 from .stopping import StopRequests
@@ -223,9 +223,9 @@ class Run:
 
     def __init__(self, config, build_loss):
         check_options(config)
-        self.config = config
-        data, aug, steps = config.data, config.augmentation, config.train_step
         self.runtime = setup_runtime(config.system, config.system.distribute)
+        self.config = config = follow_checkpoint(config)
+        data, aug, steps = config.data, config.augmentation, config.train_step
         log_options_that_do_not_apply(config)
         warn_what_is_not_reproduced(config.model)
 
@@ -454,6 +454,7 @@ class Run:
         data = self.config.data
         loader = create_eval_loader(self.val_split, data.batch_size, self.preprocessing, self.runtime.rank,
                                     self.runtime.world, data.num_parallel_workers)
+        logger.info("validating the %s weights on %s", "trained" if self.ema is None else "EMA", self.val_split.folder)
         if self.ema is None:
             return evaluate(self.eval_network, loader, data.batch_size, self.runtime.world)
         swap = [(p, e) for p, e in zip(self.ema.params, self.ema.ema)]
