@@ -73,7 +73,8 @@ SECTIONS = {
           "MindCV: feed batches through the device's data queue; the loop here feeds from the host (logged)"),
     ],
     "augmentation": [
-        O("image_resize", "int", 224, None, "training crop size; the model's img_size"),
+        O("image_resize", "int", 224, None, "training crop size; the model's img_size (from a ckpt_path that describes "
+          "its model: that model's, unless given on the command line)"),
         O("scale", "floats", [0.08, 1.0], None, "random-resized-crop area range"),
         O("ratio", "floats", [0.75, 1.333], None, "random-resized-crop aspect-ratio range"),
         O("hflip", "float", 0.5, None, "horizontal flip probability"),
@@ -101,7 +102,9 @@ SECTIONS = {
         O("std", "floats?", None, None, "per-channel std, 0-255 pixel scale; null: the checkpoint's, else ImageNet's"),
     ],
     "model": [
-        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the checkpoint's"),
+        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the "
+          "checkpoint's. A ckpt_path that describes its model wins over a recipe's model and arch_overrides, not "
+          "over the command line"),
         O("num_classes", "int?", None, None,
           "number of classes; null: the training set's class folders, or the checkpoint's"),
         O("in_channels", "int", 3, None, "input image channels"),
