@@ -75,3 +75,17 @@ def test_unnamed_classes_are_indices_never_imagenet(caplog):
     caplog.clear()
     assert class_names(ModelSpec("volo_d1_224", 2, {}, class_names=("cat", "dog"))) == ["cat", "dog"]
     assert not caplog.records  # all named: nothing to say
+
+
+def test_stored_names_of_fewer_classes_than_outputs_are_kept():
+    """A run with num_classes larger than its folders stores the folders' names: infer.py prints them."""
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.infer import class_names
+    from mindcv_volo.engine.model_spec import resolve
+
+    described = {"model": "volo_d1_224", "num_classes": 1000, "class_names": ["0", "1", "2"]}
+    spec = resolve(parse_config([], "infer").model, described)
+    assert spec.class_names == ("0", "1", "2") and class_names(spec)[2:4] == ["2", "class_3"]
+    # a fine-tune's start point: its names are of another class count
+    config = parse_config(["--num_classes", "5"], "train")
+    assert resolve(config.model, described, given=config.given).class_names is None

@@ -70,10 +70,8 @@ def resolve(model_options, description=None, num_classes=None, class_names=None,
         overrides = {**described_overrides, **(model_options.arch_overrides if "arch_overrides" in given else {})}
     classes = pick("num_classes") or num_classes or DEFAULT_NUM_CLASSES
     names = class_names
-    if names is None:
-        names = description.get("class_names")
-        if names is not None and len(names) != classes:
-            names = None  # labels of another class count (a fine-tune's start point) do not apply
+    if names is None and description.get("num_classes") == classes:
+        names = description.get("class_names")  # labels of another class count (a fine-tune's start) do not apply
     return ModelSpec(name, int(classes), check_arch_overrides(overrides), model_options.in_channels,
                      tuple(names) if names else None)
 
