@@ -25,7 +25,8 @@ def main(argv=None):
         require_onnx()  # before the model is loaded: a missing package is said at once
     # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
     with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
-        model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+        model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema,
+                                                 given=config.given)
     # an ONNX file carries what running it needs: the model's preprocessing and class names
     metadata = onnx_metadata(spec.name, preprocessing(model, spec, config.augmentation, description),
                              class_names(spec))

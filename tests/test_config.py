@@ -168,6 +168,22 @@ def test_help_shows_yaml_defaults(tmp_path, capsys):
     assert "Train VOLO" in out and "peak learning rate (default: 0.004)" in out
 
 
+@pytest.mark.parametrize("command", ["train", "validate", "infer"])
+def test_help_lists_each_option_once(command, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], command)
+    flags = [word.rstrip(",") for word in capsys.readouterr().out.split() if word.startswith("-")]
+    assert flags.count("-c") == 1 and flags.count("--config") == 1
+    assert len(flags) == len(set(flags)), sorted(flag for flag in set(flags) if flags.count(flag) > 1)
+
+
+def test_given_names_what_the_command_line_set(tmp_path):
+    recipe = write(tmp_path, "model: volo_d2_224\nlr: 1e-3\n")
+    config = parse_config(["-c", recipe, "--lr", "2e-3", "--num-classes", "5", "--ckpt", "x.ckpt"])
+    assert config.given == {"lr", "num_classes", "ckpt_path"}  # not the recipe's model, not -c itself
+    assert config.replace(model="volo_d1_224").given == config.given
+
+
 def test_save_config_round_trips(tmp_path):
     recipe = write(tmp_path, "lr: 1e-3\nresume: 'no'\nauto_augment: randaug-m9-mstd0.5-inc1\n")
     config = parse_config(["-c", recipe, "--batch_size", "32", "--mean", "0.5,0.5,0.5", "--crop_pct", "0.9"])

@@ -42,12 +42,18 @@ def test_train_steps():
     assert train_steps(100, 8, 5, drop_remainder=True) == 10  # whole accumulation groups only
 
 
-def test_split_checks(tmp_path, folder):
+def test_split_checks(tmp_path, folder, caplog):
     split = SplitInfo(folder, "train")
     assert split.classes == sorted(CLASSES) and split.count == 24
     split.check_same_classes(SplitInfo(folder, "val"))
     with pytest.raises(UserError, match="has 3 classes but num_classes is 2; set --num_classes 3"):
         split.check_num_classes(2)
+    split.check_num_classes(3)
+    assert not caplog.records
+    split.check_num_classes(10)  # more outputs than folders: trains, and says so once
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: num_classes is 10 but {split.folder} has 3 class folders: 7 of the model's outputs are never "
+        "trained (set num_classes 3, or null to follow the folders)"]
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(UserError) as info:
         SplitInfo(str(tmp_path), "train")

@@ -1,5 +1,6 @@
 """infer.py: one JSON line per image, the model's own preprocessing, the checkpoint's class names."""
 import json
+import logging
 from pathlib import Path
 
 import mindspore as ms
@@ -59,11 +60,32 @@ def test_an_unreadable_image_is_one_error_line_and_the_others_are_classified(tra
     assert images == [str(folder / "a.png"), str(folder / "c.png")]
 
 
-def test_a_1000_class_model_without_names_speaks_imagenet(tmp_path):
+def test_unnamed_classes_are_indices_never_imagenet(caplog):
     from mindcv_volo.engine.infer import class_names
     from mindcv_volo.engine.model_spec import ModelSpec
 
+    caplog.set_level(logging.INFO, logger="mindcv_volo")
     names = class_names(ModelSpec("volo_d1_224", 1000, {}))
-    assert len(names) == 1000 and (names[0], names[1], names[281], names[999]) == (
-        "tench", "goldfish", "tabby", "toilet tissue")
-    assert class_names(ModelSpec("volo_d1_224", 3, {})) == ["0", "1", "2"]
+    assert names[:2] == ["class_0", "class_1"] and names[999] == "class_999" and len(names) == 1000
+    assert class_names(ModelSpec("volo_d1_224", 4, {}, class_names=("cat", "dog"))) == ["cat", "dog", "class_2",
+                                                                                          "class_3"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint names none of its 1000 classes: the unnamed ones are printed as class_<index>",
+        "the checkpoint names 2 of its 4 classes: the unnamed ones are printed as class_<index>"]
+    caplog.clear()
+    assert class_names(ModelSpec("volo_d1_224", 2, {}, class_names=("cat", "dog"))) == ["cat", "dog"]
+    assert not caplog.records  # all named: nothing to say
+
+
+def test_stored_names_of_fewer_classes_than_outputs_are_kept():
+    """A run with num_classes larger than its folders stores the folders' names: infer.py prints them."""
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.infer import class_names
+    from mindcv_volo.engine.model_spec import resolve
+
+    described = {"model": "volo_d1_224", "num_classes": 1000, "class_names": ["0", "1", "2"]}
+    spec = resolve(parse_config([], "infer").model, described)
+    assert spec.class_names == ("0", "1", "2") and class_names(spec)[2:4] == ["2", "class_3"]
+    # a fine-tune's start point: its names are of another class count
+    config = parse_config(["--num_classes", "5"], "train")
+    assert resolve(config.model, described, given=config.given).class_names is None

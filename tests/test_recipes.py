@@ -1,6 +1,7 @@
 """The recipes in configs/: each parses, names a registered model, says what it reproduces, follows the paper."""
 import glob
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import FIXTURES, ROOT, last_json, run_tool
 from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.optim import learning_rates
 from mindcv_volo.models import MODEL_NAMES, VARIANTS
+from mindcv_volo.weights.checkpoint import read_description
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 PAPER = {"d1": (1.6e-3, 0.1), "d2": (1e-3, 0.2), "d3": (1e-3, 0.5), "d4": (1e-3, 0.5), "d5": (8e-4, 0.75)}
@@ -28,7 +30,8 @@ def test_recipe(path):
     config = parse_config(["-c", path])
     args = SimpleNamespace(**config.as_dict())
     assert args.model in MODEL_NAMES and not args.distribute
-    if "quickstart" in path:
+    if "quickstart" in path:  # run again, it retrains into its own folder
+        assert args.overwrite and args.ckpt_save_dir == "./ckpt/quickstart"
         return
     if path.endswith("volo_d1_finetune.yaml"):  # one's own data: the class folders decide, heads start afresh
         assert args.num_classes is None and args.ckpt_path.endswith(".ckpt") and args.loss == "token_label"
@@ -67,8 +70,14 @@ def smoke_run(recipe, digits, save_dir, *extra):
 
 
 def test_mindcv_recipe_trains_unchanged(digits, tmp_path):
-    """MindCV's own VOLO-D1 recipe (tests/fixtures, verbatim) trains a full-size D1 for one short epoch."""
-    proc = smoke_run(FIXTURES / "mindcv_volo_d1_ascend.yaml", digits, tmp_path / "ckpt")
+    """MindCV's own VOLO-D1 recipe (tests/fixtures, verbatim: num_classes 1000) trains a full-size D1 for one short
+    epoch on 3 class folders: a warning says how many outputs are never trained, the checkpoint names the 3
+    folders, and infer.py prints those names (the untrained outputs as class indices, never ImageNet's)."""
+    data = tmp_path / "three_digits"
+    for split in ("train", "val"):
+        for digit in "012":
+            shutil.copytree(digits / split / digit, data / split / digit)
+    proc = smoke_run(FIXTURES / "mindcv_volo_d1_ascend.yaml", data, tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     # what does not apply here is said once, each in one line
@@ -77,11 +86,24 @@ def test_mindcv_recipe_trains_unchanged(digits, tmp_path):
                  "color_jitter is not applied with auto_augment",
                  "amp_level O3 is for accelerators: on CPU the run computes in float32 (O0)",
                  "warning: epoch_size 1 is shorter than the recipe's schedule: warmup_epochs 20 -> 0, "
-                 "decay_epochs 280 -> 1"):
+                 "decay_epochs 280 -> 1",
+                 f"warning: num_classes is 1000 but {data / 'train'} has 3 class folders: 997 of the model's outputs "
+                 "are never trained (set num_classes 3, or null to follow the folders)",
+                 f"validating the EMA weights on {data / 'val'}"):
         assert out.count(said) == 1, said
-    assert "training volo_d1 on 1438 images of 10 classes: 1 epochs x 2 steps, global batch 128" in out
-    assert last_json(out)["num_samples"] == 359
-    assert [p.name for p in (tmp_path / "ckpt").glob("*.ckpt")] == ["volo_d1-1_2.ckpt"]
+    train_images = sum(1 for _ in (data / "train").rglob("*.png"))
+    assert f"training volo_d1 on {train_images} images of 3 classes: 1 epochs x 2 steps, global batch 128" in out
+    assert last_json(out)["num_samples"] == sum(1 for _ in (data / "val").rglob("*.png"))
+    checkpoint = tmp_path / "ckpt" / "volo_d1-1_2.ckpt"
+    assert [p.name for p in (tmp_path / "ckpt").glob("*.ckpt")] == [checkpoint.name]
+    assert read_description(str(checkpoint))["class_names"] == ["0", "1", "2"]
+
+    proc = run_tool("infer.py", "--ckpt_path", checkpoint, "--image_path", next((data / "val" / "1").iterdir()),
+                    "--top_k", "1000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the checkpoint names 3 of its 1000 classes: the unnamed ones are printed as class_<index>" in proc.stdout
+    printed = [name for name, _ in last_json(proc.stdout)["top1000"]]
+    assert sorted(printed) == sorted(["0", "1", "2"] + [f"class_{index}" for index in range(3, 1000)])
 
 
 def test_own_recipe_smoke_run(digits, tmp_path):

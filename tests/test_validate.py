@@ -1,4 +1,5 @@
 """validate.py: the JSON line, from a recipe or from --model/--data_dir, plain or EMA weights."""
+import ast
 import json
 
 import pytest
@@ -27,6 +28,10 @@ def test_validate_from_the_recipe_matches_train(trained):
         train_result["top1"], train_result["top5"], train_result["num_samples"])
     assert result["loss"] == pytest.approx(train_result["loss"], abs=1e-5)
     assert "eval batches 6/6" in proc.stdout  # progress
+    # before it, the metrics as MindCV's validate.py prints them (3 classes: no Top_5_Accuracy there either)
+    mindcv = ast.literal_eval(proc.stdout.strip().splitlines()[-2])
+    assert list(mindcv) == ["Top_1_Accuracy", "loss"]
+    assert (round(mindcv["Top_1_Accuracy"], 6), round(mindcv["loss"], 6)) == (result["top1"], result["loss"])
 
 
 def test_validate_by_model_name_on_another_split(trained):
@@ -39,3 +44,11 @@ def test_validate_by_model_name_on_another_split(trained):
     assert list(result) == FIELDS and result["num_samples"] == 72
     assert 0 <= result["top1"] <= result["top5"] == 1.0 and result["loss"] > 0 and result["img_per_s"] > 0
     assert proc.stdout.strip().splitlines()[-1].startswith('{"model": "volo_d1_224", "top1": ')
+
+
+def test_mindcv_metric_names():
+    from mindcv_volo.engine.evaluate import mindcv_metrics
+
+    metrics = {"top1": 0.8, "top5": 1.0, "loss": 0.53, "num_samples": 10, "img_per_s": 3.0}
+    assert str(mindcv_metrics(metrics, 10)) == "{'Top_1_Accuracy': 0.8, 'Top_5_Accuracy': 1.0, 'loss': 0.53}"
+    assert str(mindcv_metrics(metrics, 4)) == "{'Top_1_Accuracy': 0.8, 'loss': 0.53}"

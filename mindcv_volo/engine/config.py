@@ -88,7 +88,8 @@ SECTIONS = {
           "MindCV: feed batches through the device's data queue; the loop here feeds from the host (logged)"),
     ],
     "augmentation": [
-        O("image_resize", "int", 224, None, "training crop size; the model's img_size", bound=AT_LEAST_1),
+        O("image_resize", "int", 224, None, "training crop size; the model's img_size (from a ckpt_path that describes "
+          "its model: that model's, unless given on the command line)", bound=AT_LEAST_1),
         O("scale", "floats", [0.08, 1.0], None, "random-resized-crop area range"),
         O("ratio", "floats", [0.75, 1.333], None, "random-resized-crop aspect-ratio range"),
         O("hflip", "float", 0.5, None, "horizontal flip probability"),
@@ -116,8 +117,9 @@ SECTIONS = {
         O("std", "floats?", None, None, "per-channel std, 0-255 pixel scale; null: the checkpoint's, else ImageNet's"),
     ],
     "model": [
-        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the checkpoint's",
-          per_command={"train": "volo_d1_224"}),
+        O("model", "str?", None, None, "model name, e.g. volo_d1_224; null: train volo_d1_224, others read the "
+          "checkpoint's. A ckpt_path that describes its model wins over a recipe's model and arch_overrides, not "
+          "over the command line", per_command={"train": "volo_d1_224"}),
         O("num_classes", "int?", None, None,
           "number of classes; null: the training set's class folders, or the checkpoint's"),
         O("in_channels", "int", 3, None, "input image channels"),
@@ -295,10 +297,13 @@ _METAVAR = {"str": "STR", "int": "INT", "float": "FLOAT", "bool": "BOOL", "float
 
 
 class Config:
-    """Parsed options: `config.<section>` is an immutable record of that section's options."""
+    """Parsed options: `config.<section>` is an immutable record of that section's options; `config.given`
+    names the options set on the command line (a recipe's values are defaults: a checkpoint's own description
+    of its model wins over them, not over these)."""
 
-    def __init__(self, values):
+    def __init__(self, values, given=frozenset()):
         self._values = dict(values)
+        self.given = frozenset(given)
         for section, options in SECTIONS.items():
             record = collections.namedtuple(section, [opt.name for opt in options])
             setattr(self, section, record(**{opt.name: values[opt.name] for opt in options}))
@@ -309,7 +314,7 @@ class Config:
 
     def replace(self, **values):
         """A new Config with some values changed (for tests and for commands that fill in what is missing)."""
-        return Config({**self._values, **values})
+        return Config({**self._values, **values}, self.given)
 
 
 def parse_config(argv: list[str] | None = None, command: str = "train") -> Config:
@@ -334,10 +339,11 @@ def parse_config(argv: list[str] | None = None, command: str = "train") -> Confi
         hints = ", ".join(flag + _did_you_mean(flag, names, "{}") for flag in flags)
         raise UserError(f"unknown command-line option{'s' * (len(flags) > 1)}: {hints}; "
                         "run with --help to list the valid options")
-    _update(values, _read_source(vars(given), spec, lambda key: f"{_flag(key)} on the command line"))
+    command_line = _read_source(vars(given), spec, lambda key: f"{_flag(key)} on the command line")
+    _update(values, command_line)
     values["config"] = path  # a `config:` key inside a YAML file (e.g. a saved one) is not the file we read
     _check_supported(values)
-    return Config(values)
+    return Config(values, set(command_line) - {"config"})
 
 
 def save_config(config: Config, path: str) -> None:
@@ -422,7 +428,7 @@ def _build_parser(spec, values):
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         base = opt.type.rstrip("?")
         names = [name, *opt.aliases, *command_aliases.get(name, [])]
-        flags = ["-c", "--config"] if name == "config" else []
+        flags = ["-c"] if name == "config" else []
         for each in names:  # snake_case as MindCV, and the dashed spelling
             flags += [f"--{each}"] + ([f"--{each.replace('_', '-')}"] if "_" in each else [])
         # Lists: `--scale 0.08 1.0` or `--scale 0.08,1.0`; booleans: a bare `--resume` means true.

@@ -17,6 +17,7 @@ by validation, inference, the relabelling teacher and exported ONNX files): resi
 bicubic, as the official), center crop, mean/std normalisation, on every image of the split in file order,
 each rank a stride.
 """
+import logging
 import math
 import os
 import re
@@ -26,13 +27,15 @@ import mindspore.dataset as ds
 from mindcv.data import create_dataset, create_loader
 from PIL import Image
 
-from mindcv_volo_serve.preprocessing import Preprocessing
+from mindcv_volo_serve.preprocessing import Preprocessing  # noqa: F401  (the engine's callers import it from here)
 
 from ..errors import UserError
 from ..models.volo import IMAGENET_MEAN, IMAGENET_STD
 from .augment import BatchMixer, TrainAugmentation
 from .randomness import generator, sample_generator
 from .runtime import available_cores
+
+logger = logging.getLogger("mindcv_volo")
 
 
 def list_images(folder):
@@ -81,9 +84,15 @@ class SplitInfo:
                             f"({'; '.join(p for p in parts if p)})")
 
     def check_num_classes(self, num_classes):
-        if len(self.classes) > num_classes:
-            raise UserError(f"{self.folder} has {len(self.classes)} classes but num_classes is {num_classes}; "
-                            f"set --num_classes {len(self.classes)}")
+        """A UserError when the folders hold more classes than the model has outputs; one warning when fewer."""
+        folders = len(self.classes)
+        if folders > num_classes:
+            raise UserError(f"{self.folder} has {folders} classes but num_classes is {num_classes}; "
+                            f"set --num_classes {folders}")
+        if folders < num_classes:
+            logger.warning("warning: num_classes is %d but %s has %d class folders: %d of the model's outputs are "
+                           "never trained (set num_classes %d, or null to follow the folders)", num_classes,
+                           self.folder, folders, num_classes - folders, folders)
 
 
 def epoch_order(num_images, global_batch, steps, seed, epoch, shuffle=True):

@@ -8,8 +8,9 @@ size / crop_pct, bicubic, center crop, mean/std). The logits come from one compi
 batch is padded and the padding ignored); the metrics are computed on the host in float64 per image.
 Under msrun each rank evaluates every world-th image and the per-image results are gathered, so every
 rank returns exactly the numbers of a single process on the whole split (the loss is an exactly rounded
-sum, whatever the order). The last line on stdout is one JSON object:
-{"model", "top1", "top5", "loss", "num_samples", "img_per_s"} (top1/top5 as fractions).
+sum, whatever the order). validate.py's last two lines on stdout are the metrics as MindCV's validate.py
+prints them, `{'Top_1_Accuracy': ..., 'Top_5_Accuracy': ..., 'loss': ...}` (its scripts parse that line),
+then one JSON object: {"model", "top1", "top5", "loss", "num_samples", "img_per_s"} (top1/top5 as fractions).
 """
 import json
 import logging
@@ -111,6 +112,15 @@ def result_line(model_name, metrics):
     return json.dumps(fields)
 
 
+def mindcv_metrics(metrics, num_classes):
+    """The metrics under MindCV's names, as its validate.py has them: Top_5_Accuracy only for 5 classes or more."""
+    named = {"Top_1_Accuracy": float(metrics["top1"])}
+    if num_classes >= 5:
+        named["Top_5_Accuracy"] = float(metrics["top5"])
+    named["loss"] = float(metrics["loss"])
+    return named
+
+
 def cpu_batch_size(model, requested):
     """The largest batch up to `requested` whose activations take at most half the available memory (an
     estimate from the model's token-channels; a 128-image batch of volo_d1_224 peaked at 15 GB on CPU)."""
@@ -132,7 +142,8 @@ def validate(config):
     runtime = setup_runtime(config.system)
     data = config.data
     split = SplitInfo(data.data_dir, data.split or data.val_split)
-    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema,
+                                          given=config.given)
     if spec.num_classes < len(split.classes):
         raise UserError(f"{split.folder} has {len(split.classes)} classes but the model has {spec.num_classes}; "
                         "a checkpoint of this data's classes is needed")
@@ -153,7 +164,9 @@ def validate(config):
     if config.data.eval_shuffle:
         logger.info("eval_shuffle: every image is read once, and the order changes no metric")
     loader = create_eval_loader(split, batch_size, prep, runtime.rank, runtime.world, data.num_parallel_workers)
-    line = result_line(spec.name, evaluate(network, loader, batch_size, runtime.world))
+    metrics = evaluate(network, loader, batch_size, runtime.world)
+    line = result_line(spec.name, metrics)
     if runtime.is_main:
+        print(mindcv_metrics(metrics, spec.num_classes), flush=True)
         print(line, flush=True)
     return line

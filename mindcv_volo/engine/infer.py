@@ -4,12 +4,12 @@
 
 Each image is preprocessed as the model evaluates (`mindcv_volo_serve.Preprocessing`, from the checkpoint's
 description) and printed as one JSON line: {"image": path, "top5": [[class name, probability], ...]}.
-Class names are the checkpoint's (train.py stores its training folders' names), ImageNet's 1,000 for a
-1000-class model without names, else the class indices. An image that cannot be read gives one error line
+Class names are the checkpoint's: train.py stores its training folders' names, the converter ImageNet-1k's
+for the official weights. A checkpoint that names no class (or fewer than its outputs) gets `class_<index>`
+for the unnamed ones, and one log line says so; ImageNet's names are never guessed from a class count. An image that cannot be read gives one error line
 naming it on stderr, the others are still classified, and the exit code is then 2.
 """
 import logging
-from pathlib import Path
 
 from mindspore import Tensor
 
@@ -22,15 +22,15 @@ from .runtime import setup_runtime
 
 logger = logging.getLogger("mindcv_volo")
 
-IMAGENET_CLASSES = Path(__file__).resolve().parent.parent / "models" / "imagenet_classes.txt"
 
 
 def class_names(spec):
-    if spec.class_names:
-        return list(spec.class_names)
-    if spec.num_classes == 1000:
-        return IMAGENET_CLASSES.read_text(encoding="utf-8").splitlines()
-    return [str(index) for index in range(spec.num_classes)]
+    """The name of each output: the checkpoint's, `class_<index>` past them."""
+    named = list(spec.class_names or ())
+    if len(named) < spec.num_classes:
+        logger.info("the checkpoint names %s of its %d classes: the unnamed ones are printed as class_<index>",
+                    len(named) or "none", spec.num_classes)
+    return named + [f"class_{index}" for index in range(len(named), spec.num_classes)]
 
 
 def infer(config):
@@ -39,7 +39,8 @@ def infer(config):
         raise UserError("image_path is not set; pass --image_path PICTURE_OR_FOLDER")
     files = image_files(config.tools.image_path)
     setup_runtime(config.system)
-    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema,
+                                          given=config.given)
     prep = preprocessing(model, spec, config.augmentation, description)
     network = EvalNetwork(model)
     network.set_train(False)

@@ -13,7 +13,7 @@ from .config import save_config
 from .data import create_eval_loader, create_train_loader
 from .evaluate import EvalNetwork, evaluate, result_line
 from .metrics import MetricsLog
-from .model_spec import preprocessing, resolve
+from .model_spec import follow_checkpoint, preprocessing, resolve
 from .prepare import build_train_model, epoch_steps, log_options_that_do_not_apply, open_splits, \
     warn_what_is_not_reproduced
 from .runtime import add_log_file, describe, release_free_heap, setup_runtime, under_msrun
@@ -88,9 +88,9 @@ class Run:
     builder (`engine.step`'s seam)."""
 
     def __init__(self, config, build_loss):
-        self.config = config
-        ckpt = config.checkpoint
         self.runtime = setup_runtime(config.system, config.system.distribute)
+        self.config = config = follow_checkpoint(config)
+        ckpt = config.checkpoint
         log_options_that_do_not_apply(config)
         warn_what_is_not_reproduced(config.model)
         self.train_split, self.val_split = open_splits(config.data, ckpt.val_while_train)
@@ -248,6 +248,7 @@ class Run:
         loader = create_eval_loader(self.val_split, data.batch_size, self.preprocessing, self.runtime.rank,
                                     self.runtime.world, data.num_parallel_workers)
         ema = self.training.ema
+        logger.info("validating the %s weights on %s", "trained" if ema is None else "EMA", self.val_split.folder)
         if ema is None:
             return evaluate(self.eval_network, loader, data.batch_size, self.runtime.world)
         swap = [(p, e) for p, e in zip(ema.params, ema.ema)]

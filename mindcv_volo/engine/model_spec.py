@@ -2,19 +2,33 @@
 the checkpoint's own description; the model built from it.
 
 A checkpoint written by train.py or the converter describes itself (`weights.checkpoint.read_description`):
-validate.py, infer.py, export and relabel then need only --ckpt_path, and an option given on the command
-line or in a recipe still wins over the description.
+validate.py, infer.py, export and relabel then need only --ckpt_path, and train.py fine-tunes the model it
+describes. An option given on the command line wins over the description; a recipe's value is a default, and
+the description wins over it. An option on the command line that asks for weights of other shapes than the
+checkpoint's is one error line saying what the checkpoint holds and which options fit it.
 """
+import inspect
+import json
 import logging
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..errors import UserError
-from ..models import MODEL_NAMES, create, data_config
+from ..models import ALIASES, ARCHS, MODEL_NAMES, VARIANTS, VOLO, create, data_config
 from ..models.volo import NUM_CLASSES, check_arch_overrides
 from ..weights.checkpoint import load_checkpoint_into, read_description
 from .data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
 
 logger = logging.getLogger("mindcv_volo")
+
+IMAGENET_CLASSES = Path(__file__).resolve().parent.parent / "models" / "imagenet_classes.txt"
+# VOLO constructor arguments that decide the weights' shapes; img_size is not one (pos_embed is resized).
+SHAPING_ARGS = ("layers", "embed_dims", "num_heads", "mlp_ratio", "stem_hidden_dim", "qkv_bias")
+
+
+def imagenet_class_names():
+    """The 1,000 ImageNet-1k class names, in the official label order."""
+    return tuple(IMAGENET_CLASSES.read_text(encoding="utf-8").splitlines())
 
 
 class ModelSpec(NamedTuple):
@@ -31,24 +45,91 @@ class ModelSpec(NamedTuple):
                 "preprocessing": preprocessing._asdict()}
 
 
-def resolve(model_options, description=None, num_classes=None, class_names=None):
-    """The spec from the `model` section over a checkpoint `description`; `num_classes` and `class_names`
-    (from a training set) stand in where neither says."""
+def resolve(model_options, description=None, num_classes=None, class_names=None, given=frozenset()):
+    """The spec from the `model` section and a checkpoint `description`: the options in `given` (set on the
+    command line, Config.given) over the description, over the section's other values (a recipe's defaults);
+    `num_classes` and `class_names` (a training set's folders) stand in where none says. Folder names are
+    kept when num_classes is larger (the outputs past them are never trained)."""
     description = description or {}
-    name = model_options.model or description.get("model")
+
+    def pick(option):
+        value, described = getattr(model_options, option), description.get(option)
+        return value if value is not None and (option in given or described is None) else described
+
+    name = pick("model")
     if name is None:
         raise UserError("which model? pass --model NAME (e.g. volo_d1_224), or --ckpt_path of a checkpoint written "
                         "by train.py or mindcv_volo.convert (it names its model)")
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
-    overrides = model_options.arch_overrides or description.get("arch_overrides") or {}
-    classes = (model_options.num_classes or description.get("num_classes") or num_classes
-               or NUM_CLASSES)
-    names = class_names if class_names is not None else description.get("class_names")
-    if names is not None and len(names) != classes:
-        names = None  # labels of another class count (a fine-tune's start point) do not apply
+    described_overrides = description.get("arch_overrides")
+    if described_overrides is None:
+        overrides = model_options.arch_overrides
+    else:
+        overrides = {**described_overrides, **(model_options.arch_overrides if "arch_overrides" in given else {})}
+    classes = pick("num_classes") or num_classes or NUM_CLASSES
+    names = class_names
+    if names is None and description.get("num_classes") == classes:
+        names = description.get("class_names")  # labels of another class count (a fine-tune's start) do not apply
     return ModelSpec(name, int(classes), check_arch_overrides(overrides), model_options.in_channels,
                      tuple(names) if names else None)
+
+
+def weight_shapes(name, arch_overrides):
+    """The constructor arguments of model `name` with `arch_overrides` that decide its weights' shapes."""
+    defaults = {key: p.default for key, p in inspect.signature(VOLO).parameters.items()}
+    args = {**defaults, **ARCHS[VARIANTS[ALIASES.get(name, name)]["arch"]], **arch_overrides}
+    return {key: list(args[key]) if isinstance(args[key], (list, tuple)) else args[key] for key in SHAPING_ARGS}
+
+
+def check_fits(spec, description, path, given, same_classes=True):
+    """A one-line UserError when the options `given` on the command line ask for weights of other shapes than
+    the checkpoint at `path` holds (its `description`): what it holds, and which options fit it."""
+    if not description.get("model"):
+        return
+    theirs = description.get("arch_overrides") or {}
+    shapes_differ = weight_shapes(spec.name, spec.arch_overrides) != weight_shapes(description["model"], theirs)
+    classes_differ = same_classes and spec.num_classes != description.get("num_classes")
+    if not (shapes_differ or classes_differ):
+        return
+    asked = [option for option in (("model", "arch_overrides") if shapes_differ else ())
+             + (("num_classes",) if classes_differ else ()) if option in given]
+    fitting = [f"--model {description['model']}"] + ([f"--arch_overrides '{_flow(theirs)}'"] if theirs else [])
+    if same_classes:
+        fitting.append(f"--num_classes {description.get('num_classes')}")
+    holds = (f"{description['model']}" + (f" with arch_overrides {_flow(theirs)}" if theirs else "")
+             + f" ({description.get('num_classes')} classes)")
+    flags = " ".join(f"--{option}" for option in asked)
+    raise UserError(f"{path} holds {holds}, not what the command line's {flags} asks for: drop {flags} to use "
+                    f"the checkpoint's model, or pass {' '.join(fitting)}")
+
+
+def _flow(mapping):
+    """A mapping as the one-line JSON a command line takes for a mapping option."""
+    return json.dumps(mapping, separators=(", ", ": "))
+
+
+def follow_checkpoint(config):
+    """train.py's config with the model of a --ckpt_path that describes itself (its variant and
+    arch_overrides, the command line's options over them, a recipe's in no way), and image_resize the
+    model's img_size unless given on the command line (then the model is built at that size and pos_embed is
+    resized). The heads follow the data: num_classes is not taken from the checkpoint."""
+    path = config.model.ckpt_path
+    description = read_description(path) if path else {}
+    if not description.get("model"):
+        return config
+    given = config.given
+    overrides = dict(description.get("arch_overrides") or {})
+    if "image_resize" in given:
+        overrides["img_size"] = config.augmentation.image_resize
+    described = dict(description, arch_overrides=overrides)
+    spec = resolve(config.model, described, given=given)
+    check_fits(spec, description, path, given, same_classes=False)
+    size = spec.arch_overrides.get("img_size", VARIANTS[ALIASES.get(spec.name, spec.name)]["img_size"])
+    image_resize = config.augmentation.image_resize if "image_resize" in given else size
+    logger.info("model from %s: %s, arch_overrides %s, image_resize %d", path, spec.name, _flow(spec.arch_overrides),
+                image_resize)
+    return config.replace(model=spec.name, arch_overrides=spec.arch_overrides, image_resize=image_resize)
 
 
 def build_model(spec, drop_rate=None, drop_path_rate=None, **extra):
@@ -89,9 +170,10 @@ def fit_hint(spec, path, description):
             "it was trained with (train.py saves them in config.yaml beside it: -c that file)")
 
 
-def load_model(model_options, path, ema=False, drop_rate=None, drop_path_rate=None, **extra):
+def load_model(model_options, path, ema=False, given=frozenset(), drop_rate=None, drop_path_rate=None, **extra):
     """(model with the weights of `path` loaded strictly, its spec, the checkpoint's description); with the
-    `pretrained` option, the official weights of the options' model instead (no description)."""
+    `pretrained` option, the official weights of the options' model instead (no description). `given`: the
+    options set on the command line (Config.given)."""
     if model_options.pretrained:
         if ema:
             raise UserError("the official weights have no EMA copy: drop --ema (it picks a checkpoint's EMA weights)")
@@ -101,7 +183,8 @@ def load_model(model_options, path, ema=False, drop_rate=None, drop_path_rate=No
         raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert), "
                         "or --pretrained True and --model NAME for the official weights")
     description = read_description(path)
-    spec = resolve(model_options, description)
+    spec = resolve(model_options, description, given=given)
+    check_fits(spec, description, path, given)
     model = build_model(spec, drop_rate, drop_path_rate, **extra)
     logger.info("loading %s%s", path, " (EMA weights)" if ema else "")
     load_checkpoint_into(model, path, ema=ema, hint=fit_hint(spec, path, description))

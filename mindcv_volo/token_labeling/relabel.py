@@ -108,7 +108,8 @@ def build_teacher(config):
     description = read_description(path)
     name = config.model.model or description.get("model")
     if name is None or name in MODEL_NAMES:
-        spec = resolve(config.model, description, num_classes=_head_classes(state, "head.weight"))
+        spec = resolve(config.model, description, num_classes=_head_classes(state, "head.weight"),
+                       given=config.given)
         model = build_model(spec, **({"img_size": image_size} if image_size else {}))
         state = adapt_state(model, state, path)  # resizes pos_embed to --image_size
         check_state(model_shapes(model), state, path, fit_hint(spec, path, description))
