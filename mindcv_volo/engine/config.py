@@ -126,9 +126,9 @@ SECTIONS = {
         O("arch_overrides", "mapping", {}, None,
           "VOLO constructor arguments replacing the variant's (layers, embed_dims, num_heads, mlp_ratio, "
           "stem_hidden_dim, img_size, qkv_bias, attn_drop_rate), e.g. '{layers: [1, 1, 1, 1], img_size: 32}'"),
-        O("pretrained", "bool", False, None, "the official weights of --model, from the Hugging Face hub (timm's "
-          "repository, or its local cache offline), converted once into MindCV's download folder; "
-          "instead of ckpt_path"),
+        O("pretrained", "bool", False, None, "the official weights of the model option's variant, from the Hugging "
+          "Face hub (timm's repository, or its local cache offline), converted once into MindCV's download "
+          "folder; instead of ckpt_path"),
         O("ckpt_path", "str", "", None, "checkpoint to start from, evaluate, export or resume", ("ckpt",)),
         O("ema", "bool", False, None, "train: keep an exponential moving average; elsewhere: use a checkpoint's EMA weights"),
         O("drop_rate", "float?", None, None, "dropout after the position embedding; null: the model's (0)"),
