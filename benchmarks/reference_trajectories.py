@@ -56,9 +56,14 @@ CASES = {
     "accumulation": dict(BASE, accumulation=2, steps=10, seed=4),
     "full_size": dict(BASE, arch=D1, batch_size=2, steps=2, mix_token=True, drop_path_rate=0.1, seed=5),
 }
-# The official schedule: a shortened recipe, and the D1 recipe's (configs/volo_d1_ascend.yaml)
-SCHEDULES = {"short": dict(lr=1.6e-3, warmup_lr=1e-6, min_lr=1e-5, epochs=30, warmup=5, cooldown=3),
-             "d1": dict(lr=1.6e-3, warmup_lr=1e-6, min_lr=1e-5, epochs=300, warmup=20, cooldown=10)}
+# The official schedules (main.py's defaults and README commands; `recipe`: ours that must follow it, the short one
+# with epochs, warmup and cooldown changed): a shortened D1, the D1 pre-training, the fine-tuning at 384
+D1_RECIPE, FINETUNE_RECIPE = "configs/volo_d1_ascend.yaml", "configs/volo_d1_384_ascend_finetune.yaml"
+SCHEDULES = {
+    "short": dict(lr=1.6e-3, warmup_lr=1e-6, min_lr=1e-5, epochs=30, warmup=5, cooldown=3, recipe=D1_RECIPE),
+    "d1": dict(lr=1.6e-3, warmup_lr=1e-6, min_lr=1e-5, epochs=300, warmup=20, cooldown=10, recipe=D1_RECIPE),
+    "finetune": dict(lr=8e-6, warmup_lr=1e-6, min_lr=4e-6, epochs=30, warmup=5, cooldown=10, recipe=FINETUNE_RECIPE),
+}
 
 
 # --- numpy: shared with the test ---------------------------------------------------------------------

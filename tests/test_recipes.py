@@ -46,8 +46,8 @@ def test_recipe(path):
     # Pre-training reads a teacher's label maps; fine-tuning uses the image labels (ground-truth mode).
     assert bool(args.token_label_dir) != ("finetune" in path)
     if "finetune" in path:
-        assert (args.lr, args.min_lr, args.epoch_size, args.weight_decay, args.warmup_epochs) == (
-            8e-6, 4e-6, 30, 1e-8, 5)
+        assert (args.lr, args.min_lr, args.epoch_size, args.cooldown_epochs, args.weight_decay, args.warmup_epochs) == (
+            8e-6, 4e-6, 40, 10, 1e-8, 5)
         assert args.ckpt_path.endswith(".ckpt") and "_224" in args.ckpt_path
     else:
         assert size == 224 and global_batch == 1024 and (args.lr, args.drop_path_rate) == PAPER[arch]
