@@ -1,6 +1,7 @@
 """Shared test set-up: the device (CPU unless MINDCV_VOLO_TEST_DEVICE names another), the reference fixtures and
 their conversion, one small VOLO, tiny image data, one runner for the command-line tools, and the session's
 reference training run."""
+import contextlib
 import json
 import os
 import subprocess
@@ -191,6 +192,17 @@ def pytest_collection_modifyitems(items):
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def graph_mode():
+    """train.py's execution mode, for the steps inside; the previous mode afterwards."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=previous)
+
 
 @pytest.fixture(params=["graph", "pynative"])
 def mode(request):

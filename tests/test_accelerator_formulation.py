@@ -8,7 +8,6 @@ MINDCV_VOLO_TEST_DEVICE) the same tests run on the device, where it is the cells
 
 Tolerances come from the differences measured on CPU (2 cores, MindSpore 2.10), with a margin of ~4x.
 """
-import contextlib
 import json
 from typing import NamedTuple
 
@@ -16,7 +15,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import CASES, FIXTURES, TINY_ARCH, AllOutputs, load_converted, run_tool, tiny_volo
+from conftest import CASES, FIXTURES, TINY_ARCH, AllOutputs, graph_mode, load_converted, run_tool, tiny_volo
 from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.runtime import Runtime, amp_level
 from mindcv_volo.engine.step import Training, apply_amp, build_training, dynamic_loss_scale
@@ -118,17 +117,6 @@ def step_config(level):
 
 def values(params):
     return {p.name: p.asnumpy().copy() for p in params}
-
-
-@contextlib.contextmanager
-def graph_mode():
-    """train.py's execution mode, for the steps below; the previous mode afterwards."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=previous)
 
 
 class Step(NamedTuple):

@@ -163,6 +163,8 @@ SECTIONS = {
         O("decay_rate", "float", 0.9, None, "step, multi-step, exponential: factor per decay; polynomial: power"),
         O("multi_step_decay_milestones", "ints", [30, 60, 90], None, "multi_step_decay: epochs at which lr decays"),
         O("lr_epoch_stair", "bool", False, None, "one lr per epoch instead of one per step"),
+        O("warmup_prefix", "bool", True, None, "cosine: the decay starts after the warmup (MindCV); false: the "
+          "warmup epochs count in the cosine's length, as the official (timm's warmup_prefix=False)"),
         O("num_cycles", "int", 1, None, "cosine_decay and cyclic: number of cycles"),
         O("cycle_decay", "float", 1.0, None, "cosine_decay: factor on the peak lr of each new cycle"),
     ],

@@ -50,6 +50,13 @@ def learning_rates(scheduler_options, updates_per_epoch):
                            warmup_factor=warmup_factor, decay_epochs=max(decay or 1, 1), decay_rate=s.decay_rate,
                            milestones=list(s.multi_step_decay_milestones), num_epochs=s.epoch_size,
                            num_cycles=s.num_cycles, cycle_decay=s.cycle_decay, lr_epoch_stair=s.lr_epoch_stair)
+    if not s.warmup_prefix and s.scheduler in COSINE and warmup:
+        # timm's warmup_prefix=False (the official schedule): the cosine runs from epoch 0 over warmup + decay
+        # epochs and the warmup takes the place of its first epochs, so its peak lr is never reached
+        cosine = create_scheduler(updates_per_epoch, scheduler=s.scheduler, lr=s.lr, min_lr=s.min_lr, warmup_epochs=0,
+                                  decay_epochs=warmup + max(decay or 1, 1), num_epochs=s.epoch_size,
+                                  num_cycles=s.num_cycles, cycle_decay=s.cycle_decay, lr_epoch_stair=s.lr_epoch_stair)
+        lrs = lrs[:warmup * updates_per_epoch] + cosine[warmup * updates_per_epoch:]
     return [float(lr) for lr in lrs]
 
 
