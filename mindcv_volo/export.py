@@ -6,8 +6,7 @@
 from .engine.config import parse_config
 from .engine.model_spec import load_model
 from .errors import UserError, run_cli
-from .models.cpu_kernels import portable_ops
-from .models.layers import onnx_ops
+from .models.backend import Backend, resolve_backend
 from .weights.export import export_model
 
 
@@ -17,8 +16,8 @@ def main(argv=None):
     if not (config.model.ckpt_path and tools.out):
         raise UserError("export needs --ckpt_path FILE.ckpt and --out FILE (.mindir or .onnx)")
     # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
-    with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
-        model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema)
+    backend = Backend.ONNX if tools.file_format == "ONNX" else resolve_backend().without_kernels()
+    model, _, _ = load_model(config.model, config.model.ckpt_path, ema=config.model.ema, backend=backend)
     print(f"wrote {export_model(model, tools.out, tools.file_format, config.data.batch_size, tools.dynamic_batch)}")
 
 

@@ -114,7 +114,7 @@ def build_training(config, model, num_classes, runtime, updates, build_loss):
     """train.py's compiled steps for `model` (built, weights loaded; its parameters stay float32): AMP at the
     level this device runs, the loss of `build_loss`, MindCV's scheduler and optimizer over `updates`
     optimizer updates, loss scale, clipping, accumulation and EMA from the `train_step` section."""
-    level = amp_level(config.train_step.amp_level, runtime.device)
+    level = amp_level(config.train_step.amp_level, model.backend)
     network = apply_amp(model, level)
     loss_network = build_loss(network, config.loss, num_classes, config.system.seed, runtime)
     lrs = learning_rates(config.scheduler, updates)
@@ -287,7 +287,8 @@ class Run:
         if self.runtime.is_main:
             save_config(config.replace(model=self.spec.name, num_classes=self.spec.num_classes),
                         os.path.join(ckpt.ckpt_save_dir, "config.yaml"))
-        logger.info("%s, AMP %s", describe(self.runtime, config.system.device_target == "auto"), self.amp_level)
+        logger.info("%s, backend %s, AMP %s", describe(self.runtime, config.system.device_target == "auto"),
+                    self.model.backend, self.amp_level)
 
     def _val_split(self):
         data = self.config.data

@@ -2,8 +2,8 @@
 
 The exported graph is the eval model (logits = head(class token) + 0.5 * max of aux_head) with the input
 "image" (batch, 3, img_size, img_size). A MindIR has a fixed batch size; load it with `mindspore.load` +
-`nn.GraphCell`. An ONNX file (opset 11, MindSpore's own exporter) needs a model built inside
-`models.layers.onnx_ops()`, and can have a symbolic batch axis (`onnx_batch`; needs the `onnx` package).
+`nn.GraphCell`. An ONNX file (opset 11, MindSpore's own exporter) needs a model built for the "onnx" backend,
+and can have a symbolic batch axis (`onnx_batch`; needs the `onnx` package).
 """
 import os
 import tempfile
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_path
-from ..models.layers import LayerNorm
+from ..models.backend import Backend
 
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 
@@ -39,9 +39,9 @@ def export_model(model, out, file_format="MINDIR", batch_size=1, dynamic_batch=F
 
 
 def export_onnx(model, path, batch_size=1, dynamic_batch=False):
-    """Write `model`, built inside `onnx_ops()`, to the ONNX file `path`: input "image", output "logits"."""
-    if not all(cell.for_onnx for _, cell in model.cells_and_names() if isinstance(cell, LayerNorm)):
-        raise UserError("an ONNX export needs the model built inside mindcv_volo.models.layers.onnx_ops() "
+    """Write `model`, built for the "onnx" backend, to the ONNX file `path`: input "image", output "logits"."""
+    if model.backend is not Backend.ONNX:
+        raise UserError(f"an ONNX export needs the model built with backend=\"onnx\", not \"{model.backend}\" "
                         "(MindSpore's exporter maps no Erf, Im2Col or Col2Im)")
     if not dynamic_batch:
         _onnx_export(model, path, batch_size)
