@@ -1,8 +1,8 @@
 """Which primitives do VOLO's Ascend/GPU graphs hold, does MindSpore list each for Ascend, any host round-trip?
 
 No accelerator here, so the check is static, from what this machine can compile:
-1. A small VOLO is built in the accelerator formulation (`MINDCV_VOLO_CPU_PATHS=0`: `uses_cpu_paths()` is False,
-   the cells take the path they take on GPU/Ascend) and compiled in GRAPH_MODE on CPU with `save_graphs` on:
+1. A small VOLO is built in the accelerator formulation (backend "portable": the cells take the path they take
+   on GPU/Ascend) and compiled in GRAPH_MODE on CPU with `save_graphs` on:
    the float32 inference graph (what export writes) and train.py's own step (`engine.step.build_training`)
    under the Ascend recipe `configs/volo_d1_ascend.yaml` (AMP O2, dynamic loss scale, token labeling from
    label maps with MixToken, MindCV's AdamW), with clipping and EMA switched on as well.
@@ -24,7 +24,6 @@ No accelerator here, so the check is static, from what this machine can compile:
 In Python (the test suite): `check_accelerator_graphs()` -> {graph: Report}; `compiled_primitives(run)` and
 `findings(primitives, host_nodes)` for any other graph.
 """
-import contextlib
 import glob
 import json
 import os
@@ -125,29 +124,13 @@ def compiled_primitives(run):
     return sorted(names - STRUCTURAL), host
 
 
-@contextlib.contextmanager
-def accelerator_formulation():
-    """Cells built inside take the GPU/Ascend formulation on any device (the seam's documented switch)."""
-    from mindcv_volo.models.layers import uses_cpu_paths
-
-    previous = os.environ.get("MINDCV_VOLO_CPU_PATHS")
-    os.environ["MINDCV_VOLO_CPU_PATHS"] = "0"
-    try:
-        if uses_cpu_paths():
-            raise RuntimeError("MINDCV_VOLO_CPU_PATHS=0 did not switch the CPU formulation off")
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MINDCV_VOLO_CPU_PATHS")
-        else:
-            os.environ["MINDCV_VOLO_CPU_PATHS"] = previous
-
-
 def tiny_model(drop_path_rate=0.0):
+    """A small VOLO in the GPU/Ascend formulation, on any device."""
     from mindcv_volo.models import VOLO
     from mindcv_volo.models.volo import ARCHS
 
-    return VOLO(**{**ARCHS["d1"], **TINY, "num_classes": NUM_CLASSES, "drop_path_rate": drop_path_rate})
+    return VOLO(**{**ARCHS["d1"], **TINY, "num_classes": NUM_CLASSES, "drop_path_rate": drop_path_rate},
+                backend="portable")
 
 
 def run_inference():
@@ -200,8 +183,7 @@ def check_accelerator_graphs():
     """{graph: Report} for the accelerator formulation's graphs, compiled on this machine."""
     reports = {}
     for label, run in ACCELERATOR_GRAPHS.items():
-        with accelerator_formulation():
-            names, host = compiled_primitives(run)
+        names, host = compiled_primitives(run)
         reports[label] = Report(names, host, findings(names, host))
     return reports
 

@@ -13,7 +13,7 @@ mark, so runs do not contaminate each other). MindSpore's CPU threads are set as
 --task train times one full training step in one compiled cell: forward, cross-entropy, value_and_grad,
 AdamW (nn.AdamWeightDecay) update. img/s is batch / median step time; compile_s is the first call minus
 a median call (graph build + compile); first_call_s is the first call itself. With onnxruntime the model
-is exported (random weights, `layers.onnx_ops`, static batch) by a separate process first, so the measured
+is exported (random weights, backend "onnx", static batch) by a separate process first, so the measured
 process holds onnxruntime alone; first_call_s then covers session creation and the first run.
 """
 import os
@@ -109,13 +109,11 @@ def model_step(net, task, batch_size, num_classes, seed, mark=lambda stage: None
 EXPORT_SCRIPT = """
 import sys, mindspore as ms, mindcv_volo
 from mindcv_volo.engine.runtime import available_cores
-from mindcv_volo.models.layers import onnx_ops
 from mindcv_volo.weights.export import export_onnx
 model, img_size, num_classes, batch_size, seed, path = sys.argv[1:]
 ms.set_seed(int(seed))
-with onnx_ops():
-    net = mindcv_volo.create(model, img_size=None if img_size == "None" else int(img_size),
-                             num_classes=int(num_classes))
+net = mindcv_volo.create(model, img_size=None if img_size == "None" else int(img_size), num_classes=int(num_classes),
+                         backend="onnx")
 net.set_train(False)
 export_onnx(net, path, batch_size=int(batch_size))
 print(net.img_size, available_cores())

@@ -87,10 +87,11 @@ def build_step(args, recompute):
     return step, (lambda: train_step.compile(*inputs))
 
 
-def fused_kernels():
-    from mindcv_volo.models.layers import uses_fused_cpu_kernels
+def backend():
+    """The backend the measured models were built for (they take the default)."""
+    from mindcv_volo.models.backend import resolve_backend
 
-    return uses_fused_cpu_kernels()
+    return str(resolve_backend())
 
 
 def measure(args, settings):
@@ -145,7 +146,7 @@ def main():
     args = parse_args()
     settings = setup(args)
     record = compare(args, settings) if args.paired else measure(args, settings)
-    print(json.dumps(dict(record, fused_cpu_kernels=fused_kernels(), load_avg_1min=round(os.getloadavg()[0], 2))),
+    print(json.dumps(dict(record, backend=backend(), load_avg_1min=round(os.getloadavg()[0], 2))),
           flush=True)
 
 

@@ -10,8 +10,7 @@ from .engine.config import parse_config
 from .engine.infer import class_names
 from .engine.model_spec import load_model, preprocessing
 from .errors import UserError, run_cli
-from .models.cpu_kernels import portable_ops
-from .models.layers import onnx_ops
+from .models.backend import Backend, resolve_backend
 from .weights.export import export_model, require_onnx
 
 
@@ -24,9 +23,9 @@ def main(argv=None):
     if tools.file_format == "ONNX":
         require_onnx()  # before the model is loaded: a missing package is said at once
     # the exported graph must not call this machine's compiled CPU kernels; ONNX needs ops its exporter maps
-    with onnx_ops() if tools.file_format == "ONNX" else portable_ops():
-        model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema,
-                                                 given=config.given)
+    backend = Backend.ONNX if tools.file_format == "ONNX" else resolve_backend().without_kernels()
+    model, spec, description = load_model(config.model, config.model.ckpt_path, ema=config.model.ema,
+                                          given=config.given, backend=backend)
     # an ONNX file carries what running it needs: the model's preprocessing and class names
     metadata = onnx_metadata(spec.name, preprocessing(model, spec, config.augmentation, description),
                              class_names(spec))

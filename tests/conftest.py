@@ -78,12 +78,14 @@ class AllOutputs(nn.Cell):
         return self.model(x), self.model.forward_features(x), cls_logits, aux_logits
 
 
-def load_converted(converted, case):
-    """The case's converted checkpoint in a model built by MindCV's create_model, in eval mode."""
+def load_converted(converted, case, **model_args):
+    """The case's converted checkpoint in a model built by MindCV's create_model (with `model_args`, e.g. a
+    backend), in eval mode."""
     from mindcv.models import create_model
 
     _, config_name, img_size, _ = CASES[case]
-    model = create_model("volo_d1_224", checkpoint_path=str(converted[case]), **overrides(config_name, img_size))
+    model = create_model("volo_d1_224", checkpoint_path=str(converted[case]), **overrides(config_name, img_size),
+                         **model_args)
     model.set_train(False)
     return model
 

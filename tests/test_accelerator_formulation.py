@@ -1,10 +1,10 @@
 """The accelerator formulation (what the cells build on GPU and Ascend: `ops.conv2d`, `ops.unfold`/`ops.fold`,
 MindSpore's LayerNorm, GELU and softmax, AMP in float16) run on this machine's CPU.
 
-How: `MINDCV_VOLO_CPU_PATHS=0` is set for the whole module (and so for the tools it runs) before any cell is
-built; `layers.uses_cpu_paths()` then returns False on CPU, and every model built here is checked to have taken
-that path (`assert_accelerator_formulation`). On Ascend or GPU (`scripts/device_check.sh`, with
-MINDCV_VOLO_TEST_DEVICE) the same tests run on the device, where it is the cells' own path.
+How: every model here is built with backend="portable" (a tool run as a subprocess gets
+MINDCV_VOLO_BACKEND=portable), and checked to have taken that path (`assert_accelerator_formulation`). On Ascend
+or GPU (`scripts/device_check.sh`, with MINDCV_VOLO_TEST_DEVICE) the same tests run on the device, where it is the
+default.
 
 Tolerances come from the differences measured on CPU (2 cores, MindSpore 2.10), with a margin of ~4x.
 """
@@ -19,8 +19,9 @@ from conftest import CASES, FIXTURES, TINY_ARCH, AllOutputs, graph_mode, load_co
 from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.runtime import Runtime, amp_level
 from mindcv_volo.engine.step import Training, apply_amp, build_training, dynamic_loss_scale
-from mindcv_volo.models.layers import GELU, LayerNorm, Softmax, uses_cpu_paths
-from mindcv_volo.models.volo import OutlookAttention
+from mindcv_volo.models.backend import Backend
+from mindcv_volo.models.layers import GELU, LayerNorm, Softmax
+from mindcv_volo.models.volo import OutlookAttention, OutlookCore
 from mindcv_volo.models.windows import Conv2d
 from mindcv_volo.token_labeling.training import build_token_label_loss
 
@@ -35,24 +36,20 @@ FLOAT32_TOLERANCE = 1e-4
 FLOAT16_TOLERANCE = {"logits": 2e-3, "tokens": 2e-2, "cls_logits": 2e-3, "aux_logits": 2e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def accelerator_formulation():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINDCV_VOLO_CPU_PATHS", "0")
-        assert not uses_cpu_paths()
-        yield
+ACCELERATOR = dict(backend="portable")  # the model argument of every model built here
 
 
 def assert_accelerator_formulation(model):
     """The cells took the GPU/Ascend path: ops.conv2d, ops.unfold/fold, MindSpore's LayerNorm, GELU, softmax."""
+    assert model.backend is Backend.PORTABLE
     cells = [cell for _, cell in model.cells_and_names()]
     convolutions = [cell for cell in cells if isinstance(cell, Conv2d)]
     outlookers = [cell for cell in cells if isinstance(cell, OutlookAttention)]
     fusable = [cell for cell in cells if isinstance(cell, (LayerNorm, GELU, Softmax))]
     assert convolutions and outlookers and fusable
-    assert not any(cell.use_matmul for cell in convolutions)
-    assert not any(cell.channels_last for cell in outlookers)
-    assert all(cell.fused is None for cell in fusable)
+    assert all(type(cell) is Conv2d for cell in convolutions)
+    assert all(type(cell.core) is OutlookCore for cell in outlookers)
+    assert all(type(cell) in (LayerNorm, GELU, Softmax) for cell in fusable)
 
 
 def reference_outputs(case):
@@ -61,7 +58,7 @@ def reference_outputs(case):
 
 @pytest.mark.parametrize("case", ["d1like_safetensors", "d5like_safetensors"])
 def test_outputs_match_the_official_model(converted, case, mode):
-    model = load_converted(converted, case)
+    model = load_converted(converted, case, **ACCELERATOR)
     assert_accelerator_formulation(model)
     reference = reference_outputs(case)
     outputs = AllOutputs(model)(ms.Tensor(reference["input"]))
@@ -72,7 +69,7 @@ def test_outputs_match_the_official_model(converted, case, mode):
 
 @pytest.mark.parametrize("level", ["O2", "O3"])
 def test_float16_inference_follows_float32(converted, level, mode):
-    model = load_converted(converted, "d1like_safetensors")
+    model = load_converted(converted, "d1like_safetensors", **ACCELERATOR)
     assert_accelerator_formulation(model)
     reference = reference_outputs("d1like_safetensors")
     outputs = AllOutputs(apply_amp(model, level))(ms.Tensor(reference["input"]))
@@ -86,7 +83,7 @@ def test_float16_inference_follows_float32(converted, level, mode):
 def test_export_round_trips(converted, tmp_path):
     out = tmp_path / "d1like.mindir"
     result = run_tool("-m", "mindcv_volo.export", "--ckpt_path", converted["d1like_safetensors"], "--out", out,
-                      "--batch_size", "2", env={"MINDCV_VOLO_CPU_PATHS": "0"})
+                      "--batch_size", "2", env={"MINDCV_VOLO_BACKEND": "portable"})
     assert result.returncode == 0, result.stderr
     graph = out.read_bytes()
     # the accelerator formulation's graph (the CPU formulation's export holds Gather and no Conv2D)
@@ -135,7 +132,7 @@ class Step(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def steps(accelerator_formulation):
+def steps():
     """{"O0": Step, "O2": Step}: the same first update, from the same weights and inputs, in float32 and float16."""
     rng = np.random.default_rng(0)
     batch = (rng.standard_normal((BATCH, 3, IMG_SIZE, IMG_SIZE)).astype(np.float32),
@@ -144,7 +141,7 @@ def steps(accelerator_formulation):
     result = {}
     for level in ("O0", "O2"):
         ms.set_seed(SEED)
-        model = tiny_volo(NUM_CLASSES, img_size=IMG_SIZE)
+        model = tiny_volo(NUM_CLASSES, img_size=IMG_SIZE, **ACCELERATOR)
         assert_accelerator_formulation(model)
         training = build_training(step_config(level), model, NUM_CLASSES, runtime, 1, build_token_label_loss)
         before = values(model.get_parameters())
@@ -158,15 +155,12 @@ def steps(accelerator_formulation):
     return result
 
 
-def test_float16_keeps_its_level_and_a_dynamic_scale_on_this_formulation(monkeypatch):
+def test_float16_keeps_its_level_and_a_dynamic_scale_on_this_formulation():
     """engine.runtime.amp_level keeps a recipe's O2 for the accelerator formulation even on CPU (it turns it into
     O0 only for the CPU formulation), and loss_scale_type auto then means a dynamic scale, as on Ascend."""
-    device = ms.get_context("device_target")
-    assert amp_level("O2", device) == "O2" and amp_level("O3", device) == "O3"
+    assert amp_level("O2", Backend.PORTABLE) == "O2" and amp_level("O3", Backend.PORTABLE) == "O3"
     assert dynamic_loss_scale(step_config("O2").replace(loss_scale_type="auto").train_step, "O2")
-    if device == "CPU":
-        monkeypatch.setenv("MINDCV_VOLO_CPU_PATHS", "1")
-        assert amp_level("O2", device) == "O0"
+    assert amp_level("O2", Backend.CPU) == "O0" and amp_level("O2", Backend.CPU_UNFUSED) == "O0"
 
 
 def relative_difference(a, b):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from conftest import TINY_ARCH, run_tool
-from mindcv_volo.models import cpu_kernels
-from mindcv_volo.models.layers import GELU, LayerNorm, Softmax
+from conftest import TINY_ARCH, run_tool, tiny_volo
+from mindcv_volo.models import cpu_kernels, kernel_library
+from mindcv_volo.models.backend import Backend, resolve_backend
+from mindcv_volo.models.layers import (Dense, FusedDense, FusedGELU, FusedLayerNorm, FusedMlp, FusedSoftmax, Mlp,
+                                       dense, gelu, layer_norm, mlp, softmax)
 
 RNG = np.random.default_rng(0)
 
@@ -62,16 +64,18 @@ def check(cell, fn, inputs, grad_tol):
 
 def test_kernels_build_on_this_machine():
     # CI has g++: the layers below must run the kernels, not the fallback, or this file tests nothing new
-    assert cpu_kernels.available(), "the fused CPU kernels did not build (see the warning)"
-    assert LayerNorm(8).fused is not None and GELU().fused is not None and Softmax().fused is not None
+    assert kernel_library.available(), "the fused CPU kernels did not build (see the warning)"
+    assert resolve_backend() is Backend.CPU  # the default on CPU
+    assert isinstance(layer_norm(8, Backend.CPU), FusedLayerNorm) and isinstance(gelu(Backend.CPU), FusedGELU)
+    assert isinstance(softmax(Backend.CPU), FusedSoftmax)
 
 
 # The kernels are checked as built by default (a fixed level: x86-64-v4, AVX-512, or x86-64-v3, AVX2), for this
 # very CPU (native: AVX-512 where it has it) and for the x86-64 floor (SSE2), and must give the same bits:
 # what passes here passes on any x86-64 CPU.
-SUPPORTED = cpu_kernels.supported_targets()
+SUPPORTED = kernel_library.supported_targets()
 ON_X86 = "x86-64" in SUPPORTED
-TARGETS = list(dict.fromkeys([cpu_kernels.default_target()] + (
+TARGETS = list(dict.fromkeys([kernel_library.default_target()] + (
     [t for t in ("x86-64-v3", "x86-64") if t in SUPPORTED] + ["native"] if ON_X86 else [])))
 
 
@@ -79,7 +83,7 @@ TARGETS = list(dict.fromkeys([cpu_kernels.default_target()] + (
 def libraries():
     built = {}
     for target in TARGETS:
-        path, reason = cpu_kernels.build(None if target == "default" else target)
+        path, reason = kernel_library.build(None if target == "default" else target)
         assert path is not None, f"{target}: {reason}"
         built[target] = path
     return built
@@ -88,7 +92,7 @@ def libraries():
 @pytest.fixture(params=TARGETS)
 def build(request, libraries):
     """Cells built in the test take the kernels built for this target."""
-    with cpu_kernels.kernels_from(libraries[request.param]):
+    with kernel_library.kernels_from(libraries[request.param]):
         yield request.param
 
 
@@ -173,7 +177,7 @@ def test_every_build_gives_the_same_bits(libraries):
     x = (RNG.standard_normal(197 * 394 * 4) * 3).astype(np.float32)
     for name, case in KERNEL_CASES.items():
         inputs, shapes = case(x)
-        results = {target: cpu_kernels.call_kernel(path, name, inputs, shapes) for target, path in libraries.items()}
+        results = {target: kernel_library.call_kernel(path, name, inputs, shapes) for target, path in libraries.items()}
         first = results[TARGETS[0]]
         for target, outputs in results.items():
             for got, expected in zip(outputs, first):
@@ -181,24 +185,25 @@ def test_every_build_gives_the_same_bits(libraries):
 
 
 def test_cache_key_holds_what_the_binary_depends_on(monkeypatch):
-    name = cpu_kernels.library_name
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse2", "avx2"})
+    name = kernel_library.library_name
+    monkeypatch.setattr(kernel_library, "_cpu_flags", lambda: {"sse2", "avx2"})
     native, fixed = name("native", "g++ 12"), name("x86-64-v3", "g++ 12")
     assert len({native, fixed, name("x86-64", "g++ 12"), name("x86-64-v3", "g++ 13")}) == 4
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse2", "avx2", "avx512f"})
+    monkeypatch.setattr(kernel_library, "_cpu_flags", lambda: {"sse2", "avx2", "avx512f"})
     assert name("native", "g++ 12") != native  # another CPU: another native build
     assert name("x86-64-v3", "g++ 12") == fixed  # a fixed level serves every CPU that has it
 
 
 def test_an_unloadable_library_falls_back_with_one_warning(tmp_path):
     # a cache shared between machines could hold a file this machine cannot load
-    code = ("from mindcv_volo.models import cpu_kernels as k, layers; import pathlib, subprocess, shutil; "
+    code = ("from mindcv_volo.models import kernel_library as k; import pathlib, subprocess, shutil; "
+            "from mindcv_volo.models.backend import resolve_backend; "
             "version = subprocess.run([shutil.which('g++'), '--version'], capture_output=True, text=True).stdout; "
             "pathlib.Path(k._cache_dir(), k.library_name(k.default_target(), version)).write_bytes(b'no ELF'); "
-            "print('fused', layers.GELU().fused is not None)")
+            "print('backend', resolve_backend('cpu'))")
     proc = run_python(code, MINDCV_VOLO_KERNEL_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "fused False" in proc.stdout
+    assert "backend cpu_unfused" in proc.stdout
     assert proc.stderr.count("fused CPU kernels unavailable (cannot load") == 1
 
 
@@ -210,7 +215,7 @@ def test_softmax_values_and_gradients(mode, build, shape):
 
 def test_softmax_cell_keeps_float16_and_computes_in_float32(mode):
     x = RNG.standard_normal((4, 9)).astype(np.float16)
-    out = Softmax()(Tensor(x))
+    out = softmax(Backend.CPU)(Tensor(x))
     assert out.dtype == ms.float16
     np.testing.assert_allclose(out.asnumpy(), numpy_softmax(x.astype(np.float64)), atol=1e-3)
 
@@ -224,11 +229,18 @@ def test_nan_propagates(mode):
         assert np.isnan(out[1]).any() and np.isfinite(np.delete(out, 1, axis=0)).all(), type(cell).__name__
 
 
-def test_portable_ops_builds_cells_without_kernels():
-    with cpu_kernels.portable_ops():
-        assert not cpu_kernels.available()
-        assert LayerNorm(8).fused is None and GELU().fused is None and Softmax().fused is None
-    assert LayerNorm(8).fused is not None
+def kernel_cells(model):
+    """The cells of `model` that call the fused kernels, and the window cells that may."""
+    return [cell for _, cell in model.cells_and_names()
+            if isinstance(cell, (cpu_kernels.Float32KernelCell, cpu_kernels.SwapAxesFunction))
+            or getattr(cell, "kernels", False) is True]
+
+
+@pytest.mark.parametrize("backend", [Backend.CPU_UNFUSED, Backend.PORTABLE, Backend.ONNX])
+def test_only_the_cpu_backend_builds_cells_with_kernels(backend):
+    assert kernel_cells(tiny_volo(backend=Backend.CPU))
+    model = tiny_volo(backend=backend)
+    assert model.backend is backend and kernel_cells(model) == []
 
 
 def run_python(code, **env):
@@ -239,31 +251,30 @@ MODEL_RUNS = f"""
 import numpy as np, mindspore as ms
 ms.set_device("CPU")
 from mindcv_volo import VOLO
-from mindcv_volo.models import cpu_kernels
 net = VOLO(**{{**dict({TINY_ARCH!r}), "num_classes": 3}})
 net.set_train(False)
-print("available", cpu_kernels.available(), net(ms.Tensor(np.zeros((1, 3, 32, 32), np.float32))).shape)
+print("backend", net.backend, net(ms.Tensor(np.zeros((1, 3, 32, 32), np.float32))).shape)
 """
 
 
 def test_switched_off_by_environment():
-    proc = run_python(MODEL_RUNS, MINDCV_VOLO_CPU_KERNELS="0")
+    proc = run_python(MODEL_RUNS, MINDCV_VOLO_BACKEND="cpu_unfused")
     assert proc.returncode == 0, proc.stderr
-    assert "available False (1, 3)" in proc.stdout
+    assert "backend cpu_unfused (1, 3)" in proc.stdout
     assert "fused CPU kernels unavailable" not in proc.stderr  # switched off on purpose: no warning
 
 
 def test_without_a_compiler_warns_once_and_falls_back(tmp_path):
     proc = run_python(MODEL_RUNS, CXX=str(tmp_path / "no-such-g++"), MINDCV_VOLO_KERNEL_CACHE=str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
-    assert "available False (1, 3)" in proc.stdout
+    assert "backend cpu_unfused (1, 3)" in proc.stdout
     assert proc.stderr.count("fused CPU kernels unavailable (no C++ compiler (g++, or $CXX) on PATH)") == 1
 
 
 def test_builds_into_the_cache_once(tmp_path):
     cache = tmp_path / "cache"
     for _ in range(2):
-        proc = run_python("from mindcv_volo.models import cpu_kernels; print(cpu_kernels.library_path())",
+        proc = run_python("from mindcv_volo.models import kernel_library; print(kernel_library.library_path())",
                           MINDCV_VOLO_KERNEL_CACHE=str(cache))
         assert proc.returncode == 0, proc.stderr
     built = sorted(p.name for p in cache.iterdir())
@@ -292,11 +303,10 @@ class StemChannelsLast(nn.Cell):
 def test_stem_batch_norm_relu_kernels_equal_batchnorm2d(mode):
     """The stem with the fused BatchNorm + ReLU kernels against the same stem on nn.BatchNorm2d (NCHW):
     outputs, parameter gradients and running statistics after a training step, then inference."""
-    from mindcv_volo.models.volo import PatchEmbed
+    from mindcv_volo.models.volo import ChannelsLastPatchEmbed
 
-    fused = StemChannelsLast(PatchEmbed(3, 8, 16))
-    with cpu_kernels.portable_ops():
-        plain = StemChannelsLast(PatchEmbed(3, 8, 16))
+    fused = StemChannelsLast(ChannelsLastPatchEmbed(3, 8, 16, Backend.CPU))
+    plain = StemChannelsLast(ChannelsLastPatchEmbed(3, 8, 16, Backend.CPU_UNFUSED))
     assert fused.stem.bn_relu is not None and plain.stem.bn_relu is None
     for p, q in zip(fused.get_parameters(), plain.get_parameters()):
         assert p.name == q.name
@@ -357,12 +367,11 @@ def test_bias_gelu_values_and_gradients(mode, shape):
     np.testing.assert_allclose(dbias.asnumpy(), expected.sum(0), rtol=1e-5, atol=1e-5)
 
 
-def check_against_portable(make, input_shape):
-    """A cell built by `make` with the kernels against one built without them (`portable_ops`), on the same
-    random parameters: the value of a weighted sum and every gradient (input and parameters). Returns both."""
-    fused = make()
-    with cpu_kernels.portable_ops():
-        plain = make()
+def check_against_unfused(make, input_shape):
+    """A cell built by `make(backend)` with the kernels ("cpu") against one built without them ("cpu_unfused"),
+    on the same random parameters: the value of a weighted sum and every gradient (input and parameters).
+    Returns both."""
+    fused, plain = make(Backend.CPU), make(Backend.CPU_UNFUSED)
     for p, q in zip(fused.get_parameters(), plain.get_parameters()):
         assert p.name == q.name
         q.set_data(Tensor(RNG.standard_normal(p.shape).astype(np.float32) * 0.3))
@@ -386,10 +395,9 @@ def test_mlp_takes_the_bias_gelu_kernel_with_the_numbers_of_dense_and_gelu(mode)
     """The MLP with fc1's bias add in the GELU kernel against fc1 + GELU on MindSpore's ops: values and every
     gradient; and AMP O1's float16 Dense layers (fc1 wrapped in a casting cell) keep fc1 + GELU."""
     from mindcv_volo.engine.step import apply_amp
-    from mindcv_volo.models.layers import Mlp
 
-    fused, plain = check_against_portable(lambda: Mlp(16, 48), (2, 5, 7, 16))
-    assert fused.bias_gelu is not None and plain.bias_gelu is None
+    fused, plain = check_against_unfused(lambda backend: mlp(16, 48, backend), (2, 5, 7, 16))
+    assert type(fused) is FusedMlp and type(plain) is Mlp
     apply_amp(fused, "O1")
     assert not isinstance(fused.fc1, type(plain.fc2))  # wrapped
     x = Tensor(RNG.standard_normal((2, 5, 7, 16)).astype(np.float32))
@@ -429,10 +437,11 @@ def test_qkv_heads_values_and_gradients(mode, shape):
 def test_attention_takes_the_qkv_kernel_with_the_numbers_of_split_and_transposes(mode):
     """Self-attention with q, k, v from the QkvHeads kernel against Split + Mul + Transpose: values and every
     gradient, parameter names unchanged."""
-    from mindcv_volo.models.volo import Attention
+    from mindcv_volo.models.volo import Attention, FusedAttention, Transformer
 
-    fused, plain = check_against_portable(lambda: Attention(32, 4, qkv_bias=True), (2, 5, 7, 32))
-    assert fused.qkv_heads is not None and plain.qkv_heads is None
+    fused, plain = check_against_unfused(lambda backend: Transformer.build_attention(32, 4, True, 0.0, backend),
+                                         (2, 5, 7, 32))
+    assert type(fused) is FusedAttention and type(plain) is Attention
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (600, 64)])  # 600 x 64: split over threads
@@ -455,15 +464,13 @@ def test_blocks_add_their_residuals_in_the_kernel_with_the_numbers_of_add(mode, 
     every gradient (drop path 0, so the block's two residual adds both take the kernel)."""
     from mindcv_volo.models import volo
 
-    fused, _ = check_against_portable(lambda: getattr(volo, block)(32, 4), input_shape)
-    assert fused.attn.proj.fused_residual_add is not None and fused.mlp.fc2.fused_residual_add is not None
+    fused, _ = check_against_unfused(lambda backend: getattr(volo, block)(32, 4, backend=backend), input_shape)
+    assert isinstance(fused.attn.proj, FusedDense) and isinstance(fused.mlp.fc2, FusedDense)
 
 
 def test_dense_takes_the_bias_kernel_and_keeps_its_parameter_names():
-    from mindcv_volo.models.layers import dense
-
-    layer = dense(4, 3)
-    assert layer.fused_bias_add is not None and dense(4, 3, has_bias=False).fused_bias_add is None
+    layer = dense(4, 3, backend=Backend.CPU)
+    assert type(layer) is FusedDense and type(dense(4, 3, has_bias=False, backend=Backend.CPU)) is Dense
     layer.set_train(True)  # the kernel serves the gradient: training only
     assert [p.name for p in layer.get_parameters()] == ["weight", "bias"]
     x = RNG.standard_normal((2, 5, 4)).astype(np.float32)

@@ -7,10 +7,13 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from conftest import tiny_volo
-from mindcv_volo.models.layers import GELU, split_class_token
-from mindcv_volo.models.windows import (ChannelsLastFold, ChannelsLastUnfold, Conv2d, fold_channels_last,
+from mindcv_volo.models.backend import Backend
+from mindcv_volo.models.layers import gelu, split_class_token
+from mindcv_volo.models.windows import (ChannelsLastFold, ChannelsLastUnfold, MatmulConv2d, fold_channels_last,
                                         unfold_channels_last)
-from mindcv_volo.models.volo import OutlookAttention
+from mindcv_volo.models.volo import ChannelsLastOutlookCore, OutlookAttention, OutlookCore
+
+CPU = Backend.CPU  # the cells of the CPU formulation, with the fused kernels (the tests run on CPU)
 
 RNG = np.random.default_rng(0)
 WINDOWS = [(3, 1, 2), (3, 1, 1), (2, 0, 2), (3, 0, 2)]  # (kernel, padding, stride)
@@ -80,16 +83,18 @@ def grads(cell, *inputs):
     return [g.asnumpy() for g in (result if isinstance(result, tuple) else (result,))]
 
 
-def test_gelu_is_exact_erf_gelu(mode):
+@pytest.mark.parametrize("backend", [CPU, Backend.PORTABLE])
+def test_gelu_is_exact_erf_gelu(mode, backend):
     x = np.concatenate([np.linspace(-10, 10, 4001), RNG.standard_normal(4000) * 3]).astype(np.float32)
-    out = Fn(GELU())(Tensor(x)).asnumpy()
+    out = Fn(gelu(backend))(Tensor(x)).asnumpy()
     expected = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=5e-7)
     np.testing.assert_allclose(out, ops.gelu(Tensor(x), approximate="none").asnumpy(), rtol=1e-6, atol=5e-7)
 
 
-def test_gelu_keeps_float16(mode):
-    out = Fn(GELU())(Tensor(np.linspace(-4, 4, 33).astype(np.float16)))
+@pytest.mark.parametrize("backend", [CPU, Backend.PORTABLE])
+def test_gelu_keeps_float16(mode, backend):
+    out = Fn(gelu(backend))(Tensor(np.linspace(-4, 4, 33).astype(np.float16)))
     assert out.dtype == ms.float16
     expected = ops.gelu(Tensor(np.linspace(-4, 4, 33).astype(np.float32)), approximate="none").asnumpy()
     np.testing.assert_allclose(out.asnumpy().astype(np.float32), expected, atol=2e-3)
@@ -127,14 +132,14 @@ CELL_WINDOWS = [(3, 1, 2, 8, 6), (3, 1, 1, 5, 7), (7, 3, 2, 12, 10), (3, 0, 2, 7
 def test_unfold_and_fold_cells_equal_the_gathers_and_their_autodiff(mode, kernel, padding, stride, height, width):
     """The cells (with the fused im2col / col2im kernels where they apply) against the gather functions."""
     x = tensor(2, height, width, 3)
-    unfold = ChannelsLastUnfold(kernel, padding, stride)
+    unfold = ChannelsLastUnfold(kernel, padding, stride, CPU)
     expected = Unfold(kernel, padding, stride)(x).asnumpy()
     np.testing.assert_array_equal(Fn(unfold)(x).asnumpy(), expected)
     np.testing.assert_allclose(grads(unfold, x)[0], grads(Unfold(kernel, padding, stride), x)[0], atol=1e-5)
     if (height - 1) // stride * stride + stride != height:
         return  # the fold cell maps onto stride-aligned sizes only
     cols = tensor(*expected.shape)
-    fold = ChannelsLastFold(kernel, padding, stride)
+    fold = ChannelsLastFold(kernel, padding, stride, CPU)
     plain_fold = Fold(height, width, kernel, padding, stride)
     np.testing.assert_allclose(Fn(fold)(cols).asnumpy(), plain_fold(cols).asnumpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grads(fold, cols)[0], grads(plain_fold, cols)[0], atol=1e-5)
@@ -143,14 +148,14 @@ def test_unfold_and_fold_cells_equal_the_gathers_and_their_autodiff(mode, kernel
 def test_unfold_cells_of_different_windows_on_the_same_map(mode):
     x = tensor(1, 8, 8, 4)
     for window in [(3, 1, 1), (4, 0, 4), (3, 1, 2), (2, 0, 2)]:
-        np.testing.assert_array_equal(Fn(ChannelsLastUnfold(*window))(x).asnumpy(), Unfold(*window)(x).asnumpy())
+        np.testing.assert_array_equal(Fn(ChannelsLastUnfold(*window, CPU))(x).asnumpy(), Unfold(*window)(x).asnumpy())
 
 
 def test_unfold_cells_take_the_kernels_on_stride_aligned_float32_maps():
-    unfold = ChannelsLastUnfold(3, 1, 2)
+    unfold = ChannelsLastUnfold(3, 1, 2, CPU)
     assert unfold.takes_kernels(tensor(1, 8, 6, 2)) and not unfold.takes_kernels(tensor(1, 7, 6, 2))
     assert not unfold.takes_kernels(tensor(1, 8, 6, 2, dtype=np.float16))
-    assert not ChannelsLastUnfold(3, 0, 2).takes_kernels(tensor(1, 8, 8, 2))  # 8 -> 3 windows -> 6
+    assert not ChannelsLastUnfold(3, 0, 2, CPU).takes_kernels(tensor(1, 8, 8, 2))  # 8 -> 3 windows -> 6
 
 
 def test_split_class_token(mode):
@@ -171,7 +176,7 @@ class ChannelsLastConv(nn.Cell):
 
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_conv_channels_last_patchify(mode, has_bias):
-    conv = Conv2d(6, 10, 2, stride=2, has_bias=has_bias)
+    conv = MatmulConv2d(6, 10, 2, stride=2, has_bias=has_bias, backend=CPU)
     x = tensor(2, 8, 4, 6)
     out = ChannelsLastConv(conv)(x).asnumpy()
     expected = ops.conv2d(x.transpose(0, 3, 1, 2), conv.weight, conv.bias, stride=2).asnumpy()
@@ -184,7 +189,7 @@ def test_conv_channels_last_with_the_kernels_equals_conv2d_values_and_gradients(
                                                                                  has_bias):
     """The stem's convolutions as the im2col kernel + matmul whose gradient recomputes the patches
     (UnfoldMatmul): values, input and weight gradients against ops.conv2d on NCHW."""
-    conv = Conv2d(5, 8, kernel, stride=stride, padding=padding, has_bias=has_bias)
+    conv = MatmulConv2d(5, 8, kernel, stride=stride, padding=padding, has_bias=has_bias, backend=CPU)
     x = tensor(2, 8, 8, 5)
     assert conv.unfold_matmul.takes_kernels(x)  # the tests run on CPU with the kernels
 
@@ -210,10 +215,9 @@ def test_conv_channels_last_with_the_kernels_equals_conv2d_values_and_gradients(
 def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
     """The CPU formulation (here the fused kernels: tests/test_outlook_kernel.py compares them with the gathers)
     and the ops.unfold/ops.fold one (accelerators): values and gradients."""
-    cpu = OutlookAttention(12, 3)
-    assert cpu.channels_last  # the tests run on CPU
-    reference = OutlookAttention(12, 3)
-    reference.channels_last = False
+    cpu = OutlookAttention(12, 3, backend=CPU)
+    reference = OutlookAttention(12, 3, backend=Backend.PORTABLE)
+    assert isinstance(cpu.core, ChannelsLastOutlookCore) and type(reference.core) is OutlookCore
     for target, source in zip(reference.get_parameters(), cpu.get_parameters()):
         assert target.name == source.name
         target.set_data(source.data.copy())
@@ -230,7 +234,7 @@ def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
 @pytest.mark.parametrize("amp_level", ["O2", "O3"])
 def test_cpu_paths_run_under_float16_amp(mode, amp_level):
     """AMP wraps cells (BatchNorm in a casting cell) and runs the convolutions in float16: the CPU paths
-    (Conv2d.channels_last, the BatchNorm shortcut, the matmul primitives) must follow."""
+    (MatmulConv2d.channels_last, the BatchNorm shortcut, the matmul primitives) must follow."""
     x = tensor(2, 3, 64, 64)
     outputs = []
     for level in ("O0", amp_level):

@@ -90,10 +90,11 @@ def test_drop_path_schedule_is_the_official():
 
 def test_drop_path_applies_the_fed_masks_by_hand(mode):
     """x + attn(norm1(x)) / keep * m1, then + mlp(norm2(.)) / keep * m2, per sample, with the masks fed."""
+    from mindcv_volo.models.backend import resolve_backend
     from mindcv_volo.models.volo import Transformer
 
     ms.set_seed(0)
-    block = Transformer(8, 2, drop_path_rate=0.4)
+    block = Transformer(8, 2, drop_path_rate=0.4, backend=resolve_backend())
     block.mask_row = 1
     block.set_train(True)
     x = ms.Tensor(np.random.default_rng(0).standard_normal((3, 2, 2, 8)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""ONNX export (`layers.onnx_ops` + `weights.export`) against the official outputs, run in onnxruntime; what the
+"""ONNX export (backend "onnx" + `weights.export`) against the official outputs, run in onnxruntime; what the
 file carries; the permissions of exported files; the missing `onnx` package."""
 import json
 import os
@@ -11,8 +11,6 @@ import pytest
 from conftest import EXPORT_UMASK, FIXTURES, REFERENCE_CONFIGS, run_tool
 from mindcv_volo.errors import UserError
 from mindcv_volo.models import VOLO
-from mindcv_volo.models.cpu_kernels import portable_ops
-from mindcv_volo.models.layers import onnx_ops
 from mindcv_volo.weights import convert_into
 from mindcv_volo.weights.checkpoint import save_checkpoint
 from mindcv_volo.weights.export import export_model, export_onnx
@@ -23,9 +21,8 @@ ort = pytest.importorskip("onnxruntime")
 FIXTURE_NAMES = ["tiny_d1like_64", "tiny_d5like_96"]
 
 
-def converted(name, formulation):
-    with formulation():
-        model = VOLO(**REFERENCE_CONFIGS[name])
+def converted(name, backend):
+    model = VOLO(**REFERENCE_CONFIGS[name], backend=backend)
     convert_into(model, str(FIXTURES / f"{name}.safetensors"))
     model.set_train(False)
     return model
@@ -44,7 +41,7 @@ def four_images(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_onnx_formulation_gives_the_cells_logits(name, mode):
     images, _ = four_images(name)
-    onnx_model, plain = converted(name, onnx_ops), converted(name, portable_ops)
+    onnx_model, plain = converted(name, "onnx"), converted(name, "cpu_unfused")
     got = onnx_model(ms.Tensor(images)).asnumpy()
     assert np.abs(got - plain(ms.Tensor(images)).asnumpy()).max() <= 1e-5
 
@@ -52,7 +49,7 @@ def test_onnx_formulation_gives_the_cells_logits(name, mode):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_static_export_runs_in_onnxruntime_with_the_official_logits(name, tmp_path):
     images, logits = four_images(name)
-    model = converted(name, onnx_ops)
+    model = converted(name, "onnx")
     for batch in (1, 4):
         export_onnx(model, str(tmp_path / f"b{batch}.onnx"), batch_size=batch)
         assert np.abs(run_onnx(tmp_path / f"b{batch}.onnx", images[:batch]) - logits[:batch]).max() <= 1e-4
@@ -86,7 +83,7 @@ def test_the_onnx_file_carries_its_preprocessing_and_class_names(exported_onnx):
 def test_written_files_get_ordinary_permissions(exported_onnx, tmp_path):
     # MindSpore writes checkpoints and exports read-only (0400); ours follow the umask as any file opened for
     # writing does: 0640 under EXPORT_UMASK 027
-    model = converted("tiny_d1like_64", portable_ops)
+    model = converted("tiny_d1like_64", "portable")
     previous = os.umask(EXPORT_UMASK)
     try:
         export_model(model, str(tmp_path / "tiny.mindir"), "MINDIR")
@@ -111,14 +108,15 @@ def test_an_onnx_export_without_the_onnx_package_is_one_line(exported_onnx, tmp_
 
 def test_the_same_shape_exports_twice(tmp_path):
     # MindSpore 2.10 would reuse the graph its exporter rewrote in place, and fail
-    model = converted("tiny_d1like_64", onnx_ops)
+    model = converted("tiny_d1like_64", "onnx")
     images, logits = four_images("tiny_d1like_64")
     for name in ("a.onnx", "b.onnx"):
         export_onnx(model, str(tmp_path / name), batch_size=2)
         assert np.abs(run_onnx(tmp_path / name, images[:2]) - logits[:2]).max() <= 1e-4
 
 
-def test_a_model_built_without_onnx_ops_is_refused(tmp_path):
-    with pytest.raises(UserError, match="onnx_ops"):
-        export_onnx(converted("tiny_d1like_64", portable_ops), str(tmp_path / "x.onnx"))
+@pytest.mark.parametrize("backend", ["portable", "cpu_unfused"])
+def test_a_model_built_for_another_backend_is_refused(tmp_path, backend):
+    with pytest.raises(UserError, match=f'needs the model built with backend="onnx", not "{backend}"'):
+        export_onnx(converted("tiny_d1like_64", backend), str(tmp_path / "x.onnx"))
     assert not list(tmp_path.iterdir())

@@ -8,8 +8,8 @@ from mindspore import Tensor, nn
 
 from test_cpu_kernels import WeightedSum, check
 from mindcv_volo.models import cpu_kernels
-from mindcv_volo.models.layers import onnx_ops
-from mindcv_volo.models.volo import OutlookAttention
+from mindcv_volo.models.backend import Backend
+from mindcv_volo.models.volo import ChannelsLastOutlookCore, FusedOutlookCore, OutlookAttention, OutlookCore
 
 RNG = np.random.default_rng(0)
 
@@ -74,10 +74,9 @@ def test_avg_pool_kernels_split_over_threads(mode):
 
 def with_kernels_and_without(dim, heads, **kwargs):
     """OutlookAttention built with the kernels and without them (MindSpore's ops), with the same weights."""
-    fused = OutlookAttention(dim, heads, **kwargs)
-    with cpu_kernels.portable_ops():
-        plain = OutlookAttention(dim, heads, **kwargs)
-    assert fused.fused_core is not None and plain.fused_core is None
+    fused = OutlookAttention(dim, heads, **kwargs, backend=Backend.CPU)
+    plain = OutlookAttention(dim, heads, **kwargs, backend=Backend.CPU_UNFUSED)
+    assert type(fused.core) is FusedOutlookCore and type(plain.core) is ChannelsLastOutlookCore
     for target, source in zip(plain.get_parameters(), fused.get_parameters()):
         assert target.name == source.name
         source.set_data(Tensor(RNG.standard_normal(source.shape).astype(np.float32) * 0.3))
@@ -100,7 +99,7 @@ def test_outlook_attention_with_the_kernels_equals_it_without(mode, training):
     """Values, and the gradients of the input and of every parameter (v, attn and proj, weights and biases)."""
     fused, plain = with_kernels_and_without(12, 3, qkv_bias=True)
     x = Tensor(RNG.standard_normal((2, 8, 6, 12)).astype(np.float32))
-    assert fused.takes_kernels(x)
+    assert fused.core.takes_kernels(x)
     weights = RNG.standard_normal((2, 8, 6, 12)).astype(np.float32)
     results = []
     for cell in (fused, plain):
@@ -116,19 +115,17 @@ def test_outlook_attention_with_the_kernels_equals_it_without(mode, training):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_kernels_are_taken_where_they_apply(monkeypatch):
-    cell = OutlookAttention(12, 3)
+def test_kernels_are_taken_where_they_apply():
+    core = OutlookAttention(12, 3, backend=Backend.CPU).core
     x = Tensor(np.zeros((2, 8, 6, 12), np.float32))
-    assert cell.takes_kernels(x)
-    assert not cell.takes_kernels(Tensor(np.zeros((2, 8, 6, 12), np.float16)))
-    assert not cell.takes_kernels(Tensor(np.zeros((2, 7, 6, 12), np.float32)))  # not stride-aligned
-    assert not OutlookAttention(12, 3).to_float(ms.float16).takes_kernels(x)  # AMP's float16 flags
-    with cpu_kernels.portable_ops():
-        assert not OutlookAttention(12, 3).takes_kernels(x)
-    with onnx_ops():
-        assert not OutlookAttention(12, 3).takes_kernels(x)
-    monkeypatch.setenv("MINDCV_VOLO_CPU_PATHS", "0")  # the accelerator formulation
-    assert OutlookAttention(12, 3).fused_core is None
+    assert core.takes_kernels(x)
+    assert not core.takes_kernels(Tensor(np.zeros((2, 8, 6, 12), np.float16)))
+    assert not core.takes_kernels(Tensor(np.zeros((2, 7, 6, 12), np.float32)))  # not stride-aligned
+    assert not OutlookAttention(12, 3, backend=Backend.CPU).to_float(ms.float16).core.takes_kernels(x)  # AMP's flags
+    # the other backends build no kernels: the gathers, or (the accelerator formulation) ops.unfold / ops.fold
+    assert type(OutlookAttention(12, 3, backend=Backend.CPU_UNFUSED).core) is ChannelsLastOutlookCore
+    assert type(OutlookAttention(12, 3, backend=Backend.ONNX).core) is ChannelsLastOutlookCore
+    assert type(OutlookAttention(12, 3, backend=Backend.PORTABLE).core) is OutlookCore
 
 
 @pytest.mark.parametrize("attn_drop, training, core_calls", [(0.0, True, 1), (0.5, False, 1), (0.5, True, 0)])
@@ -145,7 +142,7 @@ def test_kernels_run_in_the_cell_unless_the_attention_map_is_dropped_out(monkeyp
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        cell = OutlookAttention(12, 3, attn_drop=attn_drop)
+        cell = OutlookAttention(12, 3, attn_drop=attn_drop, backend=Backend.CPU)
         cell.set_train(training)
         cell(Tensor(RNG.standard_normal((2, 8, 6, 12)).astype(np.float32)))
     finally:

@@ -12,7 +12,6 @@ value, is printed too: Adam's normalised steps amplify float32 rounding in the f
 near 0, up to 1.1e-4 in the 7x7 stem convolution). Where the recipes differ from the official on purpose, the
 test pins the difference.
 """
-import contextlib
 import importlib.util
 import json
 from types import SimpleNamespace
@@ -48,12 +47,6 @@ def load_benchmark(name):
 
 
 reference = load_benchmark("reference_trajectories")  # its numpy helpers regenerate each case's weights and batch
-
-
-def formulation(portable):
-    """Cells built inside take the accelerator formulation (ops.conv2d, unfold/fold, MindSpore's norms) when
-    `portable`, the CPU kernels otherwise."""
-    return load_benchmark("ascend_ops_check").accelerator_formulation() if portable else contextlib.nullcontext()
 
 
 def load_case(name):
@@ -108,8 +101,9 @@ class Trajectory:
 
     def __init__(self, name, portable=False):
         self.case, self.arrays = case, arrays = load_case(name)
-        with formulation(portable):
-            self.model = model = VOLO(**{**ARCHS["d1"], **case["arch"]}, drop_path_rate=case["drop_path_rate"])
+        # the accelerator formulation (ops.conv2d, unfold/fold, MindSpore's norms) when `portable`
+        self.model = model = VOLO(**{**ARCHS["d1"], **case["arch"]}, drop_path_rate=case["drop_path_rate"],
+                                  backend="portable" if portable else None)
         assert list(model.drop_path_keep_probs()) == pytest.approx(case["keep_probs"])  # the official rows
         self.init = reference.seeded_state(official_shapes(model), case["seed"])
         images, labels = reference.seeded_batch(case)

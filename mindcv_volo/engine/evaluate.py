@@ -156,11 +156,12 @@ def validate(config):
         if batch_size < data.batch_size:
             logger.info("batch %d instead of %d: what fits half the available memory on this CPU", batch_size,
                         data.batch_size)
-    level = amp_level(config.train_step.val_amp_level or config.train_step.amp_level, runtime.device)
+    level = amp_level(config.train_step.val_amp_level or config.train_step.amp_level, model.backend)
     network = EvalNetwork(apply_amp(model, level))
     prep = preprocessing(model, spec, config.augmentation, description)
-    logger.info("evaluating %s on %s: %d images, %d px (crop_pct %s); %s", spec.name, split.folder, split.count,
-                prep.size, prep.crop_pct, describe(runtime, config.system.device_target == "auto"))
+    logger.info("evaluating %s on %s: %d images, %d px (crop_pct %s); %s, backend %s", spec.name, split.folder,
+                split.count, prep.size, prep.crop_pct, describe(runtime, config.system.device_target == "auto"),
+                model.backend)
     if config.data.eval_shuffle:
         logger.info("eval_shuffle: every image is read once, and the order changes no metric")
     loader = create_eval_loader(split, batch_size, prep, runtime.rank, runtime.world, data.num_parallel_workers)

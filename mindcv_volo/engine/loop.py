@@ -124,8 +124,8 @@ class Run:
         if self.runtime.is_main:
             save_config(config.replace(model=self.spec.name, num_classes=self.spec.num_classes),
                         os.path.join(ckpt.ckpt_save_dir, "config.yaml"))
-        logger.info("%s, AMP %s", describe(self.runtime, config.system.device_target == "auto"),
-                    self.training.amp_level)
+        logger.info("%s, backend %s, AMP %s", describe(self.runtime, config.system.device_target == "auto"),
+                    self.model.backend, self.training.amp_level)
 
     def train(self):
         config, epochs = self.config, self.config.scheduler.epoch_size

@@ -174,17 +174,15 @@ def add_log_file(path):
     logger.addHandler(handler)
 
 
-def amp_level(level, device):
-    """The AMP level a run uses: the recipe's on accelerators, O0 on CPU's own formulation.
+def amp_level(level, backend):
+    """The AMP level a run of a model built for `backend` uses: the recipe's, but O0 for the CPU backends.
 
     On CPU float16 is no faster than float32, and the CPU formulation (channels-last convolutions called as
     methods, float32 kernels) does not pass through the cells' float16 casts, so a recipe written for Ascend
-    or GPU runs there in float32, and says so. With MINDCV_VOLO_CPU_PATHS=0 (the accelerator formulation on
-    CPU, for checking) the recipe's level is kept.
+    or GPU runs there in float32, and says so. The "portable" backend (the accelerator formulation, also on
+    CPU, for checking) keeps the recipe's level.
     """
-    from ..models.layers import uses_cpu_paths
-
-    if level != "O0" and device == "CPU" and uses_cpu_paths():
+    if level != "O0" and backend.matmul_convs:
         logger.info("amp_level %s is for accelerators: on CPU the run computes in float32 (O0)", level)
         return "O0"
     return level

@@ -317,7 +317,7 @@ def build_training(config, model, num_classes, runtime, updates, build_loss):
     """train.py's compiled steps for `model` (built, weights loaded; its parameters stay float32): AMP at the
     level this device runs, the loss of `build_loss`, MindCV's scheduler and optimizer over `updates`
     optimizer updates, loss scale, clipping, accumulation and EMA from the `train_step` section."""
-    level = amp_level(config.train_step.amp_level, runtime.device)
+    level = amp_level(config.train_step.amp_level, model.backend)
     network = apply_amp(model, level)
     loss_network = build_loss(network, config.loss, num_classes, config.system.seed, runtime)
     lrs = learning_rates(config.scheduler, updates)

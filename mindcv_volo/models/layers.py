@@ -2,10 +2,11 @@
 
 MindSpore's defaults differ from PyTorch where it changes the numbers (LayerNorm eps 1e-7, tanh GELU),
 so every block here is built through these helpers and the official weights give the official output.
+Each helper builds the cell of a backend (`backend.Backend`): the formulation is chosen when the cell is built,
+and a cell's construct follows it; what it still decides at run time is what a kernel takes (float32 inputs,
+AMP's casting cells).
 """
-import contextlib
 import math
-import os
 
 import mindspore as ms
 import numpy as np
@@ -14,80 +15,52 @@ from mindspore.common.initializer import TruncatedNormal
 from mindspore.ops import CustomRegOp, DataType, constexpr
 
 from . import cpu_kernels
+from .backend import Backend
 
 LAYER_NORM_EPS = 1e-5  # also the fused CPU kernel's constant (cpu_kernels.cc)
 
-_onnx_depth = 0
-
-
-def uses_fused_cpu_kernels():
-    """Whether cells built now take the fused kernels (`cpu_kernels`): on the CPU paths, if they build."""
-    return uses_cpu_paths() and cpu_kernels.available()
-
-
-@contextlib.contextmanager
-def onnx_ops():
-    """Cells built inside use only primitives MindSpore's ONNX exporter maps (for `weights.export`).
-
-    MindSpore 2.10's exporter (opset 11) has no mapping for Erf, Im2Col or Col2Im, so such cells take: GELU
-    with a Custom op the exporter writes as ONNX's own Erf (`onnx_erf`), outlook attention's unfold/fold as
-    the channels-last gathers, convolutions as `ops.conv2d` (ONNX Conv), LayerNorm in a form onnxruntime fuses,
-    and no fused CPU kernels (`cpu_kernels.portable_ops`). Same numbers as the other formulations to float
-    rounding, on any device.
-    """
-    global _onnx_depth
-    _onnx_depth += 1
-    try:
-        with cpu_kernels.portable_ops():
-            yield
-    finally:
-        _onnx_depth -= 1
-
-
-def uses_onnx_ops():
-    """Whether cells built now take the ONNX export formulation (`onnx_ops`)."""
-    return _onnx_depth > 0
-
-
-def uses_matmul_convs():
-    """Convolutions as patches + matmul: on MindSpore's CPU backend (its Conv2D is slow), unless exporting to
-    ONNX, which has Conv and whose runtimes run it fast."""
-    return uses_cpu_paths() and not uses_onnx_ops()
-
-
-def uses_window_gathers():
-    """Outlook attention's unfold/fold as channels-last gathers: on CPU, and for ONNX (no Im2Col/Col2Im)."""
-    return uses_cpu_paths() or uses_onnx_ops()
-
-
 class LayerNorm(nn.LayerNorm):
-    """torch's LayerNorm over the last axis (eps 1e-5); parameters `gamma`, `beta` as nn.LayerNorm's.
-
-    With the fused CPU kernels a float32 input takes one multi-threaded kernel each way (MindSpore's CPU
-    LayerNorm and LayerNormGrad are single-threaded); for ONNX export (`onnx_ops`) the formula in plain ops;
-    otherwise, and for other dtypes, MindSpore's.
-    """
+    """torch's LayerNorm over the last axis (eps 1e-5) by MindSpore's op; parameters `gamma`, `beta` as
+    nn.LayerNorm's."""
 
     def __init__(self, dim):
         super().__init__((dim,), epsilon=LAYER_NORM_EPS)
-        self.fused = cpu_kernels.LayerNormFunction() if uses_fused_cpu_kernels() else None
-        self.for_onnx = uses_onnx_ops()
 
     def construct(self, x):
-        if self.fused is not None and x.dtype == ms.float32:
-            return self.fused(x, self.gamma, self.beta)
-        if self.for_onnx:
-            # MindSpore exports its LayerNorm as ReduceSumSquare + Div passes, which onnxruntime leaves as they
-            # are; this textbook form (Pow 2, ReduceMean) it fuses into one LayerNormalization kernel
-            centered = x - x.mean(axis=-1, keep_dims=True)
-            variance = ops.pow(centered, 2.0).mean(axis=-1, keep_dims=True)
-            return centered / ops.sqrt(variance + self.epsilon) * self.gamma + self.beta
         y, _, _ = self.layer_norm(x, self.gamma.astype(x.dtype), self.beta.astype(x.dtype))
         return y
 
 
-def layer_norm(dim):
-    return LayerNorm(dim)
+class FusedLayerNorm(LayerNorm):
+    """LayerNorm with a float32 input in one multi-threaded kernel each way (MindSpore's CPU LayerNorm and
+    LayerNormGrad are single-threaded); other dtypes by MindSpore's op."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.fused = cpu_kernels.LayerNormFunction()
+
+    def construct(self, x):
+        if x.dtype == ms.float32:
+            return self.fused(x, self.gamma, self.beta)
+        return super().construct(x)
+
+
+class OnnxLayerNorm(LayerNorm):
+    """LayerNorm as the formula in plain ops. MindSpore exports its LayerNorm as ReduceSumSquare + Div passes,
+    which onnxruntime leaves as they are; this textbook form (Pow 2, ReduceMean) it fuses into one
+    LayerNormalization kernel."""
+
+    def construct(self, x):
+        centered = x - x.mean(axis=-1, keep_dims=True)
+        variance = ops.pow(centered, 2.0).mean(axis=-1, keep_dims=True)
+        return centered / ops.sqrt(variance + self.epsilon) * self.gamma + self.beta
+
+
+def layer_norm(dim, backend: Backend):
+    """The LayerNorm cell of `backend`."""
+    if backend.fused_kernels:
+        return FusedLayerNorm(dim)
+    return OnnxLayerNorm(dim) if backend is Backend.ONNX else LayerNorm(dim)
 
 
 def batch_norm(channels):
@@ -96,35 +69,43 @@ def batch_norm(channels):
 
 
 class Dense(nn.Dense):
-    """nn.Dense (parameters `weight`, `bias`), optionally with a residual added to its output (`residual +
-    dense(x)`, the end of a block's branch). With the fused CPU kernels and float32: the bias and the residual
-    are added in one kernel pass (`ResidualBiasAddFunction`); in training the bias gradient is one
-    multi-threaded column sum (MindSpore's CPU BiasAddGrad took ~5% of a training step). Without a residual,
-    inference keeps nn.Dense's ops exactly (a bias-add kernel alone measured ~3% slower there)."""
-
-    def __init__(self, in_features, out_features, has_bias=True, **kwargs):
-        super().__init__(in_features, out_features, has_bias=has_bias, **kwargs)
-        fused = has_bias and uses_fused_cpu_kernels()
-        self.fused_bias_add = cpu_kernels.BiasAddFunction() if fused else None
-        self.fused_residual_add = cpu_kernels.ResidualBiasAddFunction() if fused else None
+    """nn.Dense (parameters `weight`, `bias`) on (..., in_features), optionally with a residual added to its
+    output (`residual + dense(x)`, the end of a block's branch)."""
 
     def construct(self, x, residual=None):
         out = self.project(x)
-        out_shape = x.shape[:-1] + (out.shape[-1],)
-        if residual is not None and self.fused_residual_add is not None and out.dtype == ms.float32 \
-                and residual.dtype == ms.float32:
-            return self.fused_residual_add(out, self.bias, residual.reshape(out.shape)).reshape(out_shape)
         if self.has_bias:
-            if self.fused_bias_add is not None and self.training and out.dtype == ms.float32:
-                out = self.fused_bias_add(out, self.bias)
-            else:
-                out = self.bias_add(out, self.bias)
-        out = out.reshape(out_shape)
+            out = self.bias_add(out, self.bias)
+        out = out.reshape(x.shape[:-1] + (out.shape[-1],))
         return out if residual is None else residual + out
 
     def project(self, x):
         """x @ weight^T as (rows, out_features), without the bias: for a kernel that adds it itself."""
         return self.matmul(x.reshape(-1, x.shape[-1]), self.weight)
+
+
+class FusedDense(Dense):
+    """Dense with a bias, whose float32 bias and residual are added in one kernel pass
+    (`ResidualBiasAddFunction`); in training the bias gradient is one multi-threaded column sum (MindSpore's CPU
+    BiasAddGrad took ~5% of a training step). Without a residual, inference keeps nn.Dense's ops exactly (a
+    bias-add kernel alone measured ~3% slower there)."""
+
+    def __init__(self, in_features, out_features, **kwargs):
+        super().__init__(in_features, out_features, has_bias=True, **kwargs)
+        self.fused_bias_add = cpu_kernels.BiasAddFunction()
+        self.fused_residual_add = cpu_kernels.ResidualBiasAddFunction()
+
+    def construct(self, x, residual=None):
+        out = self.project(x)
+        out_shape = x.shape[:-1] + (out.shape[-1],)
+        if residual is not None and out.dtype == ms.float32 and residual.dtype == ms.float32:
+            return self.fused_residual_add(out, self.bias, residual.reshape(out.shape)).reshape(out_shape)
+        if self.training and out.dtype == ms.float32:
+            out = self.fused_bias_add(out, self.bias)
+        else:
+            out = self.bias_add(out, self.bias)
+        out = out.reshape(out_shape)
+        return out if residual is None else residual + out
 
 
 def dense_plus_residual(layer, x, residual=None):
@@ -137,29 +118,19 @@ def dense_plus_residual(layer, x, residual=None):
     return residual + layer(x)
 
 
-def dense(in_features, out_features, has_bias=True):
-    """Linear layer initialised as the official VOLO: truncated normal(0.02) weights, zero bias."""
-    return Dense(in_features, out_features, weight_init=TruncatedNormal(0.02), bias_init="zeros", has_bias=has_bias)
+def dense(in_features, out_features, has_bias=True, *, backend: Backend):
+    """The linear layer of `backend`, initialised as the official VOLO: truncated normal(0.02) weights, zero
+    bias."""
+    init = dict(weight_init=TruncatedNormal(0.02), bias_init="zeros")
+    if has_bias and backend.fused_kernels:
+        return FusedDense(in_features, out_features, **init)
+    return Dense(in_features, out_features, has_bias=has_bias, **init)
 
 
 # The matmul primitives: their gradients are matmuls with transpose flags. `ops.matmul` (MatMulExt)
 # differentiates through explicit Transpose copies of its inputs, which took ~20% of a CPU training step.
 matmul_nt = ops.MatMul(transpose_b=True)  # (M, K) x (N, K) -> (M, N)
 batch_matmul = ops.BatchMatMul()  # (..., M, K) x (..., K, N) -> (..., M, N), equal leading axes
-
-
-def uses_cpu_paths():
-    """The one device seam: True when cells are built for MindSpore's CPU backend.
-
-    Where MindSpore's CPU kernels are slow the cells take another formulation with the same numbers:
-    convolutions as unfold/patchify + matmul (CPU Conv2D runs at ~0.6 GFLOP/s, ~50x slower) and
-    outlook attention's unfold/fold as index gathers on channels-last maps (`windows`) instead of
-    Im2Col/Col2Im between NCHW transposes. On GPU and Ascend the plain ops (`ops.conv2d` on cuDNN / the
-    Cube units, `ops.unfold`, `ops.fold`) are the fast path and are kept.
-    The choice is made when a cell is built, from the device set at that time.
-    `MINDCV_VOLO_CPU_PATHS=0` builds the accelerator formulation on CPU too, to check and debug it there.
-    """
-    return ms.get_context("device_target") == "CPU" and os.environ.get("MINDCV_VOLO_CPU_PATHS", "1") != "0"
 
 
 class FusedBatchNormRelu(nn.Cell):
@@ -230,23 +201,43 @@ class GELU(nn.Cell):
 
     Written as torch computes it, x * 0.5 * (1 + erf(x / sqrt 2)), with the division as a multiplication:
     `ops.gelu(approximate="none")` expands to Div + Erf + Add + Mul + Mul, and on CPU the Div pass costs
-    as much as three Mul passes. With the fused CPU kernels a float32 input takes one pass each way.
-    Same numbers to float rounding, in any float dtype, on any device. For ONNX export (`onnx_ops`) the erf
-    is `onnx_erf` and the division stays: onnxruntime fuses x * 0.5 * (1 + erf(x / sqrt 2)) into one Gelu
-    kernel, but not the form with the multiplication.
+    as much as three Mul passes. Same numbers to float rounding, in any float dtype, on any device.
     """
+
+    def construct(self, x):
+        return x * 0.5 * (1.0 + ops.erf(x * SQRT1_2))
+
+
+class FusedGELU(GELU):
+    """GELU with a float32 input in one kernel pass each way."""
 
     def __init__(self):
         super().__init__()
-        self.fused = cpu_kernels.GeluFunction() if uses_fused_cpu_kernels() else None
-        self.onnx_erf = onnx_erf() if uses_onnx_ops() else None
+        self.fused = cpu_kernels.GeluFunction()
 
     def construct(self, x):
-        if self.fused is not None and x.dtype == ms.float32:
+        if x.dtype == ms.float32:
             return self.fused(x)
-        if self.onnx_erf is not None:
-            return x * 0.5 * (1.0 + self.onnx_erf(x / SQRT2))
-        return x * 0.5 * (1.0 + ops.erf(x * SQRT1_2))
+        return super().construct(x)
+
+
+class OnnxGELU(GELU):
+    """GELU with `onnx_erf`, and the division kept: onnxruntime fuses x * 0.5 * (1 + erf(x / sqrt 2)) into one
+    Gelu kernel, but not the form with the multiplication."""
+
+    def __init__(self):
+        super().__init__()
+        self.erf = onnx_erf()
+
+    def construct(self, x):
+        return x * 0.5 * (1.0 + self.erf(x / SQRT2))
+
+
+def gelu(backend: Backend):
+    """The GELU cell of `backend`."""
+    if backend.fused_kernels:
+        return FusedGELU()
+    return OnnxGELU() if backend is Backend.ONNX else GELU()
 
 
 class DropPath(nn.Cell):
@@ -276,24 +267,44 @@ class DropPath(nn.Cell):
 
 
 class Mlp(nn.Cell):
-    """fc1, GELU, fc2 (+ `residual`, if given). With the fused CPU kernels a float32 input takes fc1's bias add
-    and the GELU as one kernel pass each way (`cpu_kernels.BiasGeluFunction`): the bias add and its gradient
-    are no passes of their own. (The official Mlp's dropout is never switched on in VOLO: there is none.)"""
+    """fc1, GELU, fc2 (+ `residual`, if given). (The official Mlp's dropout is never switched on in VOLO: there is
+    none.)
 
-    def __init__(self, dim, hidden_dim):
+    Args:
+        dim: input and output features.
+        hidden_dim: features between fc1 and fc2.
+        backend: the formulation of the cells (`backend.Backend`).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, backend: Backend):
         super().__init__()
-        self.fc1 = dense(dim, hidden_dim)
-        self.act = GELU()
-        self.fc2 = dense(hidden_dim, dim)
-        self.bias_gelu = cpu_kernels.BiasGeluFunction() if uses_fused_cpu_kernels() else None
+        self.fc1 = dense(dim, hidden_dim, backend=backend)
+        self.act = gelu(backend)
+        self.fc2 = dense(hidden_dim, dim, backend=backend)
+
+    def construct(self, x, residual=None):
+        return dense_plus_residual(self.fc2, self.act(self.fc1(x)), residual)
+
+
+class FusedMlp(Mlp):
+    """Mlp whose float32 input takes fc1's bias add and the GELU as one kernel pass each way
+    (`cpu_kernels.BiasGeluFunction`): the bias add and its gradient are no passes of their own."""
+
+    def __init__(self, dim: int, hidden_dim: int, backend: Backend):
+        super().__init__(dim, hidden_dim, backend)
+        self.bias_gelu = cpu_kernels.BiasGeluFunction()
 
     def construct(self, x, residual=None):
         # not when AMP has wrapped fc1 in a casting cell (O1: the Dense layers in float16)
-        if self.bias_gelu is not None and x.dtype == ms.float32 and isinstance(self.fc1, Dense):
-            hidden = self.bias_gelu(self.fc1.project(x), self.fc1.bias).reshape(x.shape[:-1] + (-1,))
-        else:
-            hidden = self.act(self.fc1(x))
+        if x.dtype != ms.float32 or not isinstance(self.fc1, Dense):
+            return super().construct(x, residual)
+        hidden = self.bias_gelu(self.fc1.project(x), self.fc1.bias).reshape(x.shape[:-1] + (-1,))
         return dense_plus_residual(self.fc2, hidden, residual)
+
+
+def mlp(dim, hidden_dim, backend: Backend):
+    """The Mlp cell of `backend`."""
+    return (FusedMlp if backend.fused_kernels else Mlp)(dim, hidden_dim, backend)
 
 
 @constexpr
@@ -330,9 +341,9 @@ def transpose(x, perm, swap=None):
     return x.transpose(perm)
 
 
-def swap_axes_kernel():
-    """The SwapAxes kernel cell for `transpose`, where cells take the fused CPU kernels; else None."""
-    return cpu_kernels.SwapAxesFunction() if uses_fused_cpu_kernels() else None
+def swap_axes_kernel(backend: Backend):
+    """The SwapAxes kernel cell for `transpose` when `backend` has the fused CPU kernels; else None."""
+    return cpu_kernels.SwapAxesFunction() if backend.fused_kernels else None
 
 
 def split_class_token(x):
@@ -345,13 +356,23 @@ def split_class_token(x):
 
 class Softmax(nn.Cell):
     """Softmax over the last axis, computed in float32 whatever the AMP level, cast back to the input's
-    dtype; with the fused CPU kernels one pass each way (MindSpore's gradient takes four)."""
+    dtype."""
+
+    def construct(self, x):
+        return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
+
+
+class FusedSoftmax(Softmax):
+    """Softmax in one kernel pass each way (MindSpore's gradient takes four)."""
 
     def __init__(self):
         super().__init__()
-        self.fused = cpu_kernels.SoftmaxFunction() if uses_fused_cpu_kernels() else None
+        self.fused = cpu_kernels.SoftmaxFunction()
 
     def construct(self, x):
-        x32 = x.astype(ms.float32)
-        out = self.fused(x32) if self.fused is not None else ops.softmax(x32, axis=-1)
-        return out.astype(x.dtype)
+        return self.fused(x.astype(ms.float32)).astype(x.dtype)
+
+
+def softmax(backend: Backend):
+    """The Softmax cell of `backend`."""
+    return FusedSoftmax() if backend.fused_kernels else Softmax()

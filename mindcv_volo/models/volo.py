@@ -4,6 +4,8 @@ The cell tree mirrors the official PyTorch module tree (`network.0` outlookers, 
 `network.2..4` transformers, `post_network` class blocks), so a parameter's MindSpore name is its
 official name with the LayerNorm/BatchNorm suffixes renamed (see `mindcv_volo.convert`).
 Activations are channels-last (B, H, W, C) between blocks, as in the official code.
+A model is built for one backend (`backend.Backend`: "portable", "cpu", "cpu_unfused", "onnx"), passed down to
+every block, which builds the cells of that formulation; `model.backend` says which.
 """
 import mindspore as ms
 from mindspore import Parameter, nn, ops
@@ -15,10 +17,10 @@ from mindcv.models.registry import register_model
 from ..errors import UserError
 from ..weights.hub import HUB_URL_PREFIX, load_hub_weights
 from . import cpu_kernels
-from .layers import (DropPath, FusedBatchNormRelu, Mlp, Softmax, batch_matmul, batch_norm,
-                     batch_norm_relu_channels_last, dense, dense_plus_residual, layer_norm, split_class_token,
-                     swap_axes_kernel, transpose, uses_fused_cpu_kernels, uses_window_gathers)
-from .windows import ChannelsLastFold, ChannelsLastUnfold, Conv2d
+from .backend import Backend, resolve_backend
+from .layers import (DropPath, FusedBatchNormRelu, batch_matmul, batch_norm, batch_norm_relu_channels_last, dense,
+                     dense_plus_residual, layer_norm, mlp, softmax, split_class_token, swap_axes_kernel, transpose)
+from .windows import ChannelsLastFold, ChannelsLastUnfold, conv2d
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -26,96 +28,172 @@ TOKEN_STRIDE = PATCH_SIZE * POOLING_SCALE
 NUM_STAGES = 4  # the outlookers, then three transformer stages
 
 
-class OutlookAttention(nn.Cell):
-    """Outlook attention (kernel 3, padding 1, stride 2).
+class OutlookCore(nn.Cell):
+    """The window step of outlook attention: softmax(scale * logits) weighs the values of each k x k window, per
+    head, and the weighted windows are folded back by overlap-add; and the stride x stride average of the tokens
+    the logits come from. By `ops.unfold` / `ops.fold` on NCHW maps (the "portable" backend). No parameters.
 
-    Each 2x2-pooled location predicts, from its own token, a (k*k x k*k) attention map per head that
-    mixes the values of its k x k window; the weighted windows are folded back with overlap-add.
+    Args:
+        num_heads: attention heads.
+        head_dim: channels per head.
+        kernel_size, padding, stride: the windows.
+        attn_drop: dropout rate on the attention maps.
+        backend: the formulation of the softmax.
     """
 
-    def __init__(self, dim, num_heads, kernel_size=3, padding=1, stride=2, qkv_bias=False, attn_drop=0.0):
+    def __init__(self, num_heads: int, head_dim: int, kernel_size: int, padding: int, stride: int, attn_drop: float,
+                 backend: Backend):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim
         self.kernel_size = kernel_size
         self.padding = padding
         self.stride = stride
-        self.scale = self.head_dim ** -0.5
-        self.v = dense(dim, dim, has_bias=qkv_bias)
-        self.attn = dense(dim, kernel_size ** 4 * num_heads)
-        self.softmax = Softmax()
+        self.scale = head_dim ** -0.5
+        self.softmax = softmax(backend)
         self.attn_drop = nn.Dropout(p=attn_drop)
-        self.proj = dense(dim, dim)
-        # CPU: unfold/fold as index gathers on channels-last maps (no parameters; names unchanged)
-        self.channels_last = uses_window_gathers()
-        if self.channels_last:
-            self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)
-            self.fold = ChannelsLastFold(kernel_size, padding, stride)
-        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
-        # CPU kernels (no parameters): the 2x2 average, and the softmax, the window weighting and the overlap-add
-        # as one kernel each way (`takes_kernels`)
-        self.fused_pool = self.fused_core = None
-        if uses_fused_cpu_kernels():
-            self.fused_pool = cpu_kernels.AvgPool2x2Function() if stride == 2 else None
-            self.fused_core = cpu_kernels.OutlookAttentionFunction(num_heads, self.scale, kernel_size, padding, stride)
 
-    def takes_kernels(self, x):
-        """Static: the CPU kernels were built for this cell and take x: float32, a stride-aligned map (the im2col
-        kernel's own condition, which AMP's float16 flags turn off)."""
-        return self.fused_core is not None and self.channels_last and self.unfold.takes_kernels(x)
-
-    def construct(self, x, residual=None):
+    def pool(self, x):
+        """(B, H, W, C) -> the stride x stride averages (B, H / stride, W / stride, C) (ceil mode: H, W are even
+        here)."""
         batch, height, width, dim = x.shape
+        return x.reshape(batch, height // self.stride, self.stride, width // self.stride, self.stride,
+                         dim).mean(axis=(2, 4))
+
+    def construct(self, v, logits):
+        """Values v (B, H, W, C), logits (B, H / stride, W / stride, heads * k^4) -> (B, H, W, C)."""
+        batch, height, width, dim = v.shape
         kk = self.kernel_size * self.kernel_size
-        out_h, out_w = height // self.stride, width // self.stride
-        num_windows = out_h * out_w
-        kernels = self.takes_kernels(x)
-
-        # The window attention comes from the 2x2 average of the tokens (ceil mode: H, W are even here).
-        if kernels and self.fused_pool is not None:
-            pooled = self.fused_pool(x)
-        else:
-            pooled = x.reshape(batch, out_h, self.stride, out_w, self.stride, dim).mean(axis=(2, 4))
-        logits = self.attn(pooled)
-        if kernels and not (self.training and self.attn_drop.p > 0):  # (dropout on the map: the ops below)
-            return dense_plus_residual(self.proj, self.fused_core(self.v(x), logits), residual)
+        num_windows = logits.shape[1] * logits.shape[2]
         attn = logits.reshape(batch, num_windows, self.num_heads, kk, kk)
-
-        if self.channels_last:
-            # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
-            v = self.unfold(self.v(x)).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
-            attn = self.attn_drop(self.softmax(attn * self.scale))
-            out = transpose(batch_matmul(attn, transpose(v, (0, 1, 3, 2, 4), self.swap)), (0, 1, 3, 2, 4), self.swap)
-            return dense_plus_residual(self.proj, self.fold(out.reshape(batch, out_h, out_w, kk, dim)), residual)
-
-        v = self.v(x).transpose(0, 3, 1, 2)
         # Unfold keeps torch's channel order: (C, k*k) along axis 1.
-        v = ops.unfold(v, self.kernel_size, padding=self.padding, stride=self.stride)
+        v = ops.unfold(v.transpose(0, 3, 1, 2), self.kernel_size, padding=self.padding, stride=self.stride)
         v = v.reshape(batch, self.num_heads, self.head_dim, kk, num_windows).transpose(0, 1, 4, 3, 2)
         attn = self.attn_drop(self.softmax(attn.transpose(0, 2, 1, 3, 4) * self.scale))
         out = batch_matmul(attn, v).transpose(0, 1, 4, 3, 2).reshape(batch, dim * kk, num_windows)
         out = ops.fold(out, ms.Tensor((height, width), ms.int32), self.kernel_size,
                        padding=self.padding, stride=self.stride)
-        return dense_plus_residual(self.proj, out.transpose(0, 2, 3, 1), residual)
+        return out.transpose(0, 2, 3, 1)
+
+
+class ChannelsLastOutlookCore(OutlookCore):
+    """OutlookCore on channels-last maps, with the windows as index gathers (`windows.ChannelsLastUnfold`): no
+    NCHW transposes, and no Im2Col / Col2Im (which MindSpore's ONNX exporter does not map). The "cpu_unfused"
+    and "onnx" backends."""
+
+    def __init__(self, num_heads: int, head_dim: int, kernel_size: int, padding: int, stride: int, attn_drop: float,
+                 backend: Backend):
+        super().__init__(num_heads, head_dim, kernel_size, padding, stride, attn_drop, backend)
+        self.unfold = ChannelsLastUnfold(kernel_size, padding, stride, backend)
+        self.fold = ChannelsLastFold(kernel_size, padding, stride, backend)
+        self.swap = swap_axes_kernel(backend)  # transposes without MindSpore's per-element index tables (CPU)
+
+    def construct(self, v, logits):
+        batch, dim = v.shape[0], v.shape[-1]
+        out_h, out_w = logits.shape[1], logits.shape[2]
+        kk = self.kernel_size * self.kernel_size
+        num_windows = out_h * out_w
+        attn = logits.reshape(batch, num_windows, self.num_heads, kk, kk)
+        # (B, windows, heads, k*k, d) straight from the channels-last map; attn needs no transpose
+        v = self.unfold(v).reshape(batch, num_windows, kk, self.num_heads, self.head_dim)
+        attn = self.attn_drop(self.softmax(attn * self.scale))
+        out = transpose(batch_matmul(attn, transpose(v, (0, 1, 3, 2, 4), self.swap)), (0, 1, 3, 2, 4), self.swap)
+        return self.fold(out.reshape(batch, out_h, out_w, kk, dim))
+
+
+class FusedOutlookCore(ChannelsLastOutlookCore):
+    """ChannelsLastOutlookCore with the fused CPU kernels (the "cpu" backend): the 2 x 2 average, and the softmax,
+    the window weighting and the overlap-add, as one kernel each way, where they take the input (`takes_kernels`)
+    and no dropout falls on the attention maps; otherwise the gathers."""
+
+    def __init__(self, num_heads: int, head_dim: int, kernel_size: int, padding: int, stride: int, attn_drop: float,
+                 backend: Backend):
+        super().__init__(num_heads, head_dim, kernel_size, padding, stride, attn_drop, backend)
+        self.fused_pool = cpu_kernels.AvgPool2x2Function() if stride == 2 else None
+        self.fused = cpu_kernels.OutlookAttentionFunction(num_heads, self.scale, kernel_size, padding, stride)
+
+    def takes_kernels(self, x):
+        """Static: the kernels take x: float32, a stride-aligned map (the im2col kernel's own condition, which
+        AMP's float16 flags turn off)."""
+        return self.unfold.takes_kernels(x)
+
+    def pool(self, x):
+        if self.fused_pool is not None and self.takes_kernels(x):
+            return self.fused_pool(x)
+        return super().pool(x)
+
+    def construct(self, v, logits):
+        if self.takes_kernels(v) and not (self.training and self.attn_drop.p > 0):
+            return self.fused(v, logits)
+        return super().construct(v, logits)
+
+
+def outlook_core(num_heads, head_dim, kernel_size, padding, stride, attn_drop, backend: Backend):
+    """The OutlookCore cell of `backend`."""
+    if backend.fused_kernels:
+        core = FusedOutlookCore
+    else:
+        core = ChannelsLastOutlookCore if backend.window_gathers else OutlookCore
+    return core(num_heads, head_dim, kernel_size, padding, stride, attn_drop, backend)
+
+
+class OutlookAttention(nn.Cell):
+    """Outlook attention (kernel 3, padding 1, stride 2).
+
+    Each 2x2-pooled location predicts, from its own token, a (k*k x k*k) attention map per head that
+    mixes the values of its k x k window; the weighted windows are folded back with overlap-add (`core`).
+
+    Args:
+        dim: channels of the (B, H, W, dim) map.
+        num_heads: attention heads.
+        kernel_size, padding, stride: the windows.
+        qkv_bias: a bias in the value projection.
+        attn_drop: dropout rate on the attention maps.
+        backend: the formulation of the cells.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 3, padding: int = 1, stride: int = 2,
+                 qkv_bias: bool = False, attn_drop: float = 0.0, *, backend: Backend):
+        super().__init__()
+        self.v = dense(dim, dim, has_bias=qkv_bias, backend=backend)
+        self.attn = dense(dim, kernel_size ** 4 * num_heads, backend=backend)
+        self.proj = dense(dim, dim, backend=backend)
+        self.core = outlook_core(num_heads, dim // num_heads, kernel_size, padding, stride, attn_drop, backend)
+
+    def construct(self, x, residual=None):
+        logits = self.attn(self.core.pool(x))
+        return dense_plus_residual(self.proj, self.core(self.v(x), logits), residual)
 
 
 class PreNormBlock(nn.Cell):
-    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses name the attention.
+    """x + attn(norm1(x)), then + mlp(norm2(x)), each branch under drop path; subclasses build the attention.
 
     `drop_masks` (rows, B) holds the step's drop-path masks of the whole model: the two branches of this
     block take rows `mask_row` and `mask_row + 1` (numbered by VOLO); None: no masks fed (`DropPath`).
+
+    Args:
+        dim: channels of the (B, H, W, dim) map.
+        num_heads: attention heads.
+        mlp_ratio: the MLP's hidden features per channel.
+        qkv_bias: a bias in the attention's q, k, v projections.
+        attn_drop: dropout rate on the attention maps.
+        drop_path_rate: stochastic depth rate of both branches.
+        backend: the formulation of the cells.
     """
 
-    attention = None
-
-    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0, drop_path_rate=0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 3.0, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, drop_path_rate: float = 0.0, *, backend: Backend):
         super().__init__()
-        self.norm1 = layer_norm(dim)
-        self.attn = self.attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+        self.norm1 = layer_norm(dim, backend)
+        self.attn = self.build_attention(dim, num_heads, qkv_bias, attn_drop, backend)
         self.drop_path = DropPath(drop_path_rate)
-        self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = layer_norm(dim, backend)
+        self.mlp = mlp(dim, int(dim * mlp_ratio), backend)
         self.mask_row = None
+
+    @staticmethod
+    def build_attention(dim, num_heads, qkv_bias, attn_drop, backend):
+        raise NotImplementedError
 
     def construct(self, x, drop_masks=None):
         if self.drop_path.passes_through():
@@ -132,65 +210,103 @@ class PreNormBlock(nn.Cell):
 class Outlooker(PreNormBlock):
     """The outlooker block of stage 1 (stride 8)."""
 
-    attention = OutlookAttention
+    @staticmethod
+    def build_attention(dim, num_heads, qkv_bias, attn_drop, backend):
+        return OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, backend=backend)
 
 
 class Attention(nn.Cell):
-    """Multi-head self-attention over the (H, W) token grid."""
+    """Multi-head self-attention over the (H, W) token grid.
 
-    def __init__(self, dim, num_heads, qkv_bias=False, attn_drop=0.0):
+    Args:
+        dim: channels of the (B, H, W, dim) map.
+        num_heads: attention heads.
+        qkv_bias: a bias in the q, k, v projection.
+        attn_drop: dropout rate on the attention maps.
+        backend: the formulation of the cells.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, *,
+                 backend: Backend):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
-        self.softmax = Softmax()
+        self.qkv = dense(dim, dim * 3, has_bias=qkv_bias, backend=backend)
+        self.softmax = softmax(backend)
         self.attn_drop = nn.Dropout(p=attn_drop)
-        self.proj = dense(dim, dim)
-        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
-        # CPU: q, k, v laid out from the projection in one kernel pass; no parameters
-        self.qkv_heads = cpu_kernels.QkvHeadsFunction(self.scale) if uses_fused_cpu_kernels() else None
+        self.proj = dense(dim, dim, backend=backend)
+        self.swap = swap_axes_kernel(backend)  # transposes without MindSpore's per-element index tables (CPU)
 
     def construct(self, x, residual=None):
         batch, height, width, dim = x.shape
-        num_tokens = height * width
-        qkv = self.qkv(x)
-        # the scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding
-        if self.qkv_heads is not None and qkv.dtype == ms.float32:
-            q, k_t, v = self.qkv_heads(qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim))
-        else:
-            # Split q, k, v on a middle axis of the fused projection, then lay each out for its matmul: indexing
-            # a transposed (3, B, heads, N, d) tensor is a StridedSlice, MindSpore's slowest copy on CPU.
-            q, k, v = ops.split(qkv.reshape(batch, num_tokens, 3, dim), 1, axis=2)
-            heads = (batch, num_tokens, self.num_heads, self.head_dim)
-            q = transpose((q * self.scale).reshape(heads), (0, 2, 1, 3), self.swap)
-            k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
-            v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
+        q, k_t, v = self.heads(self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim))
         attn = self.attn_drop(self.softmax(batch_matmul(q, k_t)))
         out = transpose(batch_matmul(attn, v), (0, 2, 1, 3), self.swap).reshape(batch, height, width, dim)
         return dense_plus_residual(self.proj, out, residual)
+
+    def heads(self, qkv):
+        """The projection (B, N, 3, heads, d) -> q * scale (B, heads, N, d), k^T (B, heads, d, N), v (B, heads, N, d).
+
+        The scale on q (N x d values), not on q @ k^T (N x N): the same to float rounding. Split q, k, v on a
+        middle axis, then lay each out for its matmul: indexing a transposed (3, B, heads, N, d) tensor is a
+        StridedSlice, MindSpore's slowest copy on CPU.
+        """
+        batch, num_tokens = qkv.shape[0], qkv.shape[1]
+        q, k, v = ops.split(qkv.reshape(batch, num_tokens, 3, -1), 1, axis=2)
+        heads = (batch, num_tokens, self.num_heads, self.head_dim)
+        q = transpose((q * self.scale).reshape(heads), (0, 2, 1, 3), self.swap)
+        k_t = transpose(k.reshape(heads), (0, 2, 3, 1), self.swap)
+        v = transpose(v.reshape(heads), (0, 2, 1, 3), self.swap)
+        return q, k_t, v
+
+
+class FusedAttention(Attention):
+    """Attention with q, k, v laid out from a float32 projection in one kernel pass (the "cpu" backend)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, *,
+                 backend: Backend):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, backend=backend)
+        self.qkv_heads = cpu_kernels.QkvHeadsFunction(self.scale)  # no parameters
+
+    def heads(self, qkv):
+        if qkv.dtype == ms.float32:
+            return self.qkv_heads(qkv)
+        return super().heads(qkv)
 
 
 class Transformer(PreNormBlock):
     """The self-attention block of stages 2-4 (stride 16)."""
 
-    attention = Attention
+    @staticmethod
+    def build_attention(dim, num_heads, qkv_bias, attn_drop, backend):
+        attention = FusedAttention if backend.fused_kernels else Attention
+        return attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, backend=backend)
 
 
 class ClassAttention(nn.Cell):
-    """Class attention (CaiT): the class token attends to all tokens; returns the new class token."""
+    """Class attention (CaiT): the class token attends to all tokens; returns the new class token.
 
-    def __init__(self, dim, num_heads, qkv_bias=False, attn_drop=0.0):
+    Args:
+        dim: channels of the (B, 1 + N, dim) tokens.
+        num_heads: attention heads.
+        qkv_bias: a bias in the q and k, v projections.
+        attn_drop: dropout rate on the attention maps.
+        backend: the formulation of the cells.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, *,
+                 backend: Backend):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.kv = dense(dim, dim * 2, has_bias=qkv_bias)
-        self.q = dense(dim, dim, has_bias=qkv_bias)
-        self.softmax = Softmax()
+        self.kv = dense(dim, dim * 2, has_bias=qkv_bias, backend=backend)
+        self.q = dense(dim, dim, has_bias=qkv_bias, backend=backend)
+        self.softmax = softmax(backend)
         self.attn_drop = nn.Dropout(p=attn_drop)
-        self.proj = dense(dim, dim)
-        self.swap = swap_axes_kernel()  # transposes without MindSpore's per-element index tables (CPU)
+        self.proj = dense(dim, dim, backend=backend)
+        self.swap = swap_axes_kernel(backend)  # transposes without MindSpore's per-element index tables (CPU)
 
     def construct(self, x, residual=None):
         batch, num_tokens, dim = x.shape
@@ -205,14 +321,24 @@ class ClassAttention(nn.Cell):
 
 
 class ClassBlock(nn.Cell):
-    """Class-attention block: updates only the class token (index 0) and passes the others through."""
+    """Class-attention block: updates only the class token (index 0) and passes the others through.
 
-    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, attn_drop=0.0):
+    Args:
+        dim: channels of the (B, 1 + N, dim) tokens.
+        num_heads: attention heads.
+        mlp_ratio: the MLP's hidden features per channel.
+        qkv_bias: a bias in the attention's projections.
+        attn_drop: dropout rate on the attention maps.
+        backend: the formulation of the cells.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 3.0, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, *, backend: Backend):
         super().__init__()
-        self.norm1 = layer_norm(dim)
-        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = layer_norm(dim, backend)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, backend=backend)
+        self.norm2 = layer_norm(dim, backend)
+        self.mlp = mlp(dim, int(dim * mlp_ratio), backend)
 
     def construct(self, x):
         cls_embed, tokens = split_class_token(x)
@@ -222,33 +348,46 @@ class ClassBlock(nn.Cell):
 
 
 class PatchEmbed(nn.Cell):
-    """The stem: conv7x7/2 + two conv3x3 (each with BatchNorm and ReLU), then a 4x4/4 projection."""
+    """The stem: conv7x7/2 + two conv3x3 (each with BatchNorm and ReLU), then a 4x4/4 projection.
 
-    def __init__(self, in_channels, hidden_dim, embed_dim):
+    Args:
+        in_channels: image channels.
+        hidden_dim: channels of the three convolutions.
+        embed_dim: channels of the stride-8 tokens.
+        backend: the formulation of the convolutions.
+    """
+
+    def __init__(self, in_channels: int, hidden_dim: int, embed_dim: int, backend: Backend):
         super().__init__()
         self.conv = nn.SequentialCell(
-            Conv2d(in_channels, hidden_dim, 7, stride=2, padding=3, has_bias=False), batch_norm(hidden_dim),
-            nn.ReLU(),
-            Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False), batch_norm(hidden_dim),
-            nn.ReLU(),
-            Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False), batch_norm(hidden_dim),
-            nn.ReLU(),
+            conv2d(in_channels, hidden_dim, 7, stride=2, padding=3, has_bias=False, backend=backend),
+            batch_norm(hidden_dim), nn.ReLU(),
+            conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False, backend=backend),
+            batch_norm(hidden_dim), nn.ReLU(),
+            conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, has_bias=False, backend=backend),
+            batch_norm(hidden_dim), nn.ReLU(),
         )
-        self.proj = Conv2d(hidden_dim, embed_dim, PATCH_SIZE // 2, stride=PATCH_SIZE // 2)
-        self.bn_relu = FusedBatchNormRelu() if uses_fused_cpu_kernels() else None  # no parameters
-        self.swap = swap_axes_kernel()
+        self.proj = conv2d(hidden_dim, embed_dim, PATCH_SIZE // 2, stride=PATCH_SIZE // 2, backend=backend)
 
     def construct(self, x):
         return self.proj(self.conv(x))
 
     def channels_last(self, x):
-        """Image (B, C, H, W) -> (B, H/8, W/8, embed_dim), the same numbers as `construct` transposed.
+        """Image (B, C, H, W) -> (B, H/8, W/8, embed_dim), the same numbers as `construct` transposed."""
+        return self.construct(x).transpose(0, 2, 3, 1)
 
-        On CPU the image is transposed once (3 channels) and every convolution works channels-last
-        (Conv2d.channels_last), with no transpose between them.
-        """
-        if not self.proj.use_matmul:
-            return self.construct(x).transpose(0, 2, 3, 1)
+
+class ChannelsLastPatchEmbed(PatchEmbed):
+    """The stem of the CPU backends, whose `channels_last` transposes the image once (3 channels) and runs every
+    convolution channels-last (`MatmulConv2d.channels_last`), with no transpose between them; with the fused CPU
+    kernels BatchNorm + ReLU are one kernel each way."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, embed_dim: int, backend: Backend):
+        super().__init__(in_channels, hidden_dim, embed_dim, backend)
+        self.bn_relu = FusedBatchNormRelu() if backend.fused_kernels else None  # no parameters
+        self.swap = swap_axes_kernel(backend)
+
+    def channels_last(self, x):
         conv = self.conv
         x = transpose(x, (0, 2, 3, 1), self.swap)
         x = batch_norm_relu_channels_last(conv[1], conv[0].channels_last(x), self.bn_relu)
@@ -257,12 +396,23 @@ class PatchEmbed(nn.Cell):
         return self.proj.channels_last(x)
 
 
-class Downsample(nn.Cell):
-    """2x2/2 convolution between the outlooker and transformer stages, channels-last in and out."""
+def patch_embed(in_channels, hidden_dim, embed_dim, backend: Backend):
+    """The stem cell of `backend`."""
+    stem = ChannelsLastPatchEmbed if backend.matmul_convs else PatchEmbed
+    return stem(in_channels, hidden_dim, embed_dim, backend)
 
-    def __init__(self, in_dim, out_dim):
+
+class Downsample(nn.Cell):
+    """2x2/2 convolution between the outlooker and transformer stages, channels-last in and out.
+
+    Args:
+        in_dim, out_dim: channels in and out.
+        backend: the formulation of the convolution.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, backend: Backend):
         super().__init__()
-        self.proj = Conv2d(in_dim, out_dim, POOLING_SCALE, stride=POOLING_SCALE)
+        self.proj = conv2d(in_dim, out_dim, POOLING_SCALE, stride=POOLING_SCALE, backend=backend)
 
     def construct(self, x):
         return self.proj.channels_last(x)
@@ -319,14 +469,35 @@ class VOLO(nn.Cell):
     (NCHW: stage 0 at stride 8, stages 1-3 at stride 16; see `forward_intermediates`), in that order, and
     `feature_info` and `out_channels` describe those maps.
     Pictures must be img_size x img_size (the position embedding's grid); another size is a one-line error.
+
+    Args:
+        layers: blocks per stage (four).
+        embed_dims: channels per stage (four; stages 1-3 share one).
+        num_heads: attention heads per stage (four).
+        mlp_ratio: the MLPs' hidden features per channel.
+        stem_hidden_dim: channels of the stem's convolutions.
+        img_size: the square input size, a multiple of 16 (it sizes the position embedding).
+        in_channels: image channels.
+        num_classes: classes of `head` and `aux_head`; 0 gives the class token instead of logits.
+        qkv_bias: a bias in the attention projections.
+        drop_rate: dropout after the position embedding.
+        attn_drop_rate: dropout on the attention maps.
+        drop_path_rate: stochastic depth, rising linearly over the transformer blocks (official schedule).
+        features_only: `construct` returns the stage maps of `out_indices` instead of logits.
+        out_indices: the stages `features_only` returns.
+        backend: the formulation computed, "portable", "cpu", "cpu_unfused" or "onnx" (`backend.Backend`; the
+            same numbers to float rounding). None: $MINDCV_VOLO_BACKEND if set, else the device's ("cpu" on CPU,
+            "portable" on Ascend and GPU). "cpu" becomes "cpu_unfused" when the fused kernels cannot be built.
+            The model keeps what it computes as `backend`.
     """
 
     def __init__(self, layers, embed_dims, num_heads, mlp_ratio=3.0, stem_hidden_dim=64, img_size=224,
                  in_channels=3, num_classes=1000, qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3)):
+                 drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3), backend=None):
         super().__init__()
         if img_size % TOKEN_STRIDE:
             raise ValueError(f"VOLO img_size must be divisible by {TOKEN_STRIDE}, got {img_size}")
+        self.backend = resolve_backend(backend)
         self.num_classes = num_classes
         self.img_size = img_size
         self.num_features = embed_dims[-1]
@@ -341,17 +512,17 @@ class VOLO(nn.Cell):
             self.feature_info = [self.feature_info[i] for i in take_indices(NUM_STAGES, self.out_indices)[0]]
             self.out_channels = [info["chs"] for info in self.feature_info]
 
-        self.patch_embed = PatchEmbed(in_channels, stem_hidden_dim, embed_dims[0])
+        self.patch_embed = patch_embed(in_channels, stem_hidden_dim, embed_dims[0], self.backend)
         grid = img_size // TOKEN_STRIDE
         self.pos_embed = Parameter(initializer(TruncatedNormal(0.02), (1, grid, grid, embed_dims[-1])),
                                    name="pos_embed")
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         rates = block_drop_path_rates(layers, drop_path_rate)
-        block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
+        block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, backend=self.backend)
         network = [nn.SequentialCell([Outlooker(embed_dims[0], num_heads[0], drop_path_rate=rate, **block_args)
                                       for rate in rates[0]]),
-                   Downsample(embed_dims[0], embed_dims[1])]
+                   Downsample(embed_dims[0], embed_dims[1], self.backend)]
         for stage in range(1, 4):
             network.append(nn.SequentialCell([
                 Transformer(embed_dims[stage], num_heads[stage], drop_path_rate=rate, **block_args)
@@ -370,13 +541,14 @@ class VOLO(nn.Cell):
         self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, embed_dims[-1])), name="cls_token")
         self.post_network = nn.CellList([ClassBlock(embed_dims[-1], num_heads[-1], **block_args)
                                          for _ in range(2)])
-        self.norm = layer_norm(embed_dims[-1])
+        self.norm = layer_norm(embed_dims[-1], self.backend)
         self.head, self.aux_head = self._class_heads(num_classes)
 
     def _class_heads(self, num_classes):
         """(head, aux_head) for `num_classes`, initialised as the official model; identities for 0 classes."""
         if num_classes > 0:
-            return dense(self.num_features, num_classes), dense(self.num_features, num_classes)
+            return (dense(self.num_features, num_classes, backend=self.backend),
+                    dense(self.num_features, num_classes, backend=self.backend))
         return nn.Identity(), nn.Identity()
 
     def no_weight_decay(self):
@@ -485,11 +657,20 @@ class VOLO(nn.Cell):
         return outputs
 
     def forward_tokens(self, x, drop_masks=None):
-        """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages."""
+        """Stride-8 tokens -> stride-16 tokens (B, N, C) after the transformer stages.
+
+        Args:
+            x: stride-8 tokens, channels-last (B, H/8, W/8, C0), as `embed` gives them.
+            drop_masks: the step's drop-path masks, as construct's.
+        """
         return flatten_grid(self.run_stages(x, drop_masks=drop_masks)[-1])
 
     def forward_cls(self, tokens):
-        """Prepend the class token and run the class blocks, then the final norm: (B, 1 + N, C)."""
+        """Prepend the class token and run the class blocks, then the final norm: (B, 1 + N, C).
+
+        Args:
+            tokens: stride-16 tokens (B, N, C), as `forward_tokens` gives them.
+        """
         cls_tokens = ops.broadcast_to(self.cls_token, (tokens.shape[0], -1, -1)).astype(tokens.dtype)
         x = ops.cat((cls_tokens, tokens), axis=1)
         for block in self.post_network:
@@ -497,14 +678,21 @@ class VOLO(nn.Cell):
         return self.norm(x)
 
     def forward_features(self, x, drop_masks=None):
-        """Image -> normed tokens (B, 1 + N, C), class token first."""
+        """Image -> normed tokens (B, 1 + N, C), class token first.
+
+        Args:
+            x: images (B, in_channels, img_size, img_size).
+            drop_masks: the step's drop-path masks, as construct's.
+        """
         return self.forward_cls(self.forward_tokens(self.embed(x), drop_masks))
 
     def forward_head(self, tokens, pre_logits=False):
         """Normed tokens (B, 1 + N, C) -> logits: head(class token) + 0.5 * max over tokens of aux_head(tokens),
         the official eval output (with 0 classes, the class token).
 
-        `pre_logits=True` returns what the class head sees, the normed class token (B, C), as timm's VOLO.
+        Args:
+            tokens: normed tokens (B, 1 + N, C), as `forward_features` gives them.
+            pre_logits: return what the class head sees, the normed class token (B, C), as timm's VOLO.
         """
         cls_token, patch_tokens = split_class_token(tokens)
         cls_token = cls_token.squeeze(1)
@@ -523,14 +711,18 @@ class VOLO(nn.Cell):
         VOLO has 4 stages: 0 the outlookers (network.0, stride 8, embed_dims[0] channels), 1-3 the three
         transformer stages (network.2-4, stride 16, embed_dims[-1] channels); the downsample (network.1) and
         the position embedding belong to stage 1. The maps are the stage outputs, the ones `features_only`
-        gives, in `output_fmt` "NCHW" or "NHWC".
-        - `indices` as timm's `feature_take_indices`: None every stage, an int n the last n, a sequence those
-          stages (negative ones count from the end); the maps come in that order.
-        - `norm=True` puts the final norm on the stride-16 maps (stage 0 has other channels: as timm, unnormed).
-        - `stop_early=True` runs no stage after the last one taken. The final tokens need every stage, so it is
-          refused for an earlier last stage unless `intermediates_only`.
-        In GRAPH_MODE the arguments after `x` decide the graph's shape: pass Python constants (literals, or
-        attributes of the calling cell) when the graph compiles, never tensors.
+        gives. In GRAPH_MODE the arguments after `x` decide the graph's shape: pass Python constants (literals,
+        or attributes of the calling cell) when the graph compiles, never tensors.
+
+        Args:
+            x: images (B, in_channels, img_size, img_size).
+            indices: as timm's `feature_take_indices`: None every stage, an int n the last n, a sequence those
+                stages (negative ones count from the end); the maps come in that order.
+            norm: put the final norm on the stride-16 maps (stage 0 has other channels: as timm, unnormed).
+            stop_early: run no stage after the last one taken. The final tokens need every stage, so it is
+                refused for an earlier last stage unless `intermediates_only`.
+            output_fmt: "NCHW" or "NHWC" maps.
+            intermediates_only: return the list of maps alone.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
@@ -551,7 +743,12 @@ class VOLO(nn.Cell):
         return x.transpose(0, 3, 1, 2) if output_fmt == "NCHW" else x
 
     def forward_stages(self, x, drop_masks=None):
-        """Image -> the NCHW maps of the stages in `out_indices` (features_only); `drop_masks` as construct's."""
+        """Image -> the NCHW maps of the stages in `out_indices` (features_only).
+
+        Args:
+            x: images (B, in_channels, img_size, img_size).
+            drop_masks: the step's drop-path masks, as construct's.
+        """
         taken, last_taken = take_indices(NUM_STAGES, self.out_indices)
         outputs = self.run_stages(self.embed(x), last_taken, drop_masks)
         return tuple(self._feature_map(outputs[index], False, "NCHW") for index in taken)
@@ -559,9 +756,12 @@ class VOLO(nn.Cell):
     def forward_train(self, x, mix_mask=None, drop_masks=None):
         """Token-labeling outputs: (class logits (B, K), per-token logits (B, N, K)).
 
-        `mix_mask` (1 or B, H/16, W/16, 1), 1 inside the MixToken box: there the stride-8 tokens come
-        from the batch flipped along its first axis, and the per-token logits are flipped back, so
-        each token's logits line up with its own image's token labels. `drop_masks`: as construct's.
+        Args:
+            x: images (B, in_channels, img_size, img_size).
+            mix_mask: (1 or B, H/16, W/16, 1), 1 inside the MixToken box: there the stride-8 tokens come from the
+                batch flipped along its first axis, and the per-token logits are flipped back, so each token's
+                logits line up with its own image's token labels. None: no MixToken.
+            drop_masks: the step's drop-path masks, as construct's.
         """
         x = self.embed(x)
         if mix_mask is not None:
@@ -585,8 +785,13 @@ class VOLO(nn.Cell):
         return mask.reshape(batch, height * POOLING_SCALE, width * POOLING_SCALE, 1)
 
     def construct(self, x, drop_masks=None):
-        """Logits (or feature maps); in training, `drop_masks` (rows of `drop_path_keep_probs()`, B) are the
-        step's drop-path masks (1 keeps a sample's branch); inference needs none."""
+        """Logits (or, with `features_only`, the stage maps).
+
+        Args:
+            x: images (B, in_channels, img_size, img_size).
+            drop_masks: in training, the step's drop-path masks (rows of `drop_path_keep_probs()`, B), 1 keeping a
+                sample's branch; None draws them in the graph. Inference needs none.
+        """
         if self.features_only:
             return self.forward_stages(x, drop_masks)
         return self.forward_head(self.forward_features(x, drop_masks))
@@ -678,7 +883,8 @@ def hub_id(name):
 
 
 def build_volo(name, pretrained=False, **kwargs):
-    """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...).
+    """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...) or
+    choose the model's `backend` (see VOLO).
 
     `pretrained=True` loads the official weights from the hub (`weights.hub`); another img_size resizes
     pos_embed, another num_classes leaves fresh heads.
@@ -708,7 +914,10 @@ for _name in MODEL_NAMES:  # the variant table is the registry
 def create(name, **kwargs):
     """`mindcv.models.create_model` for this project's names, with a one-line error for any other name.
 
-    Arguments set to None are left at the variant's values.
+    Args:
+        name: a registered name (MODEL_NAMES).
+        **kwargs: VOLO's arguments (num_classes, img_size, backend, ...) and create_model's (checkpoint_path);
+            those set to None are left at the variant's values.
     """
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")

@@ -2,8 +2,8 @@
 
 What `ops.unfold` / `ops.fold` compute (torch's nn.Unfold / F.fold), with the window tap as its own axis and
 the channels last, so outlook attention needs no NCHW transposes: by index gathers, or by the fused im2col /
-col2im kernels on CPU. `Conv2d` is torch's convolution: `ops.conv2d` on accelerators, windows + one matmul
-on CPU. `output_size` is the one formula for the number of window positions.
+col2im kernels of the "cpu" backend. `Conv2d` is torch's convolution by `ops.conv2d`; `MatmulConv2d` the same
+by windows + one matmul (the CPU backends). `output_size` is the one formula for the number of window positions.
 """
 import math
 
@@ -14,7 +14,8 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 from mindspore.ops import constexpr
 
 from . import cpu_kernels
-from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose, uses_fused_cpu_kernels, uses_matmul_convs
+from .backend import Backend
+from .layers import batch_matmul, matmul_nt, swap_axes_kernel, transpose
 
 
 def output_size(size, kernel_size, padding, stride):
@@ -109,14 +110,14 @@ def _window_kernels(kernel_size, padding, stride):
 
 
 class ChannelsLastWindows(nn.Cell):
-    """Base of the unfold / fold cells: the window geometry, and the fused im2col / col2im kernels when the
-    CPU kernels are built (one pass each, multi-threaded, where the gathers need a zero-token concat and
+    """Base of the unfold / fold cells: the window geometry, and for a backend with the fused CPU kernels the
+    im2col / col2im kernels (one pass each, multi-threaded, where the gathers need a zero-token concat and
     MindSpore's Gather). No parameters."""
 
-    def __init__(self, kernel_size, padding, stride):
+    def __init__(self, kernel_size, padding, stride, backend: Backend):
         super().__init__()
         self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
-        self.kernels = uses_fused_cpu_kernels()
+        self.kernels = backend.fused_kernels
         if self.kernels:
             self.im2col, self.col2im, self.geometry = _window_kernels(kernel_size, padding, stride)
 
@@ -180,8 +181,8 @@ class UnfoldMatmul(ChannelsLastWindows):
     with the flipped weight (im2col of dy, then a matmul into C columns, 40 ms + the im2col), not dy W into
     k * k * C columns (75 ms) overlap-added by col2im."""
 
-    def __init__(self, kernel_size, padding, stride):
-        super().__init__(kernel_size, padding, stride)
+    def __init__(self, kernel_size, padding, stride, backend: Backend):
+        super().__init__(kernel_size, padding, stride, backend)
         self.matmul = ops.MatMul()
         self.matmul_tn = ops.MatMul(transpose_a=True)
         self.same_size = stride == 1 and 2 * padding == kernel_size - 1
@@ -217,12 +218,8 @@ class UnfoldMatmul(ChannelsLastWindows):
 
 
 class Conv2d(nn.Cell):
-    """Conv2d with torch's parameter layout and init: `weight` (out, in, k, k), optional `bias`.
-
-    One cell, two computations behind `layers.uses_matmul_convs()`: `ops.conv2d` on accelerators and for
-    ONNX; on CPU a patchify reshape (kernel == stride, no padding) or the window unfold, then a matmul. Both
-    give the same numbers to float rounding.
-    """
+    """Conv2d with torch's parameter layout and init: `weight` (out, in, k, k), optional `bias`; `ops.conv2d`
+    (cuDNN, Ascend's Cube units, ONNX's Conv)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, has_bias=True):
         super().__init__()
@@ -237,17 +234,30 @@ class Conv2d(nn.Cell):
         fan_in = in_channels * kernel_size * kernel_size
         self.bias = (Parameter(initializer(Uniform(1 / math.sqrt(fan_in)), (out_channels,)), name="bias")
                      if has_bias else None)
-        self.use_matmul = uses_matmul_convs()
-        self.is_patchify = kernel_size == stride and padding == 0
-        if self.use_matmul:
-            self.unfold = ChannelsLastUnfold(kernel_size, padding, stride)  # for `channels_last`; no parameters
-            self.swap = swap_axes_kernel()
-            self.unfold_matmul = UnfoldMatmul(kernel_size, padding, stride)
 
     def construct(self, x):
-        if not self.use_matmul:
-            return ops.conv2d(x, self.weight, self.bias, stride=self.stride, pad_mode="pad",
-                              padding=self.padding)
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, pad_mode="pad", padding=self.padding)
+
+    def channels_last(self, x):
+        """The same convolution on channels-last maps: (B, H, W, C) -> (B, H', W', out_channels); here the NCHW
+        convolution between two transposes."""
+        return self.construct(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+
+
+class MatmulConv2d(Conv2d):
+    """Conv2d as patches + one matmul, for MindSpore's CPU backend (its Conv2D runs at ~0.6 GFLOP/s, ~50x
+    slower): a patchify reshape (kernel == stride, no padding) or the window unfold, then a matmul. The same
+    numbers as `ops.conv2d` to float rounding."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, has_bias=True, *,
+                 backend: Backend):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, has_bias)
+        self.is_patchify = kernel_size == stride and padding == 0
+        self.unfold = ChannelsLastUnfold(kernel_size, padding, stride, backend)  # for `channels_last`; no parameters
+        self.swap = swap_axes_kernel(backend)
+        self.unfold_matmul = UnfoldMatmul(kernel_size, padding, stride, backend)
+
+    def construct(self, x):
         batch, channels, height, width = x.shape
         k = self.kernel_size
         # the parameters in the activations' dtype (float16 under AMP O2/O3), as ops.conv2d would
@@ -269,15 +279,12 @@ class Conv2d(nn.Cell):
     def channels_last(self, x):
         """The same convolution on channels-last maps: (B, H, W, C) -> (B, H', W', out_channels).
 
-        On CPU the patches come straight from the channels-last map, in (ky, kx, c) order: by the im2col
-        kernel where it applies (`ChannelsLastUnfold`; for the stem's 4x4/4 patchify ~4 ms where MindSpore's
-        Transpose takes ~17 ms); otherwise, for kernel == stride, one transpose whose inner runs are k * C
-        contiguous values, else the gather unfold. Then one 2-D matmul (~2x the speed of the broadcast
-        batched matmul of the NCHW path).
-        Elsewhere it is the NCHW path between two transposes.
+        The patches come straight from the channels-last map, in (ky, kx, c) order: by the im2col kernel where
+        it applies (`ChannelsLastUnfold`; for the stem's 4x4/4 patchify ~4 ms where MindSpore's Transpose takes
+        ~17 ms); otherwise, for kernel == stride, one transpose whose inner runs are k * C contiguous values,
+        else the gather unfold. Then one 2-D matmul (~2x the speed of the broadcast batched matmul of the NCHW
+        path).
         """
-        if not self.use_matmul:
-            return self.construct(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         batch, height, width, channels = x.shape
         k = self.kernel_size
         # (out, in, ky, kx) -> (out, ky, kx, in): the patches' order
@@ -295,3 +302,10 @@ class Conv2d(nn.Cell):
         if self.bias is not None:
             out = out + self.bias.astype(x.dtype)
         return out.reshape(batch, out_h, out_w, self.out_channels)
+
+
+def conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, has_bias=True, *, backend: Backend):
+    """The convolution cell of `backend`: patches + matmul for the CPU backends, else `ops.conv2d`."""
+    if backend.matmul_convs:
+        return MatmulConv2d(in_channels, out_channels, kernel_size, stride, padding, has_bias, backend=backend)
+    return Conv2d(in_channels, out_channels, kernel_size, stride, padding, has_bias)

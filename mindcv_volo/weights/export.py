@@ -2,9 +2,9 @@
 
 The exported graph is the eval model (logits = head(class token) + 0.5 * max of aux_head) with the input
 "image" (batch, 3, img_size, img_size). A MindIR has a fixed batch size; load it with `mindspore.load` +
-`nn.GraphCell`. An ONNX file (opset 11, MindSpore's own exporter) needs a model built inside
-`models.layers.onnx_ops()`, needs the `onnx` package, carries the model's preprocessing and class names in
-its metadata (for `python -m mindcv_volo_serve`), and can have a symbolic batch axis (`onnx_batch`).
+`nn.GraphCell`. An ONNX file (opset 11, MindSpore's own exporter) needs a model built for the "onnx" backend,
+needs the `onnx` package, carries the model's preprocessing and class names in its metadata (for
+`python -m mindcv_volo_serve`), and can have a symbolic batch axis (`onnx_batch`).
 """
 import os
 import tempfile
@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_path
-from ..models.layers import LayerNorm
+from ..models.backend import Backend
 
 SUFFIX = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 
@@ -51,10 +51,10 @@ def require_onnx():
 
 
 def export_onnx(model, path, batch_size=1, dynamic_batch=False, metadata=None):
-    """Write `model`, built inside `onnx_ops()`, to the ONNX file `path`: input "image", output "logits", and
+    """Write `model`, built for the "onnx" backend, to the ONNX file `path`: input "image", output "logits", and
     `metadata` ({key: text}) as the file's metadata_props."""
-    if not all(cell.for_onnx for _, cell in model.cells_and_names() if isinstance(cell, LayerNorm)):
-        raise UserError("an ONNX export needs the model built inside mindcv_volo.models.layers.onnx_ops() "
+    if model.backend is not Backend.ONNX:
+        raise UserError(f"an ONNX export needs the model built with backend=\"onnx\", not \"{model.backend}\" "
                         "(MindSpore's exporter maps no Erf, Im2Col or Col2Im)")
     onnx = require_onnx()
     from .onnx_batch import EXPORTED_BATCHES, symbolic_batch
