@@ -282,6 +282,16 @@ def test_every_command_takes_the_official_weights_instead_of_a_checkpoint(comman
         "pretrained and ckpt_path both say which weights to start from; give one of them")
 
 
+def test_the_command_line_start_point_replaces_the_recipes(tmp_path):
+    recipe = write(tmp_path, "ckpt_path: ./volo_d1_224.ckpt\n")  # as configs/volo_d1_finetune.yaml
+    official = parse(["-c", recipe, "--pretrained", "True"])
+    assert (official.pretrained, official.ckpt_path) == (True, "")
+    own = parse(["-c", write(tmp_path, "pretrained: true\n", "official.yaml"), "--ckpt_path", "mine.ckpt"])
+    assert (own.pretrained, own.ckpt_path) == (False, "mine.ckpt")
+    assert error_of(["-c", write(tmp_path, "pretrained: true\nckpt_path: x.ckpt\n", "both.yaml")]) == (
+        "pretrained and ckpt_path both say which weights to start from; give one of them")
+
+
 def test_every_command_speaks_the_same_dialect():
     for command in ("validate", "infer", "convert", "export", "relabel"):
         args = parse(["--ckpt_path", "x.ckpt", "--num_classes", "7", "--arch_overrides", "{img_size: 32}"], command)

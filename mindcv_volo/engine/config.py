@@ -368,6 +368,12 @@ def _update(values, source):
         for name, other in ((first, second), (second, first)):
             if name in source:
                 values[other] = None
+    # The two start points: a source that names one drops the other's value from earlier sources (a recipe's
+    # ckpt_path yields to --pretrained True); one source naming both is refused (`_check_supported`).
+    if source.get("pretrained"):
+        values["ckpt_path"] = OPTIONS["ckpt_path"].default
+    if source.get("ckpt_path"):
+        values["pretrained"] = False
     values.update(source)
     for first, second in EXCLUSIVE:
         if values[first] is None and values[second] is None:
