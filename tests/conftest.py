@@ -4,8 +4,10 @@ reference training run."""
 import contextlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import mindspore as ms
@@ -26,6 +28,89 @@ REFERENCE_CONFIGS = json.loads((FIXTURES / "configs.json").read_text())
 TINY_ARCH = {"layers": [1, 1, 1, 1], "embed_dims": [16, 32, 32, 32], "num_heads": [1, 2, 2, 2],
              "stem_hidden_dim": 8, "mlp_ratio": 2.0, "img_size": 32}
 CLASSES = ("circle", "square", "stripes")
+
+
+# A tiny hand-written pickle writer (protocol 2 opcodes): small torch.save files without torch, for the weights
+# reader's tests and the official label-map format.
+
+def p_global(module, name):
+    return b"c" + f"{module}\n{name}\n".encode()                 # GLOBAL
+
+
+def p_str(s):
+    raw = s.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw               # BINUNICODE
+
+
+def p_int(i):
+    return b"J" + struct.pack("<i", i)                            # BININT
+
+
+def p_tuple(*items):
+    return b"(" + b"".join(items) + b"t"                          # MARK ... TUPLE
+
+
+def p_dict(pairs):
+    return b"}(" + b"".join(k + v for k, v in pairs) + b"u"       # EMPTY_DICT MARK ... SETITEMS
+
+
+def p_tensor(storage_class, key, numel, offset, size, stride):
+    """What torch.save writes for a tensor: _rebuild_tensor_v2(persistent storage, offset, size, stride, ...)."""
+    storage = p_tuple(p_str("storage"), p_global("torch", storage_class), p_str(key), p_str("cpu"), p_int(numel))
+    hooks = p_global("collections", "OrderedDict") + b")R"        # OrderedDict()
+    args = p_tuple(storage + b"Q", p_int(offset), p_tuple(*map(p_int, size)), p_tuple(*map(p_int, stride)),
+                   b"\x89", hooks)                               # ... requires_grad=False, hooks
+    return p_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
+
+
+def write_checkpoint(path, body, storages=None, byteorder="little"):
+    """A torch-style zip: archive/data.pkl holding `body` as the pickled object, archive/data/<key>."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
+        archive.writestr("archive/byteorder", byteorder)
+        archive.writestr("archive/version", "3\n")
+        for key, raw in (storages or {}).items():
+            archive.writestr(f"archive/data/{key}", raw)
+    return path
+
+
+class WeightedSum(nn.Cell):
+    """sum(cell(*args) * weights): a scalar whose gradient is the cell's vector-Jacobian product with `weights`.
+    auto_prefix=False: the wrapped cell's parameters keep their names."""
+
+    def __init__(self, cell, weights):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+        self.weights = ms.Tensor(np.asarray(weights, np.float32))
+
+    def construct(self, *args):
+        return (self.cell(*args) * self.weights).sum()
+
+
+def check_against_numpy(cell, fn, inputs, grad_tol):
+    """cell(*inputs) against fn in float64, and its gradients against central differences of fn."""
+    tensors = [ms.Tensor(v.astype(np.float32)) for v in inputs]
+    out = cell(*tensors).asnumpy()
+    np.testing.assert_allclose(out, fn(*inputs), rtol=1e-5, atol=1e-6)
+    weights = np.random.default_rng(1).standard_normal(out.shape)
+    grads = ms.grad(WeightedSum(cell, weights), tuple(range(len(inputs))))(*tensors)
+    for got, expected in zip(grads if isinstance(grads, tuple) else (grads,), numeric_grads(fn, inputs, weights)):
+        np.testing.assert_allclose(got.asnumpy(), expected, rtol=grad_tol, atol=grad_tol)
+
+
+def numeric_grads(fn, inputs, weights, eps=1e-6):
+    """Central differences of sum(fn(*inputs) * weights), in float64."""
+    result = []
+    for i, value in enumerate(inputs):
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            shifted = [v.copy() for v in inputs]
+            shifted[i][index] += eps
+            up = (fn(*shifted) * weights).sum()
+            shifted[i][index] -= 2 * eps
+            grad[index] = (up - (fn(*shifted) * weights).sum()) / (2 * eps)
+        result.append(grad)
+    return result
 
 
 def reference_options(name, img_size=None):

@@ -305,5 +305,11 @@ def test_every_command_speaks_the_same_dialect():
     assert error_of(["--lr", "0.1"], "convert").startswith("unknown command-line option: --lr")
 
 
-def test_help_texts_say_what_the_code_does():
-    assert OPTIONS["drop_rate"].help.startswith("dropout after the position embedding")
+def test_drop_rate_is_the_dropout_after_the_position_embedding(tmp_path):
+    """What drop_rate's help says: the option reaches the model as the dropout right after pos_embed."""
+    from conftest import tiny_volo
+    from mindcv_volo.engine.model_spec import build_model, resolve
+
+    config = parse_config(["--drop_rate", "0.25", "--arch_overrides", "{layers: [1, 1, 1, 1], img_size: 32}"])
+    model = build_model(resolve(config.model, num_classes=3), config.model.drop_rate)
+    assert model.pos_drop.p == 0.25 and tiny_volo().pos_drop.p == 0.0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from conftest import TINY_ARCH, run_tool, tiny_volo
+from conftest import TINY_ARCH, WeightedSum, check_against_numpy, run_tool, tiny_volo
 from mindcv_volo.models import cpu_kernels, kernel_library
 from mindcv_volo.models.backend import Backend, resolve_backend
 from mindcv_volo.models.layers import (Dense, FusedDense, FusedGELU, FusedLayerNorm, FusedMlp, FusedSoftmax, Mlp,
@@ -24,42 +24,6 @@ def numpy_layer_norm(x, gamma, beta):
 def numpy_softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-
-
-def numeric_grads(fn, inputs, weights, eps=1e-6):
-    """Central differences of sum(fn(*inputs) * weights), in float64."""
-    result = []
-    for i, value in enumerate(inputs):
-        grad = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            shifted = [v.copy() for v in inputs]
-            shifted[i][index] += eps
-            up = (fn(*shifted) * weights).sum()
-            shifted[i][index] -= 2 * eps
-            grad[index] = (up - (fn(*shifted) * weights).sum()) / (2 * eps)
-        result.append(grad)
-    return result
-
-
-class WeightedSum(nn.Cell):
-    def __init__(self, cell, weights):
-        super().__init__()
-        self.cell = cell
-        self.weights = Tensor(weights.astype(np.float32))
-
-    def construct(self, *args):
-        return (self.cell(*args) * self.weights).sum()
-
-
-def check(cell, fn, inputs, grad_tol):
-    """cell(*inputs) against fn in float64, and its gradients against central differences of fn."""
-    tensors = [Tensor(v.astype(np.float32)) for v in inputs]
-    out = cell(*tensors).asnumpy()
-    np.testing.assert_allclose(out, fn(*inputs), rtol=1e-5, atol=1e-6)
-    weights = np.random.default_rng(1).standard_normal(out.shape)
-    grads = ms.grad(WeightedSum(cell, weights), tuple(range(len(inputs))))(*tensors)
-    for got, expected in zip(grads if isinstance(grads, tuple) else (grads,), numeric_grads(fn, inputs, weights)):
-        np.testing.assert_allclose(got.asnumpy(), expected, rtol=grad_tol, atol=grad_tol)
 
 
 def test_kernels_build_on_this_machine():
@@ -101,7 +65,7 @@ def test_layer_norm_values_and_gradients(mode, build, shape):
     x = RNG.standard_normal(shape) * 3 + 1
     gamma, beta = RNG.standard_normal(shape[-1:]), RNG.standard_normal(shape[-1:])
     cell = cpu_kernels.LayerNormFunction()
-    check(cell, numpy_layer_norm, [x, gamma, beta], grad_tol=2e-3)
+    check_against_numpy(cell, numpy_layer_norm, [x, gamma, beta], grad_tol=2e-3)
 
 
 def gelu_points():
@@ -210,7 +174,7 @@ def test_an_unloadable_library_falls_back_with_one_warning(tmp_path):
 @pytest.mark.parametrize("shape", [(2, 4, 9), (2, 3, 197), (1000, 9)])
 def test_softmax_values_and_gradients(mode, build, shape):
     x = RNG.standard_normal(shape) * 4
-    check(cpu_kernels.SoftmaxFunction(), numpy_softmax, [x], grad_tol=1e-4)
+    check_against_numpy(cpu_kernels.SoftmaxFunction(), numpy_softmax, [x], grad_tol=1e-4)
 
 
 def test_softmax_cell_keeps_float16_and_computes_in_float32(mode):
@@ -338,14 +302,14 @@ def test_stem_batch_norm_relu_kernels_equal_batchnorm2d(mode):
 def test_affine_relu_values_and_gradients(mode, rows):
     x = RNG.standard_normal((rows, 5))
     scale, shift = RNG.standard_normal(5), RNG.standard_normal(5)
-    check(cpu_kernels.AffineReluFunction(), lambda x, s, t: np.maximum(0, x * s + t), [x, scale, shift],
+    check_against_numpy(cpu_kernels.AffineReluFunction(), lambda x, s, t: np.maximum(0, x * s + t), [x, scale, shift],
           grad_tol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (600, 7)])  # 600 rows: split over threads
 def test_bias_add_values_and_gradients(mode, shape):
     x, bias = RNG.standard_normal(shape), RNG.standard_normal(shape[-1:])
-    check(cpu_kernels.BiasAddFunction(), lambda x, b: x + b, [x, bias], grad_tol=1e-4)
+    check_against_numpy(cpu_kernels.BiasAddFunction(), lambda x, b: x + b, [x, bias], grad_tol=1e-4)
 
 
 def numpy_gelu(x):

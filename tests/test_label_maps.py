@@ -14,7 +14,7 @@ from mindcv_volo.token_labeling.label_maps import (find_label_map, follow_image,
                                                    missing_label_maps, read_label_map, sampling_weights,
                                                    write_label_map)
 from mindcv_volo.token_labeling.training import TrainSamplesWithMaps
-from test_torch_zip import p_tensor, write_checkpoint
+from conftest import p_tensor, write_checkpoint
 
 CELL = 16  # pixels per map cell in the synthetic images
 

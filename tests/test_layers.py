@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from conftest import tiny_volo
+from conftest import WeightedSum, tiny_volo
 from mindcv_volo.models.backend import Backend
 from mindcv_volo.models.layers import gelu, split_class_token
 from mindcv_volo.models.windows import (ChannelsLastFold, ChannelsLastUnfold, MatmulConv2d, fold_channels_last,
@@ -68,18 +68,8 @@ class SumOfSquares(nn.Cell):
 
 def grads(cell, *inputs):
     """Gradients of sum(cell(*inputs) * weights) with respect to every input, for fixed random weights."""
-    out_shape = cell(*inputs).shape
-    weights = Tensor(np.random.default_rng(1).standard_normal(out_shape).astype(np.float32))
-
-    class Loss(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.cell = cell
-
-        def construct(self, *args):
-            return (self.cell(*args) * weights).sum()
-
-    result = ms.grad(Loss(), tuple(range(len(inputs))))(*inputs)
+    weights = np.random.default_rng(1).standard_normal(cell(*inputs).shape)
+    result = ms.grad(WeightedSum(cell, weights), tuple(range(len(inputs))))(*inputs)
     return [g.asnumpy() for g in (result if isinstance(result, tuple) else (result,))]
 
 

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from conftest import TINY_ARCH, WeightedSum
 from mindcv_volo.models import VOLO
 from mindcv_volo.weights import load_checkpoint_into, save_checkpoint
 
-TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(2, 4, 4, 4), num_classes=5, stem_hidden_dim=8)
-IMG = 32  # stride-8 grid 4 x 4, token grid 2 x 2
+TINY = {**TINY_ARCH, "num_classes": 5}  # conftest's tiny VOLO, with five classes
+IMG = TINY["img_size"]  # 32 px: stride-8 grid 4 x 4, token grid 2 x 2
 
 
 def tiny(**overrides):
-    model = VOLO(img_size=IMG, **{**TINY, **overrides})
+    model = VOLO(**{**TINY, **overrides})
     model.set_train(False)
     return model
 
@@ -264,26 +265,15 @@ def test_intermediates_refuse_what_they_cannot_give(reference, kwargs, message):
 
 # --- set_grad_checkpointing (recompute) -------------------------------------------------------------
 
-class WeightedLogits(nn.Cell):
-    """sum(w * model(x)): a loss whose gradient reaches every parameter through both heads."""
-
-    def __init__(self, model):
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.weights = ms.Tensor(np.random.default_rng(1).normal(size=(2, 5)).astype(np.float32))
-
-    def construct(self, x):
-        return (self.model(x) * self.weights).sum()
-
-
 def training_gradients(checkpointing, drop_path_rate, steps=1, backend=None):
     """Gradients of the tiny model's loss at each of `steps` calls, from the same seed and weights."""
     ms.set_seed(0)
-    model = VOLO(img_size=IMG, drop_path_rate=drop_path_rate, **TINY, backend=backend)
+    model = VOLO(**TINY, drop_path_rate=drop_path_rate, backend=backend)
     model.set_train(True)
     if checkpointing:
         model.set_grad_checkpointing()
-    grad_fn = ms.value_and_grad(WeightedLogits(model), None, model.trainable_params())
+    loss = WeightedSum(model, np.random.default_rng(1).normal(size=(2, 5)))  # reaches every parameter through both heads
+    grad_fn = ms.value_and_grad(loss, None, model.trainable_params())
     return [[g.asnumpy() for g in grad_fn(images())[1]] for _ in range(steps)]
 
 
@@ -327,7 +317,7 @@ def test_recompute_in_pynative_reruns_the_blocks_in_the_backward_pass(checkpoint
         calls = []
         model.network[2][0].mlp.register_forward_hook(lambda *_: calls.append("mlp"))  # inside a block
         model.head.register_forward_hook(lambda *_: calls.append("head"))  # outside every block
-        ms.grad(WeightedLogits(model), None, model.trainable_params())(images())
+        ms.grad(WeightedSum(model, np.random.default_rng(1).normal(size=(2, 5))), None, model.trainable_params())(images())
     finally:
         ms.set_context(mode=previous)
     assert calls == runs

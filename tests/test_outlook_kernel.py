@@ -4,9 +4,9 @@ without, and where the cell takes them. Their bits across builds: KERNEL_CASES i
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
-from test_cpu_kernels import WeightedSum, check
+from conftest import WeightedSum, check_against_numpy
 from mindcv_volo.models import cpu_kernels
 from mindcv_volo.models.backend import Backend
 from mindcv_volo.models.volo import ChannelsLastOutlookCore, FusedOutlookCore, OutlookAttention, OutlookCore
@@ -50,7 +50,7 @@ def test_outlook_kernels_values_and_gradients(mode, batch, height, width, heads,
     logits = RNG.standard_normal((batch, height // stride, width // stride, heads * kernel ** 4)) * 2
     scale = head_dim ** -0.5
     cell = cpu_kernels.OutlookAttentionFunction(heads, scale, kernel, padding, stride)
-    check(cell, lambda v, logits: numpy_outlook(v, logits, scale, heads, kernel, padding, stride), [v, logits],
+    check_against_numpy(cell, lambda v, logits: numpy_outlook(v, logits, scale, heads, kernel, padding, stride), [v, logits],
           grad_tol=1e-4)
 
 
@@ -60,7 +60,7 @@ def numpy_avg_pool(x):
 
 
 def test_avg_pool_kernels_values_and_gradients(mode):
-    check(cpu_kernels.AvgPool2x2Function(), numpy_avg_pool, [RNG.standard_normal((2, 6, 4, 5))], grad_tol=1e-4)
+    check_against_numpy(cpu_kernels.AvgPool2x2Function(), numpy_avg_pool, [RNG.standard_normal((2, 6, 4, 5))], grad_tol=1e-4)
 
 
 def test_avg_pool_kernels_split_over_threads(mode):
@@ -84,16 +84,6 @@ def with_kernels_and_without(dim, heads, **kwargs):
     return fused, plain
 
 
-class Loss(nn.Cell):
-    def __init__(self, cell, weights):
-        super().__init__()
-        self.cell = cell
-        self.weights = Tensor(weights)
-
-    def construct(self, x):
-        return (self.cell(x) * self.weights).sum()
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_outlook_attention_with_the_kernels_equals_it_without(mode, training):
     """Values, and the gradients of the input and of every parameter (v, attn and proj, weights and biases)."""
@@ -105,7 +95,7 @@ def test_outlook_attention_with_the_kernels_equals_it_without(mode, training):
     for cell in (fused, plain):
         cell.set_train(training)
         value = cell(x).asnumpy()
-        grads = ms.grad(Loss(cell, weights), 0, cell.trainable_params())(x)
+        grads = ms.grad(WeightedSum(cell, weights), 0, cell.trainable_params())(x)
         results.append((value, grads[0].asnumpy(), [g.asnumpy() for g in grads[1]]))
     (value, dx, dparams), (value_ref, dx_ref, dparams_ref) = results
     np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-5)

@@ -16,52 +16,10 @@ from safetensors.numpy import load_file
 
 from mindcv_volo.errors import UserError
 from mindcv_volo.weights.torch_zip import load_state_dict_file, read_torch_checkpoint
+from conftest import p_dict, p_global, p_int, p_str, p_tensor, p_tuple, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOT_A_CHECKPOINT = "is not a PyTorch checkpoint (zip) or safetensors file: "
-
-
-# --- a tiny hand-written pickle writer (protocol 2 opcodes) -------------------------------------
-
-def p_global(module, name):
-    return b"c" + f"{module}\n{name}\n".encode()                 # GLOBAL
-
-
-def p_str(s):
-    raw = s.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw               # BINUNICODE
-
-
-def p_int(i):
-    return b"J" + struct.pack("<i", i)                            # BININT
-
-
-def p_tuple(*items):
-    return b"(" + b"".join(items) + b"t"                          # MARK ... TUPLE
-
-
-def p_dict(pairs):
-    return b"}(" + b"".join(k + v for k, v in pairs) + b"u"       # EMPTY_DICT MARK ... SETITEMS
-
-
-def p_tensor(storage_class, key, numel, offset, size, stride):
-    """What torch.save writes for a tensor: _rebuild_tensor_v2(persistent storage, offset, size, stride, ...)."""
-    storage = p_tuple(p_str("storage"), p_global("torch", storage_class), p_str(key), p_str("cpu"), p_int(numel))
-    hooks = p_global("collections", "OrderedDict") + b")R"        # OrderedDict()
-    args = p_tuple(storage + b"Q", p_int(offset), p_tuple(*map(p_int, size)), p_tuple(*map(p_int, stride)),
-                   b"\x89", hooks)                               # ... requires_grad=False, hooks
-    return p_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
-
-
-def write_checkpoint(path, body, storages=None, byteorder="little"):
-    """A torch-style zip: archive/data.pkl holding `body` as the pickled object, archive/data/<key>."""
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
-        archive.writestr("archive/byteorder", byteorder)
-        archive.writestr("archive/version", "3\n")
-        for key, raw in (storages or {}).items():
-            archive.writestr(f"archive/data/{key}", raw)
-    return path
 
 
 def fp32_tensor(key="0", values=(1.0, 2.0)):

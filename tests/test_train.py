@@ -21,7 +21,9 @@ def test_run_outputs(reference):
     result = last_json(proc.stdout)
     assert list(result) == ["model", "top1", "top5", "loss", "num_samples", "img_per_s"]
     assert result["model"] == "volo_d1_224" and result["num_samples"] == 18
-    assert 0 <= result["top1"] <= result["top5"] == 1.0  # three classes: top-5 always hits
+    # accuracies over the 18 validation images: whole counts of them, the best class within the best five
+    assert [round(result[k] * 18, 6) for k in ("top1", "top5")] == [round(result[k] * 18) for k in ("top1", "top5")]
+    assert result["top1"] <= result["top5"]
     assert 0 < result["loss"] < 5 and result["img_per_s"] > 0
     for epoch in range(1, EPOCHS + 1):
         assert f"epoch {epoch}/{EPOCHS} done: train loss " in proc.stdout
