@@ -268,9 +268,9 @@ def tiny_config(path, data_dir, save_dir, **overrides):
 # The longest files first (measured with --durations=0 on the 2-core machine: 140 s down to 54 s): pytest-xdist hands out whole files
 # in collection order (pytest.ini), so these start at once and the short files fill in around them, instead of
 # a long file running alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_msrun.py", "test_model_api.py", "test_recipes.py", "test_token_label_training.py",
-                 "test_accelerator_formulation.py", "test_train.py", "test_finetune.py", "test_ascend_ops_check.py",
-                 "test_onnx.py")
+LONGEST_FIRST = ("test_recipes.py", "test_msrun.py", "test_trajectories.py", "test_model_api.py", "test_finetune.py",
+                 "test_train.py", "test_token_label_training.py", "test_accelerator_formulation.py", "test_onnx.py",
+                 "test_cpu_kernels.py", "test_ascend_ops_check.py", "test_model.py", "test_bad_input.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -291,9 +291,9 @@ def graph_mode():
         ms.set_context(mode=previous)
 
 
-@pytest.fixture(params=["graph", "pynative"])
+@pytest.fixture(params=["graph", pytest.param("pynative", marks=pytest.mark.slow)])
 def mode(request):
-    """Run the test in GRAPH_MODE and in PYNATIVE_MODE."""
+    """Run the test in GRAPH_MODE and (the full suite only) in PYNATIVE_MODE."""
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
     yield request.param

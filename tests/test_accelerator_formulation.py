@@ -67,6 +67,7 @@ def test_outputs_match_the_official_model(converted, case, mode):
         assert np.abs(value.asnumpy() - reference[name]).max() <= FLOAT32_TOLERANCE, name
 
 
+@pytest.mark.slow  # compiles the model under AMP per level
 @pytest.mark.parametrize("level", ["O2", "O3"])
 def test_float16_inference_follows_float32(converted, level, mode):
     model = load_converted(converted, "d1like_safetensors", **ACCELERATOR)
@@ -168,6 +169,7 @@ def relative_difference(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow  # compiles train.py's float16 and float32 steps
 def test_float16_step_follows_float32(steps):
     """The first update of train.py's step, float16 (O2) against float32 (O0), same weights and inputs.
 
@@ -207,6 +209,7 @@ def test_float16_step_follows_float32(steps):
             assert np.abs(step.ema["ema." + name] - expected).max() <= 1e-6, name
 
 
+@pytest.mark.slow  # compiles train.py's float16 and float32 steps
 def test_overflowing_float16_step_is_skipped_and_the_scale_halved(steps):
     """A loss scale of 3e38 overflows float16 (and float32) gradients: the update is skipped (weights, Adam's
     moments and step, EMA unchanged) and the dynamic scale halves, as train.py's step does on Ascend. BatchNorm's

@@ -11,6 +11,8 @@ from mindspore import nn, ops
 from conftest import ROOT
 from mindcv_volo.models import cpu_kernels, kernel_library
 
+pytestmark = pytest.mark.slow  # compiles train.py's whole step for the accelerator: the full suite only
+
 
 def load_check():
     spec = importlib.util.spec_from_file_location("ascend_ops_check", ROOT / "benchmarks" / "ascend_ops_check.py")

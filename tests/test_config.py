@@ -172,7 +172,8 @@ def test_help_shows_yaml_defaults(tmp_path, capsys):
 def test_help_lists_each_option_once(command, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"], command)
-    flags = [word.rstrip(",") for word in capsys.readouterr().out.split() if word.startswith("-")]
+    options = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("usage:")]  # (its prog)
+    flags = [word.rstrip(",") for line in options for word in line.split() if word.startswith("-")]
     assert flags.count("-c") == 1 and flags.count("--config") == 1
     assert len(flags) == len(set(flags)), sorted(flag for flag in set(flags) if flags.count(flag) > 1)
 

@@ -122,6 +122,7 @@ def test_ema_weights_are_selectable(tiny_ckpt, tmp_path):
         mindcv_volo.load_checkpoint_into(mindcv_volo.VOLO(**REFERENCE), str(tiny_ckpt), ema=True)
 
 
+@pytest.mark.slow  # an export, a load and two compiles
 def test_export_mindir_round_trips(tiny_ckpt, tmp_path):
     out = tmp_path / "tiny.mindir"
     result = run_tool("-m", "mindcv_volo.export", "--model", "volo_d1_224", "--ckpt", tiny_ckpt, "--out", out,

@@ -235,6 +235,7 @@ def test_without_a_compiler_warns_once_and_falls_back(tmp_path):
     assert proc.stderr.count("fused CPU kernels unavailable (no C++ compiler (g++, or $CXX) on PATH)") == 1
 
 
+@pytest.mark.slow  # builds the kernel library from scratch
 def test_builds_into_the_cache_once(tmp_path):
     cache = tmp_path / "cache"
     for _ in range(2):

@@ -4,10 +4,13 @@ from any checkpoint that describes itself (a converted one, train.py's), whateve
 import json
 
 import numpy as np
+import pytest
 import yaml
 from safetensors.numpy import save_file
 
 from conftest import EPOCHS, ROOT, STEPS, TINY_ARCH, last_json, overrides, read_ckpt, run_tool
+
+pytestmark = pytest.mark.slow  # whole training runs: the full suite only
 
 
 def official_file(path):

@@ -17,6 +17,7 @@ def trained(reference):
     return ckpt_dir / f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt"
 
 
+@pytest.mark.slow  # needs the session's training run
 def test_top_k_of_each_image_is_the_models(trained, shapes, tmp_path):
     from mindcv_volo.engine.config import parse_config
     from mindcv_volo.engine.data import Preprocessing
@@ -47,6 +48,7 @@ def test_top_k_of_each_image_is_the_models(trained, shapes, tmp_path):
         np.testing.assert_allclose([p for _, p in line["top2"]], probabilities[best], atol=2e-5)
 
 
+@pytest.mark.slow  # needs the session's training run
 def test_an_unreadable_image_is_one_error_line_and_the_others_are_classified(trained, shapes, tmp_path):
     folder = tmp_path / "pictures"
     folder.mkdir()

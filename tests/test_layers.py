@@ -221,6 +221,7 @@ def test_outlook_attention_cpu_path_equals_unfold_fold_path(mode):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles a model under AMP per level
 @pytest.mark.parametrize("amp_level", ["O2", "O3"])
 def test_cpu_paths_run_under_float16_amp(mode, amp_level):
     """AMP wraps cells (BatchNorm in a casting cell) and runs the convolutions in float16: the CPU paths

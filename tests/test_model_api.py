@@ -211,6 +211,7 @@ def assert_maps(maps, expected, stages):
 
 @pytest.mark.parametrize("indices, stages", [(None, [0, 1, 2, 3]), (3, [1, 2, 3]), ([0, 2], [0, 2]),
                                              ((-1, -4), [3, 0])])
+@pytest.mark.slow  # a graph compiled per choice of stages
 def test_intermediates_equal_features_only_and_tokens_equal_forward_features(reference, indices, stages, mode):
     model, x, expected = reference
     tokens, maps = Intermediates(model, indices=indices)(x)
@@ -218,6 +219,7 @@ def test_intermediates_equal_features_only_and_tokens_equal_forward_features(ref
     assert_maps(maps, expected, stages)
 
 
+@pytest.mark.slow  # a graph compiled per call form
 def test_intermediates_with_indices_written_in_construct(reference, mode):
     model, x, expected = reference
     tokens, maps, last_two = LiteralIndices(model)(x)
@@ -226,6 +228,7 @@ def test_intermediates_with_indices_written_in_construct(reference, mode):
     assert_maps(last_two, expected, [2, 3])
 
 
+@pytest.mark.slow  # a graph compiled per call form
 def test_intermediates_called_from_python(reference, mode):
     model, x, expected = reference
     assert_maps(model.forward_intermediates(x, indices=[1, 2], intermediates_only=True), expected, [1, 2])
@@ -277,6 +280,7 @@ def training_gradients(checkpointing, drop_path_rate, steps=1, backend=None):
     return [[g.asnumpy() for g in grad_fn(images())[1]] for _ in range(steps)]
 
 
+@pytest.mark.slow  # compiles the model's gradients twice per backend
 @pytest.mark.parametrize("backend", ["cpu", "cpu_unfused"])
 def test_recompute_gives_the_gradients_of_the_plain_model_in_graph_mode(backend):
     """Drop path on: the recomputed blocks must draw the masks of the forward pass. Two steps: the masks

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config, tool_env
 
-pytestmark = pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed"),
+              pytest.mark.slow]  # whole training runs: the full suite only
 
 
 def free_port():

@@ -18,7 +18,7 @@ from mindcv_volo.weights.export import export_model, export_onnx
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-FIXTURE_NAMES = ["tiny_d1like_64", "tiny_d5like_96"]
+FIXTURE_NAMES = ["tiny_d1like_64", pytest.param("tiny_d5like_96", marks=pytest.mark.slow)]  # d5: the full suite
 
 
 def converted(name, backend):
@@ -106,6 +106,7 @@ def test_an_onnx_export_without_the_onnx_package_is_one_line(exported_onnx, tmp_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # two exports of one model
 def test_the_same_shape_exports_twice(tmp_path):
     # MindSpore 2.10 would reuse the graph its exporter rewrote in place, and fail
     model = converted("tiny_d1like_64", "onnx")

@@ -13,6 +13,8 @@ from mindcv_volo.engine.optim import learning_rates
 from mindcv_volo.models import MODEL_NAMES, VARIANTS
 from mindcv_volo.weights.checkpoint import read_description
 
+pytestmark = pytest.mark.slow  # whole training runs: the full suite only
+
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 PAPER = {"d1": (1.6e-3, 0.1), "d2": (1e-3, 0.2), "d3": (1e-3, 0.5), "d4": (1e-3, 0.5), "d5": (8e-4, 0.75)}
 

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import TINY_ARCH, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config
 
+pytestmark = pytest.mark.slow  # whole training runs: the full suite only
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

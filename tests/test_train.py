@@ -15,6 +15,8 @@ from PIL import Image
 from conftest import (EPOCHS, REFERENCE_RECIPE, ROOT, STEPS, TINY_ARCH, last_json, max_difference, read_ckpt,
                       run_tool, tiny_config, tiny_volo, tool_env)
 
+pytestmark = pytest.mark.slow  # whole training runs: the full suite only
+
 
 def test_run_outputs(reference):
     proc, save_dir, _ = reference

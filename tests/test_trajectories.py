@@ -33,6 +33,8 @@ from mindcv_volo.token_labeling.loss import LabelMapsWithLoss, LabelsWithLoss, T
 from mindcv_volo.token_labeling.mix_token import box_mask, mixed_lambda
 from mindcv_volo.weights.state import assign_state, from_official_names, official_name
 
+pytestmark = pytest.mark.slow  # a compiled train step per case: the full suite only
+
 TRAJECTORIES = ROOT / "tests" / "fixtures" / "trajectories"
 D1_RECIPE = str(ROOT / "configs" / "volo_d1_ascend.yaml")
 TOLERANCE = 1e-4

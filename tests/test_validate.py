@@ -16,6 +16,7 @@ def trained(reference, shapes):
     return config, ckpt_dir / f"volo_d1_224-{EPOCHS}_{STEPS}.ckpt", shapes, last_json(proc.stdout)
 
 
+@pytest.mark.slow  # needs the session's training run
 def test_validate_from_the_recipe_matches_train(trained):
     config, ckpt, _, train_result = trained
     proc = run_tool("validate.py", "-c", config, "--ckpt_path", ckpt, "--ema", "True")
@@ -34,6 +35,7 @@ def test_validate_from_the_recipe_matches_train(trained):
     assert (round(mindcv["Top_1_Accuracy"], 6), round(mindcv["loss"], 6)) == (result["top1"], result["loss"])
 
 
+@pytest.mark.slow  # needs the session's training run
 def test_validate_by_model_name_on_another_split(trained):
     _, ckpt, data, _ = trained
     proc = run_tool("validate.py", "--model", "volo_d1_224", "--ckpt_path", ckpt, "--data_dir", data,
