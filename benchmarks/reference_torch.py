@@ -6,7 +6,7 @@ Runs in its own virtualenv, never in the project's environment (torch is not a d
   ~/torchenv/bin/pip install torch "numpy<2"
   ~/torchenv/bin/pip install --no-deps timm
   ~/torchenv/bin/pip install pillow pyyaml huggingface_hub safetensors
-  /work/torchenv/bin/python benchmarks/reference_torch.py --model volo_d1_224 --batch-size 8 --task infer
+  ~/torchenv/bin/python benchmarks/reference_torch.py --model volo_d1_224 --batch-size 8 --task infer
 
 torchvision: timm imports it at import time (FrozenBatchNorm2d, transforms, datasets) but VOLO uses none
 of it, and there is no CPU torchvision build for this torch here. `install_torchvision_stub()` puts a

@@ -12,9 +12,9 @@ the case's masks).
 
 Runs in its own PyTorch environment (torch never enters the project's dependencies):
 
-  python3 -m venv /work/torchenv && /work/torchenv/bin/pip install torch timm numpy safetensors
-  /work/torchenv/bin/python benchmarks/reference_trajectories.py            # every case
-  /work/torchenv/bin/python benchmarks/reference_trajectories.py mix_token  # one case
+  python3 -m venv ~/torchenv && ~/torchenv/bin/pip install torch timm numpy safetensors
+  ~/torchenv/bin/python benchmarks/reference_trajectories.py            # every case
+  ~/torchenv/bin/python benchmarks/reference_trajectories.py mix_token  # one case
 
 Each case is one file tests/fixtures/trajectories/CASE.npz (a few hundred KB at most): `case` (its settings,
 JSON), `final/NAME` (the state dict under the official names after the last update; `ema/NAME`, the EMA's,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..errors import UserError
-from ..models import ALIASES, ARCHS, MODEL_NAMES, VARIANTS, VOLO, create, data_config
-from ..models.volo import NUM_CLASSES, check_arch_overrides
+from ..models import ALIASES, ARCHS, VARIANTS, VOLO, create, data_config
+from ..models.volo import NUM_CLASSES, check_arch_overrides, check_model_name
 from ..weights.checkpoint import load_checkpoint_into, read_description
 from .data import IMAGENET_MEAN_255, IMAGENET_STD_255, Preprocessing
 
@@ -60,8 +60,7 @@ def resolve(model_options, description=None, num_classes=None, class_names=None,
     if name is None:
         raise UserError("which model? pass --model NAME (e.g. volo_d1_224), or --ckpt_path of a checkpoint written "
                         "by train.py or mindcv_volo.convert (it names its model)")
-    if name not in MODEL_NAMES:
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
+    check_model_name(name)
     described_overrides = description.get("arch_overrides")
     if described_overrides is None:
         overrides = model_options.arch_overrides

@@ -919,6 +919,11 @@ def create(name, **kwargs):
         **kwargs: VOLO's arguments (num_classes, img_size, backend, ...) and create_model's (checkpoint_path);
             those set to None are left at the variant's values.
     """
+    return create_model(check_model_name(name), **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def check_model_name(name):
+    """`name` if it is one of this project's registered names; else a one-line UserError listing them."""
     if name not in MODEL_NAMES:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(sorted(MODEL_NAMES))}")
-    return create_model(name, **{k: v for k, v in kwargs.items() if v is not None})
+    return name
