@@ -1,0 +1,139 @@
+"""Training images per second that the host makes: this project's loader against MindCV's, on the same JPEGs
+and the same cores, the sides alternating round by round, each run in a fresh process.
+
+  python benchmarks/input_pipeline.py                        # D1 recipe's augmentation, 1 and 2 workers, 3 rounds
+  python benchmarks/input_pipeline.py --mix True             # + the recipe with mixup 0.8 / cutmix 1.0
+  python benchmarks/input_pipeline.py --workers 2 --rounds 1 --images 512
+
+The images are `--images` 500 x 375 JPEGs (ImageNet's typical size) of smooth random colour fields in 8 class
+folders. Both sides apply the D1 recipe's training augmentation (random-resized crop 224, horizontal flip,
+RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) at batch 32 and time every batch after the first.
+This project's side is `engine.data.create_train_loader`, as train.py calls it; MindCV's is its
+create_dataset + create_transforms + create_loader. One JSON line per run, then a table: img/s, img/s per
+worker, and the workers one Ascend 910 needs to feed volo_d1 at MindCV's reported 4,451 img/s on 8 cards.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RECIPE = os.path.join(ROOT, "configs", "volo_d1_ascend.yaml")
+CLASSES = 8
+BATCH = 32
+ASCEND_910_IMG_PER_S = 4451 / 8  # MindCV's volo_d1 figure, per card
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_option(parser, "images", type=int, default=1024,
+                       help="JPEGs in the training folder (enough that the workers' prefetch is a small part)")
+    _common.add_option(parser, "workers", type=int, nargs="+", default=[1, 2], help="data workers of each run")
+    _common.add_option(parser, "rounds", type=int, default=3, help="rounds; the sides alternate within each")
+    _common.add_option(parser, "mix", type=lambda text: text.lower() in ("true", "1", "yes"), default=False,
+                       help="also measure the recipe with mixup 0.8 and cutmix 1.0")
+    parser.add_argument(_common.CHILD_FLAG, dest="child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def make_images(root, count):
+    """`count` 500 x 375 JPEGs of smooth colour fields (JPEG sizes as real photographs give), in class folders."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        folder = os.path.join(root, "train", f"class{index % CLASSES}")
+        os.makedirs(folder, exist_ok=True)
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        picture = Image.fromarray(coarse).resize((500, 375), Image.BICUBIC)
+        picture.save(os.path.join(folder, f"{index:05d}.jpg"), quality=90)
+
+
+def project_batches(data_dir, workers, mix):
+    """This project's training batches of one epoch, as train.py makes them under the D1 recipe."""
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.data import SplitInfo, create_train_loader, train_steps
+    from mindcv_volo.engine.runtime import Runtime
+
+    argv = ["-c", RECIPE, "--data_dir", data_dir, "--batch_size", str(BATCH), "--num_parallel_workers",
+            str(workers), "--num_classes", str(CLASSES), "--device_target", "CPU"]
+    if mix:
+        argv += ["--loss", "ce", "--mix_token", "False", "--mixup", "0.8", "--cutmix", "1.0"]
+    config = parse_config(argv, "train")
+    split = SplitInfo(data_dir, "train")
+    steps = train_steps(split.count, BATCH, 1, True)
+    return create_train_loader(split, 0, steps, config.data, config.augmentation, CLASSES, config.system.seed,
+                               Runtime("CPU", 0, 0, 1, workers))
+
+
+def mindcv_batches(data_dir, workers, mix):
+    """MindCV's training batches of one epoch with the same augmentation (its create_* factories)."""
+    from mindcv.data import create_dataset, create_loader, create_transforms
+
+    dataset = create_dataset(name="imagenet", root=data_dir, split="train", shuffle=True,
+                             num_parallel_workers=workers)
+    transforms = create_transforms(dataset_name="imagenet", image_resize=224, is_training=True, hflip=0.5,
+                                   auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25)
+    loader = create_loader(dataset=dataset, batch_size=BATCH, drop_remainder=True, is_training=True,
+                           mixup=0.8 if mix else 0.0, cutmix=1.0 if mix else 0.0, num_classes=CLASSES,
+                           transform=transforms, num_parallel_workers=workers)
+    return loader.create_tuple_iterator(output_numpy=True, num_epochs=1)
+
+
+def child_main(settings):
+    """One run: img/s over every batch after the first (which includes starting the workers)."""
+    make = project_batches if settings["side"] == "project" else mindcv_batches
+    batches = iter(make(settings["data_dir"], settings["workers"], settings["mix"]))
+    first = next(batches)
+    start, images = time.perf_counter(), 0
+    for images_batch, _ in batches:
+        images += len(images_batch)
+    seconds = time.perf_counter() - start
+    return dict(settings, batch_dtype=str(first[0].dtype), batch_shape=list(first[0].shape), images=images,
+                seconds=round(seconds, 2), img_per_s=round(images / seconds, 1),
+                img_per_s_per_worker=round(images / seconds / settings["workers"], 1))
+
+
+def main():
+    args = parse_args()
+    if args.child is not None:
+        _common.emit(child_main(json.loads(args.child)))
+        return 0
+    records = []
+    with tempfile.TemporaryDirectory() as work:
+        make_images(work, args.images)
+        cases = [(workers, mix) for mix in ([False, True] if args.mix else [False]) for workers in args.workers]
+        for round_index in range(args.rounds):
+            sides = ("project", "mindcv") if round_index % 2 == 0 else ("mindcv", "project")
+            for workers, mix in cases:
+                for side in sides:
+                    settings = dict(side=side, workers=workers, mix=mix, round=round_index, data_dir=work)
+                    record = _common.run_child(os.path.abspath(__file__), settings)
+                    record.pop("data_dir", None)
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+    print("\n| recipe | workers | this project img/s | MindCV img/s | ratio | project img/s per worker | "
+          "workers per Ascend 910 (project / MindCV) |")
+    print("|---|---|---|---|---|---|---|")
+    for workers, mix in cases:
+        rates = {side: statistics.median(r["img_per_s"] for r in records if "img_per_s" in r and r["side"] == side
+                                         and r["workers"] == workers and r["mix"] == mix)
+                 for side in ("project", "mindcv")}
+        per_worker = {side: rate / workers for side, rate in rates.items()}
+        print(f"| D1{' + mixup/cutmix' if mix else ''} | {workers} | {rates['project']:.0f} | {rates['mindcv']:.0f} | "
+              f"{rates['project'] / rates['mindcv']:.2f} | {per_worker['project']:.0f} | "
+              f"{ASCEND_910_IMG_PER_S / per_worker['project']:.1f} / {ASCEND_910_IMG_PER_S / per_worker['mindcv']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
