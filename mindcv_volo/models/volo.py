@@ -807,34 +807,29 @@ ARCHS = {
                mlp_ratio=4.0, stem_hidden_dim=128),
 }
 
-# The 11 official variants: arch, resolution, eval crop_pct, official top-1, release file name, and the
-# Hugging Face hub repository publishing the weights (timm's copy of the release, as model.safetensors).
+# The 11 official variants: arch, resolution, eval crop_pct, official top-1 and release file name. Their weights
+# are on the Hugging Face hub as timm's copy of the release (`hub_id`: timm/<variant>.sail_in1k, model.safetensors).
 VARIANTS = {
-    "volo_d1_224": dict(arch="d1", img_size=224, crop_pct=0.96, top1=84.2, file="d1_224_84.2.pth.tar",
-                        hub="timm/volo_d1_224.sail_in1k"),
-    "volo_d1_384": dict(arch="d1", img_size=384, crop_pct=1.0, top1=85.2, file="d1_384_85.2.pth.tar",
-                        hub="timm/volo_d1_384.sail_in1k"),
-    "volo_d2_224": dict(arch="d2", img_size=224, crop_pct=0.96, top1=85.2, file="d2_224_85.2.pth.tar",
-                        hub="timm/volo_d2_224.sail_in1k"),
-    "volo_d2_384": dict(arch="d2", img_size=384, crop_pct=1.0, top1=86.0, file="d2_384_86.0.pth.tar",
-                        hub="timm/volo_d2_384.sail_in1k"),
-    "volo_d3_224": dict(arch="d3", img_size=224, crop_pct=0.96, top1=85.4, file="d3_224_85.4.pth.tar",
-                        hub="timm/volo_d3_224.sail_in1k"),
-    "volo_d3_448": dict(arch="d3", img_size=448, crop_pct=1.0, top1=86.3, file="d3_448_86.3.pth.tar",
-                        hub="timm/volo_d3_448.sail_in1k"),
-    "volo_d4_224": dict(arch="d4", img_size=224, crop_pct=0.96, top1=85.7, file="d4_224_85.7.pth.tar",
-                        hub="timm/volo_d4_224.sail_in1k"),
-    "volo_d4_448": dict(arch="d4", img_size=448, crop_pct=1.15, top1=86.8, file="d4_448_86.79.pth.tar",
-                        hub="timm/volo_d4_448.sail_in1k"),
-    "volo_d5_224": dict(arch="d5", img_size=224, crop_pct=0.96, top1=86.1, file="d5_224_86.10.pth.tar",
-                        hub="timm/volo_d5_224.sail_in1k"),
-    "volo_d5_448": dict(arch="d5", img_size=448, crop_pct=1.15, top1=87.0, file="d5_448_87.0.pth.tar",
-                        hub="timm/volo_d5_448.sail_in1k"),
-    "volo_d5_512": dict(arch="d5", img_size=512, crop_pct=1.15, top1=87.1, file="d5_512_87.07.pth.tar",
-                        hub="timm/volo_d5_512.sail_in1k"),
+    "volo_d1_224": dict(arch="d1", img_size=224, crop_pct=0.96, top1=84.2, file="d1_224_84.2.pth.tar"),
+    "volo_d1_384": dict(arch="d1", img_size=384, crop_pct=1.0, top1=85.2, file="d1_384_85.2.pth.tar"),
+    "volo_d2_224": dict(arch="d2", img_size=224, crop_pct=0.96, top1=85.2, file="d2_224_85.2.pth.tar"),
+    "volo_d2_384": dict(arch="d2", img_size=384, crop_pct=1.0, top1=86.0, file="d2_384_86.0.pth.tar"),
+    "volo_d3_224": dict(arch="d3", img_size=224, crop_pct=0.96, top1=85.4, file="d3_224_85.4.pth.tar"),
+    "volo_d3_448": dict(arch="d3", img_size=448, crop_pct=1.0, top1=86.3, file="d3_448_86.3.pth.tar"),
+    "volo_d4_224": dict(arch="d4", img_size=224, crop_pct=0.96, top1=85.7, file="d4_224_85.7.pth.tar"),
+    "volo_d4_448": dict(arch="d4", img_size=448, crop_pct=1.15, top1=86.8, file="d4_448_86.79.pth.tar"),
+    "volo_d5_224": dict(arch="d5", img_size=224, crop_pct=0.96, top1=86.1, file="d5_224_86.10.pth.tar"),
+    "volo_d5_448": dict(arch="d5", img_size=448, crop_pct=1.15, top1=87.0, file="d5_448_87.0.pth.tar"),
+    "volo_d5_512": dict(arch="d5", img_size=512, crop_pct=1.15, top1=87.1, file="d5_512_87.07.pth.tar"),
 }
 # MindCV's short names stand for the 224 px models (and replace MindCV's own VOLO entries).
 ALIASES = {f"volo_{arch}": f"volo_{arch}_224" for arch in ARCHS}
+
+
+def hub_id(name):
+    """The hub repository of a registered model's official weights."""
+    return f"timm/{ALIASES.get(name, name)}.sail_in1k"
+
 
 NUM_CLASSES = 1000  # ImageNet-1k: the class count of every official variant
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -845,7 +840,7 @@ def data_config(name):
     """Evaluation preprocessing of a registered model: resize to size / crop_pct (bicubic), center crop."""
     variant = VARIANTS[ALIASES.get(name, name)]
     size = variant["img_size"]
-    return dict(url=HUB_URL_PREFIX + variant["hub"], num_classes=NUM_CLASSES, input_size=(3, size, size),
+    return dict(url=HUB_URL_PREFIX + hub_id(name), num_classes=NUM_CLASSES, input_size=(3, size, size),
                 crop_pct=variant["crop_pct"], interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 first_conv="patch_embed.conv.0", classifier="head")
 
@@ -877,11 +872,6 @@ def check_arch_overrides(overrides):
     return overrides
 
 
-def hub_id(name):
-    """The hub repository of a registered model's official weights."""
-    return VARIANTS[ALIASES.get(name, name)]["hub"]
-
-
 def build_volo(name, pretrained=False, **kwargs):
     """Build a registered variant; keyword arguments override the variant's (num_classes, img_size, ...) or
     choose the model's `backend` (see VOLO).
@@ -892,7 +882,7 @@ def build_volo(name, pretrained=False, **kwargs):
     variant = VARIANTS[ALIASES.get(name, name)]
     model = VOLO(**{**ARCHS[variant["arch"]], "img_size": variant["img_size"], **kwargs})
     if pretrained:
-        load_hub_weights(model, variant["hub"])
+        load_hub_weights(model, hub_id(name))
     return model
 
 
