@@ -11,7 +11,7 @@ The .ckpt describes itself (model, classes, preprocessing), so validate.py, infe
 import logging
 
 from .engine.config import parse_config
-from .engine.model_spec import build_model, imagenet_class_names, preprocessing, resolve
+from .engine.model_spec import build_model, official_spec, preprocessing
 from .errors import UserError, run_cli
 from .models.volo import hub_id
 from .weights.convert import convert_into
@@ -31,10 +31,7 @@ def main(argv=None):
         raise UserError(f"--pretrained True converts the official weights from the hub, --src {src} another file; "
                         "give one of them")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    spec = resolve(config.model)
-    imagenet = imagenet_class_names()
-    if spec.num_classes == len(imagenet):  # the official weights are ImageNet-1k's: their outputs are its classes
-        spec = spec._replace(class_names=imagenet)
+    spec = official_spec(config.model)
     model = build_model(spec)
     if src == HUB_SOURCE:
         src = download(hub_id(spec.name))

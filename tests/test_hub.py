@@ -171,3 +171,15 @@ def test_the_registry_names_the_hub_repository_of_every_variant():
         config = get_pretrained_cfg(name)
         assert (config["url"], config["num_classes"]) == (url, 1000)
     assert all(get_pretrained_cfg(name)["num_classes"] == 1000 for name in names)
+
+
+def test_the_official_weights_name_imagenets_classes():
+    """--pretrained in infer.py, validate.py and export labels the 1000 outputs as the converter does."""
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.model_spec import official_spec
+
+    spec = official_spec(parse_config(["--pretrained", "True", "--model", "volo_d1_224"], "infer").model)
+    assert len(spec.class_names) == 1000 and spec.class_names[:2] == ("tench", "goldfish")
+    other = official_spec(parse_config(["--pretrained", "True", "--model", "volo_d1_224", "--num_classes", "7"],
+                                       "infer").model)
+    assert other.class_names is None  # fresh heads: nothing to name

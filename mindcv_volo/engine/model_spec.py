@@ -169,6 +169,14 @@ def fit_hint(spec, path, description):
             "it was trained with (train.py saves them in config.yaml beside it: -c that file)")
 
 
+def official_spec(model_options):
+    """The spec of the options' model with the official weights: at 1000 classes its outputs are ImageNet-1k's
+    classes, and named so (what infer.py, validate.py and an exported file print)."""
+    spec = resolve(model_options)
+    imagenet = imagenet_class_names()
+    return spec._replace(class_names=imagenet) if spec.num_classes == len(imagenet) else spec
+
+
 def load_model(model_options, path, ema=False, given=frozenset(), drop_rate=None, drop_path_rate=None, **extra):
     """(model with the weights of `path` loaded strictly, its spec, the checkpoint's description); with the
     `pretrained` option, the official weights of the options' model instead (no description). `given`: the
@@ -176,7 +184,7 @@ def load_model(model_options, path, ema=False, given=frozenset(), drop_rate=None
     if model_options.pretrained:
         if ema:
             raise UserError("the official weights have no EMA copy: drop --ema (it picks a checkpoint's EMA weights)")
-        spec = resolve(model_options)
+        spec = official_spec(model_options)
         return build_model(spec, drop_rate, drop_path_rate, pretrained=True, **extra), spec, {}
     if not path:
         raise UserError("ckpt_path is not set; pass --ckpt_path FILE.ckpt (from train.py or mindcv_volo.convert), "
