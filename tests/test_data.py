@@ -67,7 +67,7 @@ def test_train_loader_follows_the_order(folder):
     split = SplitInfo(folder, "train")
     rank_1_of_2 = Runtime("CPU", 0, rank=1, world=2, threads=2)
     batches = list(create_train_loader(split, 1, 3, config.data, config.augmentation, 3, 42, rank_1_of_2))
-    assert len(batches) == 3 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == np.float32
+    assert len(batches) == 3 and batches[0][0].shape == (4, 32, 32, 3) and batches[0][0].dtype == np.uint8
     expected = rank_slice(epoch_order(24, 8, 3, 42, 1), 4, 1, 2) // 8  # images are sorted by class
     assert np.array_equal(np.concatenate([labels for _, labels in batches]), expected)
 

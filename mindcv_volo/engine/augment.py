@@ -327,31 +327,39 @@ def color_jitter(image, rng, strengths):
     return image
 
 
-def random_erase(array, rng, prob, scale, ratio, value, attempts):
-    """torchvision's RandomErasing on a CHW float array, in place: with probability `prob`, a box of area
-    scale x image and aspect ratio `ratio` (log-uniform), placed uniformly, is set to `value` (a number, or
-    'random': standard normal values). After `attempts` boxes that do not fit, nothing is erased."""
+def erase_box(rng, height, width, prob, scale, ratio, attempts):
+    """torchvision's RandomErasing box (top, left, height, width), or None: with probability `prob`, a box of area
+    scale x image and aspect ratio `ratio` (log-uniform), placed uniformly; None after `attempts` boxes that do
+    not fit."""
     if rng.random() >= prob:
-        return array
-    channels, height, width = array.shape
+        return None
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(attempts):
         area = height * width * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(*log_ratio))
         h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if not (h < height and w < width):
-            continue
-        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        if h < height and w < width:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+def random_erase(array, rng, prob, scale, ratio, value, attempts):
+    """torchvision's RandomErasing on a CHW float array, in place: the `erase_box` is set to `value` (a number,
+    or 'random': standard normal values, drawn after the box)."""
+    channels, height, width = array.shape
+    box = erase_box(rng, height, width, prob, scale, ratio, attempts)
+    if box is not None:
+        top, left, h, w = box
         fill = rng.standard_normal((channels, h, w)).astype(array.dtype) if value == "random" else value
         array[:, top:top + h, left:left + w] = fill
-        return array
     return array
 
 
 # --- one sample ----------------------------------------------------------------------------------
 
 class TrainAugmentation:
-    """The training transforms of one image: (PIL image, Generator) -> (float32 CHW, Geometry).
+    """The training transforms of one image, from a Generator: (PIL image, Generator) -> (float32 CHW, Geometry),
+    or, by `pixels`, the same sample as uint8 for the compiled step to normalise (`engine.step.PixelNormalize`).
 
     `aug`: the augmentation section; `mean`, `std`: per channel on the 0-255 scale.
     The decisions are drawn in a fixed order: crop box, flips, RandAugment or colour jitter, erasing.
@@ -381,7 +389,8 @@ class TrainAugmentation:
             out = out.transpose(Image.FLIP_TOP_BOTTOM)
         return out
 
-    def __call__(self, image, rng):
+    def picture(self, image, rng):
+        """Every decision but erasing: (uint8 HWC RGB array, Geometry)."""
         box = resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
         hflip, vflip = bool(rng.random() < self.hflip), bool(rng.random() < self.vflip)
         out = self.crop_and_flip(image, box, hflip, vflip)
@@ -390,10 +399,29 @@ class TrainAugmentation:
             out, affines = self.rand_augment(out, rng)
         elif self.jitter is not None:
             out = color_jitter(out, rng, self.jitter)
-        array = ((np.asarray(out, np.float32) - self.mean) / self.std).transpose(2, 0, 1).copy()
+        return np.asarray(out), Geometry((image.height, image.width), box, self.size, hflip, vflip, affines)
+
+    def __call__(self, image, rng):
+        pixels, geometry = self.picture(image, rng)
+        array = ((pixels.astype(np.float32) - self.mean) / self.std).transpose(2, 0, 1).copy()
         if self.erasing[0] > 0:
             random_erase(array, rng, *self.erasing)
-        return array, Geometry((image.height, image.width), box, self.size, hflip, vflip, affines)
+        return array, geometry
+
+    def pixels(self, image, rng):
+        """The sample of `__call__` before normalisation: (uint8 HWC, Geometry); with erasing on, a 4th channel
+        is 255 inside the erased box. The same draws in the same order, for an erase value that is a number
+        (`random` values are drawn on the host, by `__call__`)."""
+        pixels, geometry = self.picture(image, rng)
+        prob, scale, ratio, _, attempts = self.erasing
+        if prob <= 0:
+            return pixels, geometry
+        erased = np.zeros(pixels.shape[:2] + (1,), np.uint8)
+        box = erase_box(rng, self.size, self.size, prob, scale, ratio, attempts)
+        if box is not None:
+            top, left, h, w = box
+            erased[top:top + h, left:left + w] = 255
+        return np.concatenate([pixels, erased], axis=2), geometry
 
 
 # --- one batch -----------------------------------------------------------------------------------

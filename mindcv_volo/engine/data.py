@@ -116,9 +116,24 @@ def train_steps(num_images, global_batch, accumulation, drop_remainder):
     return batches // accumulation * accumulation
 
 
+def pixel_mean_std(aug):
+    """The `augmentation` section's mean and std per channel, 0-255 scale (null: ImageNet's)."""
+    return aug.mean or IMAGENET_MEAN_255, aug.std or IMAGENET_STD_255
+
+
+def normalizes_on_device(aug):
+    """Whether training images leave the host as uint8 pixels, for the compiled step to normalise and erase
+    (a quarter of float32's bytes, and the host's cores spared the arithmetic): unless mixup/cutmix (which mixes
+    normalised batches on the host) or erasing with random values (drawn per sample on the host) is on."""
+    return aug.mixup <= 0 and aug.cutmix <= 0 and aug.re_value != "random"
+
+
 def train_augmentation(aug):
-    """The per-sample training transforms of the `augmentation` section (mean/std null: ImageNet's)."""
-    return TrainAugmentation(aug, aug.mean or IMAGENET_MEAN_255, aug.std or IMAGENET_STD_255)
+    """The per-sample training transform of the `augmentation` section, (PIL image, Generator) -> (array,
+    Geometry): uint8 pixels (`TrainAugmentation.pixels`) where the step normalises, else float32 CHW (mean/std
+    null: ImageNet's)."""
+    augmentation = TrainAugmentation(aug, *pixel_mean_std(aug))
+    return augmentation.pixels if normalizes_on_device(aug) else augmentation
 
 
 def read_image(path):
@@ -134,8 +149,8 @@ class TrainSamples:
     """Random-access source (for GeneratorDataset) of one epoch's training samples, by position.
 
     Item `position` (in the epoch's global order, all ranks together) is the image order[position] of the
-    split, augmented with the generator of (seed, epoch, position): (image float32 CHW, label int32, and the
-    columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
+    split, augmented with the generator of (seed, epoch, position): (image as `train_augmentation` makes it,
+    label int32, and the columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
     """
 
     columns = ("image", "label")
@@ -189,8 +204,9 @@ def sample_batches(source, batch_size, runtime, first_step, workers):
 
 
 def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
-    """This rank's batches of one epoch from `first_step` on: (image float32 NCHW, label int32 (B,), or
-    float32 (B, K) targets with mixup/cutmix), numpy.
+    """This rank's batches of one epoch from `first_step` on: (image, label int32 (B,), or float32 (B, K)
+    targets with mixup/cutmix), numpy. The images are uint8 NHWC (with an erased-box channel under erasing) where
+    `normalizes_on_device`, else float32 NCHW.
 
     `data`, `aug`: the run's data and augmentation sections; `runtime`: its rank and world size.
     """

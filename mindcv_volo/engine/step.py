@@ -32,6 +32,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.communication import get_group_size
 from mindcv.loss import create_loss
 
+from .data import pixel_mean_std
 from .optim import build_optimizer, learning_rates
 from .randomness import step_generator
 from .runtime import amp_level
@@ -85,6 +86,29 @@ def classification_loss(model, loss_options, num_classes, seed, runtime):
     """The loss builder of MindCV's losses (the seam's signature)."""
     return ClassificationLoss(model, DropPathMasks(model.drop_path_keep_probs(), seed, runtime.rank),
                               loss_options.loss, loss_options.label_smoothing, loss_options.reduction)
+
+
+class PixelNormalize(nn.Cell):
+    """The host's finish of a training sample (`augment.TrainAugmentation.__call__`), in the graph, for the
+    uint8 batches the loader ships where `data.normalizes_on_device`: (pixels - mean) / std in float32, NHWC to
+    NCHW, and where a 4th channel marks the erased box, the erase value. The same float32 subtraction and division
+    as the host's, so the images are the host's bit for bit. Float batches (normalised on the host) pass as they
+    are. `mean`, `std`: per channel, 0-255 scale.
+    """
+
+    def __init__(self, mean, std, erase_value):
+        super().__init__()
+        self.mean = Tensor(np.asarray(mean, np.float32))
+        self.std = Tensor(np.asarray(std, np.float32))
+        self.erase_value = float(erase_value) if erase_value != "random" else 0.0
+
+    def construct(self, images):
+        if images.dtype != ms.uint8:
+            return images
+        normalized = (images[..., :3].astype(ms.float32) - self.mean) / self.std
+        if images.shape[-1] == 4:
+            normalized = ops.masked_fill(normalized, images[..., 3:] > 0, self.erase_value)
+        return normalized.transpose(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,12 +221,14 @@ class TrainStep(nn.Cell):
     `clip_value` (0: off) and applies the optimizer, averages the BatchNorm statistics over devices, and
     updates the EMA, unless a gradient is not finite: then the update is skipped and, under a dynamic scale,
     the scale halves (it doubles after `scale_window` good updates). The loss returned is unscaled.
+    The first input, the image batch, goes through `pixel_normalize` (a `PixelNormalize`) first, if given.
     """
 
     def __init__(self, loss_network, optimizer, state, apply_update=True, accumulation=1, clip_value=0.0,
-                 ema=None, dynamic_scale=False, scale_window=1000, buffers=None):
+                 ema=None, dynamic_scale=False, scale_window=1000, buffers=None, pixel_normalize=None):
         super().__init__(auto_prefix=False)
         self.network = loss_network
+        self.pixel_normalize = pixel_normalize if pixel_normalize is not None else nn.Identity()
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.state = state
@@ -228,6 +254,7 @@ class TrainStep(nn.Cell):
             self.inverse_world = 1.0 / world
 
     def construct(self, *inputs):
+        inputs = (self.pixel_normalize(inputs[0]),) + inputs[1:]
         scale = self.state.loss_scale + 0.0  # the scale of this step, before any update below
         loss = self.network(*inputs)
         sens = ops.ones_like(loss) * scale.astype(loss.dtype)
@@ -269,14 +296,15 @@ class TrainStep(nn.Cell):
         ops.assign(self.state.good_steps, new_good)
 
 
-def build_train_steps(loss_network, optimizer, model, step_options, ema=False, dynamic_scale=False):
+def build_train_steps(loss_network, optimizer, model, step_options, ema=False, dynamic_scale=False,
+                      pixel_normalize=None):
     """(micro-step cell, update-step cell, TrainState, EMA or None) for the `train_step` section; the two
     cells are one when not accumulating."""
     state = TrainState(step_options.loss_scale)
     ema = EMA(list(model.get_parameters()), step_options.ema_decay) if ema else None
     accumulation = step_options.gradient_accumulation_steps
     common = dict(accumulation=accumulation, clip_value=step_options.clip_value if step_options.clip_grad else 0.0,
-                  ema=ema, dynamic_scale=dynamic_scale)
+                  ema=ema, dynamic_scale=dynamic_scale, pixel_normalize=pixel_normalize)
     if accumulation > 1:
         common["buffers"] = optimizer.parameters.clone(prefix="accum", init="zeros")
     update = TrainStep(loss_network, optimizer, state, apply_update=True, **common)
@@ -323,6 +351,7 @@ def build_training(config, model, num_classes, runtime, updates, build_loss):
     lrs = learning_rates(config.scheduler, updates)
     optimizer = build_optimizer(config.optimizer, model, lrs)
     dynamic = dynamic_loss_scale(config.train_step, level)
+    pixel_normalize = PixelNormalize(*pixel_mean_std(config.augmentation), config.augmentation.re_value)
     micro_step, update_step, state, ema = build_train_steps(loss_network, optimizer, model, config.train_step,
-                                                            config.model.ema, dynamic)
+                                                            config.model.ema, dynamic, pixel_normalize)
     return Training(level, network, loss_network, lrs, optimizer, dynamic, micro_step, update_step, state, ema)
