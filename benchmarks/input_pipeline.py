@@ -6,8 +6,9 @@ and the same cores, the sides alternating round by round, each run in a fresh pr
   python benchmarks/input_pipeline.py --workers 2 --rounds 1 --images 512
 
 The images are `--images` 500 x 375 JPEGs (ImageNet's typical size) of smooth random colour fields in 8 class
-folders. Both sides apply the D1 recipe's training augmentation (random-resized crop 224, horizontal flip,
-RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) at batch 32 and time every batch after the first.
+folders. Both sides apply the D1 recipe's training augmentation (random-resized crop 224 with bicubic resampling,
+as MindCV's own VOLO recipes, horizontal flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) at batch 32
+and time every batch after the first.
 This project's side is `engine.data.create_train_loader`, as train.py calls it; MindCV's is its
 create_dataset + create_transforms + create_loader. One JSON line per run, then a table: img/s, img/s per
 worker, and the workers one Ascend 910 needs to feed volo_d1 at MindCV's reported 4,451 img/s on 8 cards.
@@ -82,7 +83,7 @@ def mindcv_batches(data_dir, workers, mix):
     dataset = create_dataset(name="imagenet", root=data_dir, split="train", shuffle=True,
                              num_parallel_workers=workers)
     transforms = create_transforms(dataset_name="imagenet", image_resize=224, is_training=True, hflip=0.5,
-                                   auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25)
+                                   interpolation="bicubic", auto_augment="randaug-m9-mstd0.5-inc1", re_prob=0.25)
     loader = create_loader(dataset=dataset, batch_size=BATCH, drop_remainder=True, is_training=True,
                            mixup=0.8 if mix else 0.0, cutmix=1.0 if mix else 0.0, num_classes=CLASSES,
                            transform=transforms, num_parallel_workers=workers)
