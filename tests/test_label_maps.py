@@ -276,7 +276,8 @@ def reference_follow_image(indices, scores, geometry, out_size, topk):
     ys = (np.arange(out_h)[:, None] + (np.arange(n_y) + 0.5) / n_y) * (geometry.size / out_h)
     xs = (np.arange(out_w)[:, None] + (np.arange(n_x) + 0.5) / n_x) * (geometry.size / out_w)
     shape = (out_h, n_y, out_w, n_x)
-    x, y, shown = geometry.to_source(np.broadcast_to(xs[None, None], shape), np.broadcast_to(ys[:, :, None, None], shape))
+    x, y, shown = geometry.to_source(np.broadcast_to(xs[None, None], shape),
+                                     np.broadcast_to(ys[:, :, None, None], shape))
     axes = []
     for coordinate, size in ((y / source_h * grid_h - 0.5, grid_h), (x / source_w * grid_w - 0.5, grid_w)):
         inside = (coordinate >= -1.0) & (coordinate <= size)
@@ -289,7 +290,8 @@ def reference_follow_image(indices, scores, geometry, out_size, topk):
     weights = np.zeros((out_h * out_w, grid_h * grid_w))
     for row, row_weight in axes[0][:2]:
         for col, col_weight in axes[1][:2]:
-            np.add.at(weights, (token.ravel(), (row * grid_w + col).ravel()), (row_weight * col_weight * inside).ravel())
+            np.add.at(weights, (token.ravel(), (row * grid_w + col).ravel()),
+                      (row_weight * col_weight * inside).ravel())
     classes, slot = np.unique(indices, return_inverse=True)
     dense = np.zeros((grid_h * grid_w, classes.size))
     np.add.at(dense, (np.repeat(np.arange(grid_h * grid_w), k), slot.reshape(-1)), scores.reshape(-1))
