@@ -3,6 +3,7 @@ and the same cores, the sides alternating round by round, each run in a fresh pr
 
   python benchmarks/input_pipeline.py                        # D1 recipe's augmentation, 1 and 2 workers, 3 rounds
   python benchmarks/input_pipeline.py --mix True             # + the recipe with mixup 0.8 / cutmix 1.0
+  python benchmarks/input_pipeline.py --token_labels True    # + the recipe with token labels (label maps)
   python benchmarks/input_pipeline.py --workers 2 --rounds 1 --images 512
 
 The images are `--images` 500 x 375 JPEGs (ImageNet's typical size) of smooth random colour fields in 8 class
@@ -12,6 +13,12 @@ and time every batch after the first.
 This project's side is `engine.data.create_train_loader`, as train.py calls it; MindCV's is its
 create_dataset + create_transforms + create_loader. One JSON line per run, then a table: img/s, img/s per
 worker, and the workers one Ascend 910 needs to feed volo_d1 at MindCV's reported 4,451 img/s on 8 cards.
+
+With --token_labels, this project's side also runs the recipe as configured, token labeling from label maps
+(loss token_label, token_label_dir): the loader of the loss network, as train.py's loop takes it, with each
+sample's map read and moved as its image. The maps are made once by `python -m mindcv_volo.relabel` from a
+random-init tiny VOLO teacher with 1000 classes (14 x 14 tokens, top 5: the official maps' size; what they say
+does not matter here). MindCV has no token labeling: that row compares with its plain recipe.
 """
 import argparse
 import json
@@ -31,6 +38,11 @@ RECIPE = os.path.join(ROOT, "configs", "volo_d1_ascend.yaml")
 CLASSES = 8
 BATCH = 32
 ASCEND_910_IMG_PER_S = 4451 / 8  # MindCV's volo_d1 figure, per card
+# The token-label recipe: a teacher cheap on CPU, with ImageNet's class count so that maps mention as many classes
+TEACHER_ARCH = {"layers": [1, 1, 1, 1], "embed_dims": [16, 32, 32, 32], "num_heads": [1, 2, 2, 2],
+                "stem_hidden_dim": 8, "mlp_ratio": 2.0, "img_size": 224}
+TEACHER_CLASSES = 1000
+MAPS_FOLDER = "label_maps"
 
 
 def parse_args():
@@ -41,6 +53,8 @@ def parse_args():
     _common.add_option(parser, "rounds", type=int, default=3, help="rounds; the sides alternate within each")
     _common.add_option(parser, "mix", type=lambda text: text.lower() in ("true", "1", "yes"), default=False,
                        help="also measure the recipe with mixup 0.8 and cutmix 1.0")
+    _common.add_option(parser, "token_labels", type=lambda text: text.lower() in ("true", "1", "yes"), default=False,
+                       help="also measure the recipe with token labels from label maps (made first, by relabel)")
     parser.add_argument(_common.CHILD_FLAG, dest="child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -76,6 +90,57 @@ def project_batches(data_dir, workers, mix):
                                Runtime("CPU", 0, 0, 1, workers))
 
 
+def save_teacher(path):
+    """A random-init tiny VOLO (TEACHER_ARCH) as a checkpoint for the relabel tool."""
+    import mindspore as ms
+
+    from mindcv_volo.models import VOLO
+    from mindcv_volo.models.volo import ARCHS
+    from mindcv_volo.weights import save_checkpoint
+
+    ms.set_seed(0)
+    model = VOLO(**{**ARCHS["d1"], **TEACHER_ARCH, "num_classes": TEACHER_CLASSES})
+    save_checkpoint({p.name: p.asnumpy() for p in model.get_parameters()}, path)
+    return dict(side="teacher", path=path)
+
+
+def make_label_maps(root):
+    """The label map of every training JPEG in root/MAPS_FOLDER, by the relabel tool as a user runs it."""
+    teacher = os.path.join(root, "teacher.ckpt")
+    record = _common.run_child(os.path.abspath(__file__), dict(side="teacher", path=teacher))
+    if "error" in record:
+        raise SystemExit(f"saving the teacher failed: {record['error']}")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mindcv_volo.relabel", "--model", "volo_d1_224", "--arch_overrides",
+                    json.dumps(TEACHER_ARCH), "--ckpt_path", teacher, "--data_dir", root,
+                    "--out", os.path.join(root, MAPS_FOLDER), "--device_target", "CPU"], cwd=ROOT, check=True)
+    print(f"label maps made in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def project_token_label_batches(data_dir, workers, mix):
+    """This project's training batches of one epoch under the D1 recipe as configured, token labels from the maps:
+    the loss network's loader, as engine.loop takes it. The loader does not depend on the model, so the loss is
+    built on the tiny teacher architecture rather than on volo_d1; nothing is compiled."""
+    from mindcv_volo.cli import loss_builder
+    from mindcv_volo.engine.config import parse_config
+    from mindcv_volo.engine.data import SplitInfo, train_steps
+    from mindcv_volo.engine.runtime import Runtime
+    from mindcv_volo.models import VOLO
+    from mindcv_volo.models.volo import ARCHS
+
+    config = parse_config(["-c", RECIPE, "--data_dir", data_dir, "--batch_size", str(BATCH), "--num_parallel_workers",
+                           str(workers), "--num_classes", str(TEACHER_CLASSES), "--device_target", "CPU",
+                           "--loss", "token_label", "--token_label_dir", os.path.join(data_dir, MAPS_FOLDER)], "train")
+    runtime = Runtime("CPU", 0, 0, 1, workers)
+    model = VOLO(**{**ARCHS["d1"], **TEACHER_ARCH, "num_classes": TEACHER_CLASSES})
+    loss_network = loss_builder(config.loss.loss)(model, config.loss, TEACHER_CLASSES, config.system.seed, runtime)
+    split = SplitInfo(data_dir, "train")
+    loss_network.check_inputs(split)
+    steps = train_steps(split.count, BATCH, 1, True)
+    return loss_network.create_train_loader(split, 0, steps, config.data, config.augmentation, TEACHER_CLASSES,
+                                            config.system.seed, runtime)
+
+
 def mindcv_batches(data_dir, workers, mix):
     """MindCV's training batches of one epoch with the same augmentation (its create_* factories)."""
     from mindcv.data import create_dataset, create_loader, create_transforms
@@ -92,12 +157,16 @@ def mindcv_batches(data_dir, workers, mix):
 
 def child_main(settings):
     """One run: img/s over every batch after the first (which includes starting the workers)."""
+    if settings["side"] == "teacher":
+        return save_teacher(settings["path"])
     make = project_batches if settings["side"] == "project" else mindcv_batches
+    if settings["token_labels"] and settings["side"] == "project":
+        make = project_token_label_batches
     batches = iter(make(settings["data_dir"], settings["workers"], settings["mix"]))
     first = next(batches)
     start, images = time.perf_counter(), 0
-    for images_batch, _ in batches:
-        images += len(images_batch)
+    for batch in batches:  # (images, labels), or with token labels the maps' columns too
+        images += len(batch[0])
     seconds = time.perf_counter() - start
     return dict(settings, batch_dtype=str(first[0].dtype), batch_shape=list(first[0].shape), images=images,
                 seconds=round(seconds, 2), img_per_s=round(images / seconds, 1),
@@ -112,12 +181,16 @@ def main():
     records = []
     with tempfile.TemporaryDirectory() as work:
         make_images(work, args.images)
-        cases = [(workers, mix) for mix in ([False, True] if args.mix else [False]) for workers in args.workers]
+        if args.token_labels:
+            make_label_maps(work)
+        recipes = [(False, False)] + [(True, False)] * args.mix + [(False, True)] * args.token_labels
+        cases = [(workers, mix, token_labels) for mix, token_labels in recipes for workers in args.workers]
         for round_index in range(args.rounds):
             sides = ("project", "mindcv") if round_index % 2 == 0 else ("mindcv", "project")
-            for workers, mix in cases:
+            for workers, mix, token_labels in cases:
                 for side in sides:
-                    settings = dict(side=side, workers=workers, mix=mix, round=round_index, data_dir=work)
+                    settings = dict(side=side, workers=workers, mix=mix, token_labels=token_labels, round=round_index,
+                                    data_dir=work)
                     record = _common.run_child(os.path.abspath(__file__), settings)
                     record.pop("data_dir", None)
                     records.append(record)
@@ -125,12 +198,14 @@ def main():
     print("\n| recipe | workers | this project img/s | MindCV img/s | ratio | project img/s per worker | "
           "workers per Ascend 910 (project / MindCV) |")
     print("|---|---|---|---|---|---|---|")
-    for workers, mix in cases:
+    for workers, mix, token_labels in cases:
         rates = {side: statistics.median(r["img_per_s"] for r in records if "img_per_s" in r and r["side"] == side
-                                         and r["workers"] == workers and r["mix"] == mix)
+                                         and r["workers"] == workers and r["mix"] == mix
+                                         and r["token_labels"] == token_labels)
                  for side in ("project", "mindcv")}
         per_worker = {side: rate / workers for side, rate in rates.items()}
-        print(f"| D1{' + mixup/cutmix' if mix else ''} | {workers} | {rates['project']:.0f} | {rates['mindcv']:.0f} | "
+        recipe = "D1 + mixup/cutmix" if mix else "D1 + token labels (MindCV: D1)" if token_labels else "D1"
+        print(f"| {recipe} | {workers} | {rates['project']:.0f} | {rates['mindcv']:.0f} | "
               f"{rates['project'] / rates['mindcv']:.2f} | {per_worker['project']:.0f} | "
               f"{ASCEND_910_IMG_PER_S / per_worker['project']:.1f} / {ASCEND_910_IMG_PER_S / per_worker['mindcv']:.1f} |")
     return 0

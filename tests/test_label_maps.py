@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mindcv_volo.engine.augment import GEOMETRIC_OPS, RAND_AUGMENT_OPS, Geometry, TrainAugmentation
+from mindcv_volo.engine.augment import GEOMETRIC_OPS, RAND_AUGMENT_OPS, Geometry, TrainAugmentation, resized_crop_box
 from mindcv_volo.engine.config import parse_config
 from mindcv_volo.engine.data import SplitInfo
 from mindcv_volo.errors import UserError
@@ -261,6 +261,76 @@ def test_the_training_pipeline_moves_the_map_as_it_moves_the_image():
         else:  # only posterize to 0 bits may merge the two colours; any other outcome is a mismatch
             assert len(colours[0]) <= 1 and len(colours[1]) <= 1, (seed, geometry)
     assert moved >= 10  # RandAugment rotated, sheared or shifted a good share of them
+
+
+# --- the resampling against a plain reference -----------------------------------------------------
+
+def reference_follow_image(indices, scores, geometry, out_size, topk):
+    """follow_image written plainly (np.add.at per corner and per cell, then a full sort): the same sums in the
+    same order, so the results must agree to the bit."""
+    grid_h, grid_w, k = indices.shape
+    out_h, out_w = out_size
+    source_h, source_w = geometry.source_size
+    n_y = max(-(-geometry.box[2] * grid_h // (source_h * out_h)), 1)
+    n_x = max(-(-geometry.box[3] * grid_w // (source_w * out_w)), 1)
+    ys = (np.arange(out_h)[:, None] + (np.arange(n_y) + 0.5) / n_y) * (geometry.size / out_h)
+    xs = (np.arange(out_w)[:, None] + (np.arange(n_x) + 0.5) / n_x) * (geometry.size / out_w)
+    shape = (out_h, n_y, out_w, n_x)
+    x, y, shown = geometry.to_source(np.broadcast_to(xs[None, None], shape),
+                                     np.broadcast_to(ys[:, :, None, None], shape))
+    axes = []
+    for coordinate, size in ((y / source_h * grid_h - 0.5, grid_h), (x / source_w * grid_w - 0.5, grid_w)):
+        inside = (coordinate >= -1.0) & (coordinate <= size)
+        low = np.minimum(np.floor(np.maximum(coordinate, 0.0)).astype(np.int64), size - 1)
+        high = np.minimum(low + 1, size - 1)
+        frac = np.where(low == size - 1, 0.0, np.maximum(coordinate, 0.0) - low)
+        axes.append(((low, 1.0 - frac), (high, frac), inside))
+    token = np.broadcast_to(np.arange(out_h)[:, None, None, None] * out_w + np.arange(out_w)[:, None], shape)
+    inside = (axes[0][2] & axes[1][2] & shown) / (n_y * n_x)
+    weights = np.zeros((out_h * out_w, grid_h * grid_w))
+    for row, row_weight in axes[0][:2]:
+        for col, col_weight in axes[1][:2]:
+            np.add.at(weights, (token.ravel(), (row * grid_w + col).ravel()),
+                      (row_weight * col_weight * inside).ravel())
+    classes, slot = np.unique(indices, return_inverse=True)
+    dense = np.zeros((grid_h * grid_w, classes.size))
+    np.add.at(dense, (np.repeat(np.arange(grid_h * grid_w), k), slot.reshape(-1)), scores.reshape(-1))
+    out = np.concatenate([weights @ dense, np.zeros((out_h * out_w, max(topk - classes.size, 0)))], axis=-1)
+    classes = np.concatenate([classes, np.full(max(topk - classes.size, 0), classes[0])])
+    order = np.argsort(-out, axis=-1, kind="stable")[:, :topk]
+    return (classes[order].astype(np.int32).reshape(out_h, out_w, topk),
+            np.take_along_axis(out, order, -1).astype(np.float32).reshape(out_h, out_w, topk))
+
+
+def random_geometry(rng):
+    """A random-resized crop of a random source, random flips, and 0-3 of RandAugment's geometric operations."""
+    source_w, source_h = (int(v) for v in rng.integers(20, 700, 2))
+    size = int(rng.choice([32, 64, 112, 224]))
+    image = Image.new("RGB", (size, size))
+    affines = []
+    for name in rng.choice(GEOMETRIC_OPS, int(rng.integers(0, 4))):
+        level, operation = RAND_AUGMENT_OPS[name]
+        affines.append(operation(image, level(rng.uniform(0, 10), rng), FILL, Image.NEAREST)[1])
+    return Geometry((source_h, source_w), resized_crop_box(source_w, source_h, rng), size, bool(rng.random() < 0.5),
+                    bool(rng.random() < 0.5), tuple(affines))
+
+
+def test_resampling_agrees_with_the_plain_reference_to_the_bit():
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        geometry = random_geometry(rng)
+        (grid_h, grid_w), k = (int(v) for v in rng.integers(1, 16, 2)), int(rng.integers(1, 7))
+        # few classes (ties, padding), or many; logits of both signs, as float16 stores them
+        indices = rng.integers(0, int(rng.choice([3, 40, 1000])), (grid_h, grid_w, k)).astype(np.int32)
+        scores = rng.normal(1.0, 4.0, (grid_h, grid_w, k)).astype(np.float16).astype(np.float32)
+        topk = int(rng.integers(1, 8))
+        grid = int(rng.integers(1, 15))
+        expected = [reference_follow_image(indices, scores, geometry, out, topk) for out in ((1, 1), (grid, grid))]
+        got = label_map_columns(indices, scores, geometry, grid, topk)
+        for column, want in zip(got, (part for pair in expected for part in pair)):
+            assert column.dtype == want.dtype and column.tobytes() == want.tobytes(), geometry
+        got_idx, got_val = follow_image(indices, scores, geometry, (grid, grid), topk)
+        assert got_idx.tobytes() == expected[1][0].tobytes() and got_val.tobytes() == expected[1][1].tobytes()
 
 
 # --- files ---------------------------------------------------------------------------------------

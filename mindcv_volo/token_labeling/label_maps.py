@@ -152,11 +152,18 @@ def sampling_weights(geometry, grid, out_size):
     col_low, col_high, col_frac, col_in = _bilinear(x / source_w * grid_w - 0.5, grid_w)
     token = np.broadcast_to((np.arange(out_h)[:, None, None, None] * out_w + np.arange(out_w)[:, None]), shape)
     inside = (row_in & col_in & shown) / (n_y * n_x)  # the fill a rotation or shift brings in reads 0
-    weights = np.zeros((out_h * out_w, grid_h * grid_w))
-    for row, row_weight in ((row_low, 1.0 - row_frac), (row_high, row_frac)):
-        for col, col_weight in ((col_low, 1.0 - col_frac), (col_high, col_frac)):
-            np.add.at(weights, (token.ravel(), (row * grid_w + col).ravel()), (row_weight * col_weight * inside).ravel())
-    return weights
+    corners = [(token * (grid_h * grid_w) + row * grid_w + col, row_weight * col_weight * inside)
+               for row, row_weight in ((row_low, 1.0 - row_frac), (row_high, row_frac))
+               for col, col_weight in ((col_low, 1.0 - col_frac), (col_high, col_frac))]
+    return _sum_into(corners, (out_h * out_w, grid_h * grid_w))
+
+
+def _sum_into(parts, shape):
+    """A zero float64 array of `shape` with each part's values (flat index array, value array) added at its
+    indices: the additions of np.add.at, in the same order (so the same sums to the bit), without its cost."""
+    flat = np.concatenate([index.ravel() for index, _ in parts])
+    values = np.concatenate([np.ravel(value) for _, value in parts])
+    return np.bincount(flat, values, minlength=int(np.prod(shape))).reshape(shape)
 
 
 def follow_image(indices, scores, geometry, out_size, topk=None):
@@ -167,14 +174,22 @@ def follow_image(indices, scores, geometry, out_size, topk=None):
     classes the map mentions, best first (the others count as 0; if fewer classes than topk are mentioned,
     the rest is padding with score 0).
     """
+    return _resample(_dense_logits(indices, scores), geometry, out_size, topk or indices.shape[-1])
+
+
+def _dense_logits(indices, scores):
+    """(classes the map mentions (C,), (G_h, G_w), logits (G_h * G_w, C)): absent classes are 0 and stay 0."""
     grid_h, grid_w, k = indices.shape
-    topk = topk or k
-    out_h, out_w = out_size
-    # Dense logits over the classes the map mentions (absent classes are 0 and stay 0).
     classes, slot = np.unique(indices, return_inverse=True)
-    dense = np.zeros((grid_h * grid_w, classes.size))
-    np.add.at(dense, (np.repeat(np.arange(grid_h * grid_w), k), slot.reshape(-1)), scores.reshape(-1))
-    out = (sampling_weights(geometry, (grid_h, grid_w), out_size) @ dense).reshape(out_h, out_w, classes.size)
+    flat = np.repeat(np.arange(grid_h * grid_w), k) * classes.size + slot.reshape(-1)
+    return classes, (grid_h, grid_w), _sum_into([(flat, scores)], (grid_h * grid_w, classes.size))
+
+
+def _resample(dense_map, geometry, out_size, topk):
+    """follow_image from a map's `_dense_logits`."""
+    classes, grid, dense = dense_map
+    out_h, out_w = out_size
+    out = (sampling_weights(geometry, grid, out_size) @ dense).reshape(out_h, out_w, classes.size)
     if classes.size < topk:  # too few classes: pad with zero logits (they add nothing in topk_target)
         out = np.concatenate([out, np.zeros((out_h, out_w, topk - classes.size))], axis=-1)
         classes = np.concatenate([classes, np.full(topk - classes.size, classes[0])])
@@ -189,9 +204,10 @@ def label_map_columns(indices, scores, geometry, grid, topk=None):
         token_indices  int32 (G * G, topk)   per token, row-major as VOLO's aux logits (G = grid)
         token_scores   float32 (G * G, topk)
     """
-    cls_indices, cls_scores = follow_image(indices, scores, geometry, (1, 1), topk)
-    token_indices, token_scores = follow_image(indices, scores, geometry, (grid, grid), topk)
-    k = token_indices.shape[-1]
+    k = topk or indices.shape[-1]
+    dense_map = _dense_logits(indices, scores)  # one for both resamplings
+    cls_indices, cls_scores = _resample(dense_map, geometry, (1, 1), k)
+    token_indices, token_scores = _resample(dense_map, geometry, (grid, grid), k)
     return cls_indices.reshape(k), cls_scores.reshape(k), token_indices.reshape(-1, k), token_scores.reshape(-1, k)
 
 
