@@ -5,11 +5,13 @@ and the same cores, the sides alternating round by round, each run in a fresh pr
   python benchmarks/input_pipeline.py --mix True             # + the recipe with mixup 0.8 / cutmix 1.0
   python benchmarks/input_pipeline.py --token_labels True    # + the recipe with token labels (label maps)
   python benchmarks/input_pipeline.py --workers 2 --rounds 1 --images 512
+  python benchmarks/input_pipeline.py --mix True --token_labels True --json_out pipeline.json   # records as JSON
 
 The images are `--images` 500 x 375 JPEGs (ImageNet's typical size) of smooth random colour fields in 8 class
 folders. Both sides apply the D1 recipe's training augmentation (random-resized crop 224 with bicubic resampling,
 as MindCV's own VOLO recipes, horizontal flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) at batch 32
-and time every batch after the first.
+and time every batch after the first. This project's loader ships uint8 pixels (the compiled step normalises
+them), MindCV's float32: the table counts images made, whatever their form.
 This project's side is `engine.data.create_train_loader`, as train.py calls it; MindCV's is its
 create_dataset + create_transforms + create_loader. One JSON line per run, then a table: img/s, img/s per
 worker, and the workers one Ascend 910 needs to feed volo_d1 at MindCV's reported 4,451 img/s on 8 cards.
@@ -55,6 +57,8 @@ def parse_args():
                        help="also measure the recipe with mixup 0.8 and cutmix 1.0")
     _common.add_option(parser, "token_labels", type=lambda text: text.lower() in ("true", "1", "yes"), default=False,
                        help="also measure the recipe with token labels from label maps (made first, by relabel)")
+    _common.add_option(parser, "json_out", default=None,
+                       help="also write every run's record and the table's rows to this JSON file")
     parser.add_argument(_common.CHILD_FLAG, dest="child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -198,6 +202,7 @@ def main():
     print("\n| recipe | workers | this project img/s | MindCV img/s | ratio | project img/s per worker | "
           "workers per Ascend 910 (project / MindCV) |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for workers, mix, token_labels in cases:
         rates = {side: statistics.median(r["img_per_s"] for r in records if "img_per_s" in r and r["side"] == side
                                          and r["workers"] == workers and r["mix"] == mix
@@ -205,9 +210,16 @@ def main():
                  for side in ("project", "mindcv")}
         per_worker = {side: rate / workers for side, rate in rates.items()}
         recipe = "D1 + mixup/cutmix" if mix else "D1 + token labels (MindCV: D1)" if token_labels else "D1"
+        rows.append(dict(recipe=recipe, workers=workers, project_img_per_s=rates["project"],
+                         mindcv_img_per_s=rates["mindcv"], ratio=round(rates["project"] / rates["mindcv"], 3),
+                         workers_per_ascend_910=dict((side, round(ASCEND_910_IMG_PER_S / rate, 2))
+                                                     for side, rate in per_worker.items())))
         print(f"| {recipe} | {workers} | {rates['project']:.0f} | {rates['mindcv']:.0f} | "
               f"{rates['project'] / rates['mindcv']:.2f} | {per_worker['project']:.0f} | "
               f"{ASCEND_910_IMG_PER_S / per_worker['project']:.1f} / {ASCEND_910_IMG_PER_S / per_worker['mindcv']:.1f} |")
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump(dict(images=args.images, batch=BATCH, runs=records, table=rows), out, indent=1)
     return 0
 
 
