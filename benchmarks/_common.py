@@ -7,6 +7,7 @@ script re-runs itself with `--child`), so the peak RSS of one run never includes
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -61,6 +62,29 @@ def proc_status_kb(*fields):
 def rss_mb(field="VmRSS"):
     """VmRSS (now) or VmHWM (the high-water mark since the last `reset_peak_rss`) of this process, in MB."""
     return proc_status_kb(field)[field] / 1024
+
+
+def process_tree_cpu_seconds(root=None):
+    """User + system CPU seconds of a process and of every live descendant (its data workers), threads
+    included, from /proc (Linux). A run's share of the cores, whatever else the machine is doing."""
+    root = root or os.getpid()
+    parents, times = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, grown = {root}, True
+    while grown:
+        members = {pid for pid, parent in parents.items() if parent in tree} | tree
+        grown, tree = len(members) > len(tree), members
+    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 def reset_peak_rss():
