@@ -136,26 +136,50 @@ class TrainSamples:
     Item `position` (in the epoch's global order, all ranks together) is the image order[position] of the
     split, augmented with the generator of (seed, epoch, position): (image float32 CHW, label int32, and the
     columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
+    With `skip_unreadable`, an image that cannot be read is replaced by the next readable one of the epoch's
+    order (`readable_image`), a choice that depends on nothing but the order and the files.
     """
 
     columns = ("image", "label")
 
-    def __init__(self, split, order, augmentation, seed, epoch):
+    def __init__(self, split, order, augmentation, seed, epoch, skip_unreadable=False):
         self.folder, self.items = split.folder, split.items
         self.order, self.augmentation, self.seed, self.epoch = order, augmentation, seed, epoch
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.order)
 
     def __getitem__(self, position):
-        relpath, label = self.items[self.order[position]]
-        image = read_image(os.path.join(self.folder, relpath))
+        """The sample's columns, then whether its image was replaced (`sample_batches` counts and drops it)."""
+        image, relpath, label, replaced = self.readable_image(position)
         array, geometry = self.augmentation(image, sample_generator(self.seed, self.epoch, position))
-        return (array, np.int32(label), *self.extra_columns(relpath, geometry))
+        return (array, np.int32(label), *self.extra_columns(relpath, geometry), np.bool_(replaced))
+
+    def readable_image(self, position):
+        """(PIL image, relative path, label, replaced) of `position`: its own image, or with skip_unreadable the
+        first readable one after it in the epoch's order (wrapping around)."""
+        for offset in range(len(self.order)):
+            relpath, label = self.items[self.order[(position + offset) % len(self.order)]]
+            path = os.path.join(self.folder, relpath)
+            try:
+                return read_image(path), relpath, label, offset > 0
+            except UserError:
+                if not self.skip_unreadable:
+                    raise
+                if path not in _REPORTED:
+                    _REPORTED.add(path)
+                    logger.warning("warning: skipping unreadable image %s (skip_unreadable_images): its samples "
+                                   "take the next readable image of the epoch's order", path)
+        raise UserError(f"no training image of {self.folder} can be read")
 
     def extra_columns(self, relpath, geometry):
         """More columns of a sample, from its file and the geometry its image went through."""
         return ()
+
+
+# The unreadable images this process has named (once each: every epoch meets them again).
+_REPORTED = set()
 
 
 IMAGENET_MEAN_255 = tuple(round(m * 255, 3) for m in IMAGENET_MEAN)
@@ -183,9 +207,25 @@ def sample_batches(source, batch_size, runtime, first_step, workers):
     """
     positions = rank_slice(np.arange(len(source)), batch_size, runtime.rank, runtime.world)[first_step * batch_size:]
     workers = _workers(workers)
-    dataset = ds.GeneratorDataset(source, column_names=list(source.columns), sampler=ds.SubsetSampler(positions.tolist()),
+    dataset = ds.GeneratorDataset(source, column_names=[*source.columns, "replaced"],
+                                  sampler=ds.SubsetSampler(positions.tolist()),
                                   num_parallel_workers=workers, python_multiprocessing=workers > 1)
-    return iterate(dataset.batch(batch_size, drop_remainder=True))
+    return _counting_replaced(iterate(dataset.batch(batch_size, drop_remainder=True)), source.epoch, first_step,
+                              runtime.rank)
+
+
+def _counting_replaced(batches, epoch, first_step, rank):
+    """The batches without their last column (which samples replaced an unreadable image), counted in a
+    warning at the end: the flags travel with the samples, so the count holds whichever worker process read
+    them."""
+    replaced, step = 0, first_step
+    for *batch, flags in batches:
+        replaced += int(flags.sum())
+        step += 1
+        yield batch
+    if replaced:
+        logger.warning("warning: epoch %d steps %d-%d: %d of rank %d's samples replaced an unreadable image "
+                       "(skip_unreadable_images)", epoch + 1, first_step + 1, step, replaced, rank)
 
 
 def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
@@ -195,7 +235,7 @@ def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runti
     `data`, `aug`: the run's data and augmentation sections; `runtime`: its rank and world size.
     """
     order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
-    source = TrainSamples(split, order, train_augmentation(aug), seed, epoch)
+    source = TrainSamples(split, order, train_augmentation(aug), seed, epoch, data.skip_unreadable_images)
     batches = sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers)
     if aug.mixup <= 0 and aug.cutmix <= 0:
         return batches
