@@ -95,6 +95,7 @@ class CheckpointKeeper:
         self.keep_max = keep_max
         self.policy = policy
         self.scores = {}  # path -> validation top-1, for the top_k policy
+        self.last_saved = None
         self.description = description
 
     def entries(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
@@ -122,14 +123,19 @@ class CheckpointKeeper:
             digest.update(np.ascontiguousarray(self.model_params[name].asnumpy()).tobytes())
         return digest.hexdigest()[:16]
 
-    def save(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
-        """Write a checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
+    def path(self, epoch, steps_per_epoch, progress=None):
+        """The checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
         name = (checkpoint_name(self.model_name, epoch + 1, progress.steps) if progress is not None
                 else checkpoint_name(self.model_name, epoch, steps_per_epoch))
-        path = os.path.join(self.folder, name)
+        return os.path.join(self.folder, name)
+
+    def save(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
+        """Write a checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
+        path = self.path(epoch, steps_per_epoch, progress)
         save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1, progress), path,
                         self.description)
         self.scores[path] = val_top1
+        self.last_saved = path
         logger.info("saved %s", path)
         self.prune()
         return path

@@ -230,7 +230,9 @@ class Run:
         this rank writes the checkpoint of its last update (every rank holds the same state there, and the
         others cannot get past that update without this one), and the run ends with the error, where it saved
         and how to continue."""
-        path = self.keeper.save(epochs_done, self.global_step, self.steps, None, progress)
+        path = self.keeper.path(epochs_done, self.steps, progress)
+        if self.keeper.last_saved != path:  # a periodic checkpoint may hold this very update
+            self.keeper.save(epochs_done, self.global_step, self.steps, None, progress)
         raise UserError(f"{error}; saved {path} after {self.where(epochs_done, progress)}; to continue, "
                         f"{how_to_continue()}")
 

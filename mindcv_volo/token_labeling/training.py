@@ -65,18 +65,19 @@ class LabelMapTokenLoss(LabelMapsWithLoss):
     def create_train_loader(self, split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
         order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
         source = TrainSamplesWithMaps(split, order, train_augmentation(aug), seed, epoch, self.map_dir, num_classes,
-                                      aug.image_resize // TOKEN_STRIDE, data.skip_unreadable_images)
-        return sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers)
+                                      aug.image_resize // TOKEN_STRIDE)
+        return sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers,
+                              data.skip_unreadable_images)
 
 
 class TrainSamplesWithMaps(TrainSamples):
-    """Training samples with their label-map targets (MAP_COLUMNS), the maps moved as their images (a replaced
-    unreadable image's map is its replacement's)."""
+    """Training samples with their label-map targets (MAP_COLUMNS), the maps moved as their images (an
+    unreadable image's replacement brings its own map)."""
 
     columns = MAP_COLUMNS
 
-    def __init__(self, split, order, augmentation, seed, epoch, map_dir, num_classes, grid, skip_unreadable=False):
-        super().__init__(split, order, augmentation, seed, epoch, skip_unreadable)
+    def __init__(self, split, order, augmentation, seed, epoch, map_dir, num_classes, grid):
+        super().__init__(split, order, augmentation, seed, epoch)
         self.map_dir, self.num_classes, self.grid = map_dir, num_classes, grid
 
     def extra_columns(self, relpath, geometry):
