@@ -139,11 +139,10 @@ class TrainSamples:
 
     Item `position` (in the epoch's global order, all ranks together) is the image order[position] of the
     split, augmented with the generator of (seed, epoch, position): (image float32 CHW, label int32, and the
-    columns `extra_columns` adds), then the split index of the image if it could not be read, else -1. A
-    subclass adds columns that follow the image (label maps).
+    columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
     An unreadable image is replaced by the next readable one of the epoch's order, a choice that depends on
-    nothing but the order and the files; `sample_batches` then stops the run at that batch, or with
-    skip_unreadable_images counts and trains on the replacement.
+    nothing but the order and the files (`flagged`); `sample_batches` then stops the run at that batch, or
+    with skip_unreadable_images counts and trains on the replacement.
     """
 
     columns = ("image", "label")
@@ -156,6 +155,10 @@ class TrainSamples:
         return len(self.order)
 
     def __getitem__(self, position):
+        return self.flagged(position)[:-1]
+
+    def flagged(self, position):
+        """The sample's columns, then the split index of its own image if that could not be read, else -1."""
         image, relpath, label, unreadable = self.readable_image(position)
         array, geometry = self.augmentation(image, sample_generator(self.seed, self.epoch, position))
         return (array, np.int32(label), *self.extra_columns(relpath, geometry), np.int32(unreadable))
@@ -206,11 +209,24 @@ def sample_batches(source, batch_size, runtime, first_step, workers, skip_unread
     """
     positions = rank_slice(np.arange(len(source)), batch_size, runtime.rank, runtime.world)[first_step * batch_size:]
     workers = _workers(workers)
-    dataset = ds.GeneratorDataset(source, column_names=[*source.columns, "unreadable"],
+    dataset = ds.GeneratorDataset(_Flagged(source), column_names=[*source.columns, "unreadable"],
                                   sampler=ds.SubsetSampler(positions.tolist()),
                                   num_parallel_workers=workers, python_multiprocessing=workers > 1)
     batches = iterate(dataset.batch(batch_size, drop_remainder=True))
     return _unreadable(batches, source, skip_unreadable, first_step, runtime.rank)
+
+
+class _Flagged:
+    """`source`'s samples with their unreadable-image column (TrainSamples.flagged), for GeneratorDataset."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, position):
+        return self.source.flagged(position)
 
 
 def _unreadable(batches, source, skip, first_step, rank):
