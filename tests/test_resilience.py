@@ -142,6 +142,21 @@ def test_periodic_checkpoints_fall_on_the_same_updates_in_every_run():
     assert requests.agreed_with_clock(True) == (0, True) and requests.agreed_with_clock(False) == (0, False)
 
 
+def test_the_clock_counts_from_the_last_checkpoint(monkeypatch):
+    from mindcv_volo.engine import checkpoints
+
+    now = [1000.0]  # a clock the test sets: seconds
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: now[0])
+    every_minute = PeriodicCheckpoints(0, 1, steps_per_epoch=6, accumulation=1)
+    due = []
+    for now[0] in (1030.0, 1060.0, 1061.0, 1120.0):
+        due.append(every_minute.clock_due())
+        if due[-1]:
+            every_minute.saved()
+    assert due == [False, True, False, True]
+    assert not any(every_minute.steps_due(0, step) for step in range(6))  # steps off
+
+
 def test_periodic_options_are_checked():
     for option in ("ckpt_every_steps", "ckpt_every_minutes"):
         with pytest.raises(UserError) as info:
