@@ -7,7 +7,6 @@ import itertools
 import os
 import shlex
 import shutil
-import sys
 
 import numpy as np
 import pytest
