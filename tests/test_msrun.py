@@ -1,6 +1,8 @@
 """Data parallel under msrun on CPU: two workers end identical, and equal to one worker on the same batches;
 the same two workers as two nodes end as under one msrun; SIGTERM to the workers stops both after the same
-step, and the resumed run ends as one never stopped."""
+step, and the resumed run ends as one never stopped; so does a run resumed from its last periodic checkpoint
+after a worker was SIGKILLed, and one that met an unreadable image on one rank (which saved), once the image
+is replaced."""
 import json
 import os
 import re
@@ -14,6 +16,8 @@ import time
 import pytest
 
 from conftest import ROOT, last_json, make_image_folder, max_difference, read_ckpt, run_tool, tiny_config, tool_env
+from mindcv_volo.engine.checkpoints import list_checkpoints
+from mindcv_volo.engine.data import SplitInfo, epoch_order
 
 pytestmark = [pytest.mark.skipif(shutil.which("msrun") is None, reason="msrun is not installed"),
               pytest.mark.slow]  # whole training runs: the full suite only
@@ -197,3 +201,70 @@ def test_sigterm_stops_every_worker_at_one_step_and_resumes_exactly(tmp_path, tw
     assert f"epoch 2 at step {step}/6" in worker[0]
     final = f"volo_d1_224-2_{STEPS}.ckpt"
     assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(root / "two" / final)) <= 1e-5
+
+
+def resume_as_never_stopped(config, tmp_path, env, root, resumed_line):
+    """`config`'s msrun run again with --resume True: rank 0 logs `resumed_line`, and the run ends with the final
+    checkpoint of the run never stopped (`two_workers`, in `root`)."""
+    resumed = subprocess.run(msrun(config, tmp_path / "logs2", "--resume", "True"), cwd=ROOT, capture_output=True,
+                             text=True, timeout=900, env=env)
+    worker = worker_logs(tmp_path / "logs2")
+    assert resumed.returncode == 0, worker[0][-3000:] + worker[1][-3000:]
+    assert resumed_line in worker[0]
+    final = f"volo_d1_224-2_{STEPS}.ckpt"
+    assert max_difference(read_ckpt(tmp_path / "ckpt" / final), read_ckpt(root / "two" / final)) <= 1e-5
+
+
+def test_a_killed_worker_costs_only_the_steps_since_the_periodic_checkpoint(tmp_path, two_workers):
+    """SIGKILL to one worker in the middle of epoch 2 (msrun then ends the other; nothing can be saved): the run
+    resumed from the last checkpoint ckpt_every_steps wrote ends as the one never killed."""
+    root, data, _, _, env = two_workers
+    config = tiny_config(tmp_path / "two.yaml", data, tmp_path / "ckpt", batch_size=4, ckpt_every_steps=2,
+                         **AUGMENTED)
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(msrun(config, logs), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    periodic = tmp_path / "ckpt" / "volo_d1_224-2_2.ckpt"  # after step 2 of epoch 2 (and 2, 4 of epoch 1)
+    deadline = time.time() + 600
+    while not periodic.exists():
+        assert proc.poll() is None and time.time() < deadline, worker_logs(logs)[0][-3000:]
+        time.sleep(0.05)
+    workers = msrun_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    proc.wait(timeout=600)
+    assert proc.returncode != 0
+    assert not [line for log in worker_logs(logs) for line in log.splitlines() if "stopped by" in line]
+    epoch, step, latest = list_checkpoints(str(tmp_path / "ckpt"), "volo_d1_224")[-1]
+    assert epoch == 2 and step in (2, 4), latest  # a periodic checkpoint, mid-epoch
+
+    resume_as_never_stopped(config, tmp_path, env, root,
+                            f"resumed from {latest}: 1 of 2 epochs done, epoch 2 at step {step}/{STEPS}")
+
+
+def test_an_unreadable_image_on_one_rank_saves_there_and_resumes_exactly(tmp_path, two_workers):
+    """Rank 1 meets the image at step 4 of epoch 1: it writes the checkpoint after step 3 (every rank holds that
+    state; rank 0 waits in step 4's all-reduce until msrun ends it)."""
+    root, data, _, _, env = two_workers
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    split = SplitInfo(str(broken), "train")
+    # global batch 8: rank 1 reads places 4-7 of each; step 4 (from 1) is places 24-31; seed 7: tiny_config's
+    bad = os.path.join(split.folder, split.items[epoch_order(split.count, 8, STEPS, 7, 0)[3 * 8 + 5]][0])
+    original = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    config = tiny_config(tmp_path / "two.yaml", broken, tmp_path / "ckpt", batch_size=4, **AUGMENTED)
+    stopped = subprocess.run(msrun(config, tmp_path / "logs"), cwd=ROOT, capture_output=True, text=True,
+                             timeout=900, env=env)
+    worker = worker_logs(tmp_path / "logs")
+    assert stopped.returncode != 0
+    saved = tmp_path / "ckpt" / "volo_d1_224-1_3.ckpt"
+    assert (f"error: cannot read image {bad}: corrupt or not an image; remove or replace it; saved {saved} after "
+            f"epoch 1 step 3/{STEPS}; to continue, add --resume True to the msrun command") in worker[1]
+    assert "Traceback" not in worker[1] and int(read_ckpt(saved)["train_state.epoch_step"]) == 3
+
+    with open(bad, "wb") as f:
+        f.write(original)
+    resume_as_never_stopped(config, tmp_path, env, root,
+                            f"resumed from {saved}: 0 of 2 epochs done, epoch 1 at step 3/{STEPS}")

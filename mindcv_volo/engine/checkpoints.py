@@ -7,7 +7,8 @@ steps of it done; an epoch's last checkpoint says its steps per epoch) holds
   * `ema.<name>`: the EMA weights (when ema is on),
   * `optimizer.<name>`: the optimizer's state (moments, step counter),
   * `train_state.<name>`: epochs completed, the steps done of the epoch in progress (0 at an epoch's end;
-    a run stopped by a signal saves mid-epoch), the training loss of those steps (sum, count, skipped),
+    a run stopped by a signal or a data error, and the periodic checkpoints (`PeriodicCheckpoints`), save
+    mid-epoch), the training loss of those steps (sum, count, skipped),
     global update step, loss scale and its good-step counter, steps per epoch, and the validation top-1
     when known.
 Each file is written to a temporary name and renamed (`weights.save_checkpoint`), so a kill during a save
@@ -20,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from typing import NamedTuple
 
 import mindspore as ms
@@ -93,6 +95,7 @@ class CheckpointKeeper:
         self.keep_max = keep_max
         self.policy = policy
         self.scores = {}  # path -> validation top-1, for the top_k policy
+        self.last_saved = None
         self.description = description
 
     def entries(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
@@ -120,14 +123,19 @@ class CheckpointKeeper:
             digest.update(np.ascontiguousarray(self.model_params[name].asnumpy()).tobytes())
         return digest.hexdigest()[:16]
 
-    def save(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
-        """Write a checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
+    def path(self, epoch, steps_per_epoch, progress=None):
+        """The checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
         name = (checkpoint_name(self.model_name, epoch + 1, progress.steps) if progress is not None
                 else checkpoint_name(self.model_name, epoch, steps_per_epoch))
-        path = os.path.join(self.folder, name)
+        return os.path.join(self.folder, name)
+
+    def save(self, epoch, global_step, steps_per_epoch, val_top1=None, progress=None):
+        """Write a checkpoint after `epoch` complete epochs (and `progress` of the next one, if given)."""
+        path = self.path(epoch, steps_per_epoch, progress)
         save_checkpoint(self.entries(epoch, global_step, steps_per_epoch, val_top1, progress), path,
                         self.description)
         self.scores[path] = val_top1
+        self.last_saved = path
         logger.info("saved %s", path)
         self.prune()
         return path
@@ -202,6 +210,35 @@ class CheckpointKeeper:
         ms_state.loss_scale.set_data(ms.Tensor(train_state["loss_scale"], ms.float32))
         ms_state.good_steps.set_data(ms.Tensor(train_state["good_steps"], ms.int32))
         return {k: v.item() for k, v in train_state.items()}
+
+
+class PeriodicCheckpoints:
+    """When to write a checkpoint in the middle of an epoch (the loop asks after each optimizer update).
+
+    `every_steps`: once a multiple of it is passed, counting the steps of the whole run (epoch x steps per
+    epoch + step): a function of the position alone, so every rank, and a resumed run, saves at the same
+    updates. `every_minutes`: since the last checkpoint by rank 0's clock; the ranks' clocks differ, so rank 0's
+    verdict is all-reduced with the stop requests (`StopRequests.agreed_with_clock`) and every rank saves after
+    the same update. 0 turns either off.
+    """
+
+    def __init__(self, every_steps, every_minutes, steps_per_epoch, accumulation):
+        self.every_steps, self.seconds = every_steps, every_minutes * 60
+        self.steps_per_epoch, self.accumulation = steps_per_epoch, accumulation
+        self.last_saved = time.monotonic()
+
+    def steps_due(self, epoch, step):
+        """After the update that ends micro-step `step` (from 0) of `epoch` (from 0)."""
+        if not self.every_steps:
+            return False
+        done = epoch * self.steps_per_epoch + step + 1
+        return done // self.every_steps > (done - self.accumulation) // self.every_steps
+
+    def clock_due(self):
+        return bool(self.seconds) and time.monotonic() - self.last_saved >= self.seconds
+
+    def saved(self):
+        self.last_saved = time.monotonic()
 
 
 class EpochProgress(NamedTuple):

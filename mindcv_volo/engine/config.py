@@ -37,6 +37,7 @@ class Bound(NamedTuple):
 
 
 AT_LEAST_1 = Bound("at least 1", lambda value: value >= 1)
+NOT_NEGATIVE = Bound("0 (off) or more", lambda value: value >= 0)
 POSITIVE = Bound("positive", lambda value: value > 0)
 
 
@@ -82,6 +83,10 @@ SECTIONS = {
         O("batch_size", "int", 128, None, "images per device per step", bound=AT_LEAST_1,
           per_command={"infer": 8, "export": 1, "relabel": 16}),
         O("drop_remainder", "bool", True, None, "drop the last incomplete training batch"),
+        O("skip_unreadable_images", "bool", False, None,
+          "train: a training image that cannot be read is replaced by the next readable one of the epoch's order "
+          "(the same on every device and in a resumed run), named once and counted per epoch; off: the run "
+          "stops with a checkpoint to resume from"),
         O("eval_shuffle", "bool", False, None, "MindCV: shuffle the evaluation data (changes no metric)"),
         O("aug_repeats", "int", 0, None, "MindCV: repeated augmentation (not supported: must be 0 or 1)"),
         O("dataset_sink_mode", "bool", False, None,
@@ -207,6 +212,10 @@ SECTIONS = {
         O("ckpt_save_policy", "str?", "latest_k", ("latest_k", "top_k"),
           "keep the latest checkpoints, or the best ones (needs val_while_train); null: keep all"),
         O("keep_checkpoint_max", "int", 10, None, "number of checkpoints kept", bound=AT_LEAST_1),
+        O("ckpt_every_steps", "int", 0, None, "also save a resumable checkpoint in the middle of an epoch every this "
+          "many steps of the run (at the first optimizer update from there); 0: off", bound=NOT_NEGATIVE),
+        O("ckpt_every_minutes", "float", 0.0, None, "also save a resumable checkpoint in the middle of an epoch once "
+          "this many minutes passed since the last checkpoint (rank 0's clock); 0: off", bound=NOT_NEGATIVE),
         O("val_while_train", "bool", False, None, "validate during training"),
         O("val_interval", "int", 1, None, "validate every this many epochs (and at the end) when val_while_train is on",
           bound=AT_LEAST_1),

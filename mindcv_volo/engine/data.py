@@ -142,7 +142,11 @@ def read_image(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
-        raise UserError(f"cannot read image {path}: corrupt or not an image; remove or replace it") from None
+        raise unreadable_image(path) from None
+
+
+def unreadable_image(path):
+    return UserError(f"cannot read image {path}: corrupt or not an image; remove or replace it")
 
 
 class TrainSamples:
@@ -151,6 +155,9 @@ class TrainSamples:
     Item `position` (in the epoch's global order, all ranks together) is the image order[position] of the
     split, augmented with the generator of (seed, epoch, position): (image as `train_augmentation` makes it,
     label int32, and the columns `extra_columns` adds). A subclass adds columns that follow the image (label maps).
+    An unreadable image is replaced by the next readable one of the epoch's order, a choice that depends on
+    nothing but the order and the files (`flagged`); `sample_batches` then stops the run at that batch, or
+    with skip_unreadable_images counts and trains on the replacement.
     """
 
     columns = ("image", "label")
@@ -163,10 +170,28 @@ class TrainSamples:
         return len(self.order)
 
     def __getitem__(self, position):
-        relpath, label = self.items[self.order[position]]
-        image = read_image(os.path.join(self.folder, relpath))
+        return self.flagged(position)[:-1]
+
+    def flagged(self, position):
+        """The sample's columns, then the split index of its own image if that could not be read, else -1."""
+        image, relpath, label, unreadable = self.readable_image(position)
         array, geometry = self.augmentation(image, sample_generator(self.seed, self.epoch, position))
-        return (array, np.int32(label), *self.extra_columns(relpath, geometry))
+        return (array, np.int32(label), *self.extra_columns(relpath, geometry), np.int32(unreadable))
+
+    def readable_image(self, position):
+        """(PIL image, relative path, label) of the first readable image from `position` on in the epoch's
+        order (wrapping around), and the split index of `position`'s own image if it could not be read, else
+        -1."""
+        unreadable = -1
+        for offset in range(len(self.order)):
+            index = self.order[(position + offset) % len(self.order)]
+            relpath, label = self.items[index]
+            try:
+                return read_image(os.path.join(self.folder, relpath)), relpath, label, unreadable
+            except UserError:
+                if offset == 0:
+                    unreadable = index
+        raise UserError(f"no training image of {self.folder} can be read")
 
     def extra_columns(self, relpath, geometry):
         """More columns of a sample, from its file and the geometry its image went through."""
@@ -190,17 +215,60 @@ def _image_folder(folder, indices, workers):
     return dataset
 
 
-def sample_batches(source, batch_size, runtime, first_step, workers):
+def sample_batches(source, batch_size, runtime, first_step, workers, skip_unreadable=False):
     """This rank's batches of `source` (TrainSamples) from `first_step` on, as numpy arrays.
 
     Any number of workers gives the same batches: each sample carries its own randomness, and
-    GeneratorDataset returns the samples in the sampler's order.
+    GeneratorDataset returns the samples in the sampler's order. An unreadable image raises its UserError at
+    its batch (a worker meets it earlier), or with `skip_unreadable` is named and counted (`_unreadable`).
     """
     positions = rank_slice(np.arange(len(source)), batch_size, runtime.rank, runtime.world)[first_step * batch_size:]
     workers = _workers(workers)
-    dataset = ds.GeneratorDataset(source, column_names=list(source.columns), sampler=ds.SubsetSampler(positions.tolist()),
+    dataset = ds.GeneratorDataset(_Flagged(source), column_names=[*source.columns, "unreadable"],
+                                  sampler=ds.SubsetSampler(positions.tolist()),
                                   num_parallel_workers=workers, python_multiprocessing=workers > 1)
-    return iterate(dataset.batch(batch_size, drop_remainder=True))
+    batches = iterate(dataset.batch(batch_size, drop_remainder=True))
+    return _unreadable(batches, source, skip_unreadable, first_step, runtime.rank)
+
+
+class _Flagged:
+    """`source`'s samples with their unreadable-image column (TrainSamples.flagged), for GeneratorDataset."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, position):
+        return self.source.flagged(position)
+
+
+def _unreadable(batches, source, skip, first_step, rank):
+    """The batches without their last column, the split index of the unreadable image each sample replaced
+    (-1: none): off `skip`, the first one is a UserError; on, each file is named once per process and the
+    epoch's count logged at the end. Read here, in the main process, the names and count hold whichever
+    worker process read the images."""
+    replaced, step = 0, first_step
+    for *batch, unreadable in batches:
+        for index in unreadable[unreadable >= 0]:
+            path = os.path.join(source.folder, source.items[index][0])
+            if not skip:
+                raise unreadable_image(path)
+            if path not in _REPORTED:
+                _REPORTED.add(path)
+                logger.warning("warning: skipping unreadable image %s (skip_unreadable_images): its samples take "
+                               "the next readable image of the epoch's order", path)
+            replaced += 1
+        step += 1
+        yield batch
+    if replaced:
+        logger.warning("warning: epoch %d steps %d-%d: %d of rank %d's samples replaced an unreadable image "
+                       "(skip_unreadable_images)", source.epoch + 1, first_step + 1, step, replaced, rank)
+
+
+# The unreadable images this process has named (once each: every epoch meets them again).
+_REPORTED = set()
 
 
 def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runtime, first_step=0):
@@ -212,7 +280,8 @@ def create_train_loader(split, epoch, steps, data, aug, num_classes, seed, runti
     """
     order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
     source = TrainSamples(split, order, train_augmentation(aug), seed, epoch)
-    batches = sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers)
+    batches = sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers,
+                             data.skip_unreadable_images)
     if aug.mixup <= 0 and aug.cutmix <= 0:
         return batches
     mixer = BatchMixer(aug, num_classes, seed, runtime.rank)
@@ -242,7 +311,7 @@ def pipeline_error(err):
     if match is None:
         return None
     # MindSpore's own words differ between its decoders (C++ or PIL); the file is what matters.
-    return UserError(f"cannot read image {match.group(1)}: corrupt or not an image; remove or replace it")
+    return unreadable_image(match.group(1))
 
 
 def iterate(loader, num_epochs=1):

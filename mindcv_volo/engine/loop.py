@@ -1,4 +1,5 @@
 """train.py's loop: epochs of compiled steps, logging, validation, checkpoints, the final JSON line."""
+import itertools
 import logging
 import math
 import os
@@ -8,7 +9,7 @@ import sys
 import time
 
 from ..errors import Interrupted, UserError
-from .checkpoints import CheckpointKeeper, EpochProgress, Start, earlier_checkpoints
+from .checkpoints import CheckpointKeeper, EpochProgress, PeriodicCheckpoints, Start, earlier_checkpoints
 from .config import save_config
 from .data import create_eval_loader, create_train_loader
 from .evaluate import EvalNetwork, evaluate, result_line
@@ -37,6 +38,33 @@ def resume_command():
             continue
         kept.append(arg)
     return shlex.join(["python", *kept, "--resume", "True"])
+
+
+def how_to_continue():
+    return "add --resume True to the msrun command" if under_msrun() else f"run: {resume_command()}"
+
+
+class DataFailure(Exception):
+    """A training batch could not be read: `error` is the UserError its source raised."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def whole_updates(batches, accumulation):
+    """`batches`, each optimizer update's `accumulation` batches read before the first of them is yielded: a
+    batch that cannot be read (DataFailure) stops the run right after an update, never after a micro-step that
+    already moved BatchNorm's statistics (a checkpoint there could not be resumed exactly)."""
+    iterator = iter(batches)
+    while True:
+        try:
+            group = list(itertools.islice(iterator, accumulation))
+        except UserError as error:
+            raise DataFailure(error) from None
+        if not group:
+            return
+        yield from group
 
 
 def format_time(seconds):
@@ -82,6 +110,10 @@ class StepLosses:
     def mean(self):
         return self.loss_sum / self.count if self.count else float("nan")
 
+    def progress(self, steps):
+        """The EpochProgress after `steps` steps of the epoch (the settled losses are theirs)."""
+        return EpochProgress(steps, self.loss_sum, self.count, self.skipped)
+
 
 class Run:
     """Everything one train.py run builds before its first step, from the parsed `config` and the loss
@@ -121,6 +153,8 @@ class Run:
         if self.runtime.is_main and not ckpt.resume:
             self.keeper.discard(found)
         self.metrics = MetricsLog(ckpt.ckpt_save_dir, self.start.epoch) if self.runtime.is_main else None
+        self.periodic = PeriodicCheckpoints(ckpt.ckpt_every_steps, ckpt.ckpt_every_minutes, self.steps,
+                                            config.train_step.gradient_accumulation_steps)
         if self.runtime.is_main:
             save_config(config.replace(model=self.spec.name, num_classes=self.spec.num_classes),
                         os.path.join(ckpt.ckpt_save_dir, "config.yaml"))
@@ -158,6 +192,7 @@ class Run:
                     self.metrics.add(done, train_loss, lr, img_per_s, seconds, metrics)
                     if done % ckpt.ckpt_save_interval == 0 or done == epochs:
                         saved = self.keeper.save(done, self.global_step, self.steps, metrics and metrics["top1"])
+                        self.periodic.saved()
                 if done < epochs and stop.agreed():
                     self.stop_run(stop, done, None, saved, metrics and metrics["top1"])
         if self.runtime.world > 1:
@@ -178,19 +213,40 @@ class Run:
         rank waits for it, and the run ends with Interrupted."""
         signum = stop.agreed()
         stop_name = signal.Signals(signum).name
-        where = (f"epoch {epochs_done + 1} step {progress.steps}/{self.steps}" if progress is not None
-                 else f"epoch {epochs_done}")
+        where = self.where(epochs_done, progress)
         path = saved
         if self.runtime.is_main and path is None:
             path = self.keeper.save(epochs_done, self.global_step, self.steps, val_top1, progress)
         stop.barrier()
         if self.runtime.is_main:
-            how = "add --resume True to the msrun command" if under_msrun() else f"run: {resume_command()}"
-            message = f"stopped by {stop_name} after {where}: saved {path}; to continue, {how}"
+            message = f"stopped by {stop_name} after {where}: saved {path}; to continue, {how_to_continue()}"
         else:
             message = f"rank {self.runtime.rank}: stopped by {stop_name} after {where}, as every rank; rank 0 saved"
         logger.warning("%s", message)  # the one line (other ranks log warnings only)
         raise Interrupted(message, 128 + signum)
+
+    def stop_on_data_error(self, epochs_done, progress, error):
+        """A training batch could not be read (`error`, a UserError) after `epochs_done` epochs and `progress`:
+        this rank writes the checkpoint of its last update (every rank holds the same state there, and the
+        others cannot get past that update without this one), and the run ends with the error, where it saved
+        and how to continue."""
+        path = self.keeper.path(epochs_done, self.steps, progress)
+        if self.keeper.last_saved != path:  # a periodic checkpoint may hold this very update
+            self.keeper.save(epochs_done, self.global_step, self.steps, None, progress)
+        raise UserError(f"{error}; saved {path} after {self.where(epochs_done, progress)}; to continue, "
+                        f"{how_to_continue()}")
+
+    def where(self, epochs_done, progress):
+        """How far the run got: `epochs_done` epochs and `progress` (None: at the epoch's end)."""
+        return (f"epoch {epochs_done + 1} step {progress.steps}/{self.steps}" if progress is not None
+                else f"epoch {epochs_done}")
+
+    def save_mid_epoch(self, epoch, losses, steps):
+        """A periodic checkpoint after `steps` steps of `epoch` (rank 0 writes it)."""
+        if self.runtime.is_main:
+            losses.settle()
+            self.keeper.save(epoch, self.global_step, self.steps, None, losses.progress(steps))
+        self.periodic.saved()
 
     def train_epoch(self, epoch, progress, stop):
         """Train the steps of `epoch` after `progress` (EpochProgress); stops early, at an update, when every
@@ -207,32 +263,40 @@ class Run:
                             not config.train_step.drop_overflow_update)
         steps_done = first
         epoch_start = interval_start = time.time()
-        for step, batch in enumerate(batches, start=first):
-            applies = (step + 1) % accumulation == 0
-            cell = training.update_step if applies else training.micro_step
-            loss, norm, overflow, scale = cell(*training.loss_network.step_inputs(batch, epoch, step))
-            lr = training.lrs[min(self.global_step, len(training.lrs) - 1)]
-            losses.add(epoch, step, lr, loss, overflow, scale)
-            if applies:
-                self.global_step += 1
-            self.steps_done += 1
-            if self.steps_done == 1:
-                release_free_heap()  # what compiling the step left freed but held
-            steps_done = step + 1
-            if (step + 1) % log_interval == 0 or step + 1 == self.steps:
-                last_loss = losses.settle()
-                now = time.time()
-                span = (step % log_interval) + 1
-                rate = span * self.global_batch / max(now - interval_start, 1e-9)
-                per_step = (now - self.run_start) / self.steps_done
-                left = (epochs - epoch - 1) * self.steps + self.steps - step - 1
-                logger.info("epoch %d/%d step %d/%d loss %.4f lr %.3e grad-norm %.3f img/s %.1f eta %s",
-                            epoch + 1, epochs, step + 1, self.steps, last_loss, lr,
-                            float(norm.asnumpy()), rate, format_time(left * per_step))
-                interval_start = now
-            # The epoch's last step is followed by the epoch's end, which asks again.
-            if applies and step + 1 < self.steps and stop.agreed():
-                break
+        try:
+            for step, batch in enumerate(whole_updates(batches, accumulation), start=first):
+                applies = (step + 1) % accumulation == 0
+                cell = training.update_step if applies else training.micro_step
+                loss, norm, overflow, scale = cell(*training.loss_network.step_inputs(batch, epoch, step))
+                lr = training.lrs[min(self.global_step, len(training.lrs) - 1)]
+                losses.add(epoch, step, lr, loss, overflow, scale)
+                if applies:
+                    self.global_step += 1
+                self.steps_done += 1
+                if self.steps_done == 1:
+                    release_free_heap()  # what compiling the step left freed but held
+                steps_done = step + 1
+                if (step + 1) % log_interval == 0 or step + 1 == self.steps:
+                    last_loss = losses.settle()
+                    now = time.time()
+                    span = (step % log_interval) + 1
+                    rate = span * self.global_batch / max(now - interval_start, 1e-9)
+                    per_step = (now - self.run_start) / self.steps_done
+                    left = (epochs - epoch - 1) * self.steps + self.steps - step - 1
+                    logger.info("epoch %d/%d step %d/%d loss %.4f lr %.3e grad-norm %.3f img/s %.1f eta %s",
+                                epoch + 1, epochs, step + 1, self.steps, last_loss, lr,
+                                float(norm.asnumpy()), rate, format_time(left * per_step))
+                    interval_start = now
+                # The epoch's last step is followed by the epoch's end, which asks again (and saves).
+                if applies and step + 1 < self.steps:
+                    signum, clock_due = stop.agreed_with_clock(self.runtime.is_main and self.periodic.clock_due())
+                    if signum:
+                        break
+                    if clock_due or self.periodic.steps_due(epoch, step):
+                        self.save_mid_epoch(epoch, losses, step + 1)
+        except DataFailure as failure:
+            losses.settle()
+            self.stop_on_data_error(epoch, losses.progress(steps_done), failure.error)
         losses.settle()
         seconds = time.time() - epoch_start
         img_per_s = (steps_done - first) * self.global_batch / max(seconds, 1e-9)
@@ -240,7 +304,7 @@ class Run:
             logger.info("epoch %d/%d done: train loss %.4f (rank %d's batches), %.1f s, %.1f img/s%s", epoch + 1,
                         epochs, losses.mean(), self.runtime.rank, seconds, img_per_s,
                         f", {losses.skipped} step(s) skipped" if losses.skipped else "")
-        return EpochProgress(steps_done, losses.loss_sum, losses.count, losses.skipped), img_per_s, seconds
+        return losses.progress(steps_done), img_per_s, seconds
 
     def validate(self):
         """Metrics of the current weights (the EMA weights when ema is on) on the whole validation split."""

@@ -4,7 +4,8 @@
 signal); the loop asks `agreed()` after every optimizer update and after every epoch's end. With several
 devices the flag is all-reduced at each of those points, so all ranks stop after the same step: a rank
 leaving alone would leave the others waiting in their next collective. A second SIGINT stops at once, as
-Python does by default.
+Python does by default. Rank 0's verdict on a clock (a periodic checkpoint is due) rides the same all-reduce
+(`agreed(clock_due)`), so every rank saves after the same update without another collective.
 """
 import signal
 
@@ -44,16 +45,25 @@ class StopRequests:
     def agreed(self):
         """The signal some rank received (SIGTERM if any rank got it; every rank calls this at the same
         points), or 0."""
+        return self.agreed_with_clock(False)[0]
+
+    def agreed_with_clock(self, clock_due):
+        """(`agreed()`, whether rank 0 passed `clock_due` true): every rank calls this at the same points, and
+        only rank 0's clock counts (the ranks' clocks differ)."""
         if not self.stopping and self.all_reduce is None:
             self.stopping = self.received
-        elif not self.stopping:
-            flags = np.array([self.received == signum for signum in SIGNALS], np.float32)
-            counts = self.all_reduce(Tensor(flags)).asnumpy()
-            self.stopping = next((signum for signum, count in sorted(zip(SIGNALS, counts), reverse=True) if count),
-                                 0)
-        return self.stopping
+            return self.stopping, clock_due
+        if self.stopping:
+            return self.stopping, False
+        counts = self.all_reduce(Tensor(self._flags(clock_due))).asnumpy()
+        self.stopping = next((signum for signum, count in sorted(zip(SIGNALS, counts), reverse=True) if count), 0)
+        return self.stopping, bool(counts[-1])
+
+    def _flags(self, clock_due):
+        """What this rank adds to the all-reduce: one flag per signal, then its clock's verdict."""
+        return np.array([self.received == signum for signum in SIGNALS] + [clock_due], np.float32)
 
     def barrier(self):
         """Every rank waits here until all arrive (rank 0 after writing the checkpoint)."""
         if self.all_reduce is not None:
-            self.all_reduce(Tensor(np.zeros(len(SIGNALS), np.float32))).asnumpy()
+            self.all_reduce(Tensor(np.zeros(len(SIGNALS) + 1, np.float32))).asnumpy()

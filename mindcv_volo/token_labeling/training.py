@@ -66,11 +66,13 @@ class LabelMapTokenLoss(LabelMapsWithLoss):
         order = epoch_order(split.count, data.batch_size * runtime.world, steps, seed, epoch, data.shuffle)
         source = TrainSamplesWithMaps(split, order, train_augmentation(aug), seed, epoch, self.map_dir, num_classes,
                                       aug.image_resize // TOKEN_STRIDE)
-        return sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers)
+        return sample_batches(source, data.batch_size, runtime, first_step, data.num_parallel_workers,
+                              data.skip_unreadable_images)
 
 
 class TrainSamplesWithMaps(TrainSamples):
-    """Training samples with their label-map targets (MAP_COLUMNS), the maps moved as their images."""
+    """Training samples with their label-map targets (MAP_COLUMNS), the maps moved as their images (an
+    unreadable image's replacement brings its own map)."""
 
     columns = MAP_COLUMNS
 
