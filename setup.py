@@ -20,6 +20,8 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        # token labeling's data workers hold numpy's BLAS to one thread (token_labeling.label_maps)
+        "threadpoolctl",
     ],
     # test: what the suite needs beyond the package (pytest-xdist: one worker per core, see pytest.ini); quickstart: the digits (scikit-learn ships them);
     # onnx: `export --file_format ONNX --dynamic_batch` (onnx) and running the files (onnxruntime)
