@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..models.volo import NUM_STAGES
 from .data import SplitInfo, create_eval_loader, iterate
 from .model_spec import load_model, preprocessing
-from .runtime import CompiledCollective, amp_level, describe, progress, release_free_heap, setup_runtime
+from .runtime import CompiledCollective, amp_level, compile_before_first_run, describe, progress, setup_runtime
 from .step import apply_amp
 
 logger = logging.getLogger("mindcv_volo")
@@ -89,11 +89,10 @@ def evaluate(network, loader, batch_size, world=1):
         count = len(labels)
         if count < batch_size:  # one graph for every batch: pad the last one, ignore the padding
             images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
-        for results, part in zip((hits1, hits5, losses), image_metrics(network(Tensor(images)).asnumpy()[:count],
-                                                                       labels)):
+        images = Tensor(images)
+        compile_before_first_run(network, images)
+        for results, part in zip((hits1, hits5, losses), image_metrics(network(images).asnumpy()[:count], labels)):
             results.append(part)
-        if len(losses) == 1:
-            release_free_heap()  # what compiling the graph left freed but held
     elapsed = time.time() - start
     if not losses:
         raise UserError("no image was evaluated")

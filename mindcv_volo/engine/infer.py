@@ -18,7 +18,7 @@ from mindcv_volo_serve.pictures import image_files, predict, print_predictions
 from ..errors import UserError
 from .evaluate import EvalNetwork
 from .model_spec import load_model, preprocessing
-from .runtime import setup_runtime
+from .runtime import compile_before_first_run, setup_runtime
 
 logger = logging.getLogger("mindcv_volo")
 
@@ -47,7 +47,9 @@ def infer(config):
     names = class_names(spec)
 
     def run(batch):
-        return network(Tensor(batch)).asnumpy()
+        batch = Tensor(batch)
+        compile_before_first_run(network, batch)  # one shape: predict pads every batch to batch_size
+        return network(batch).asnumpy()
 
     print_predictions(predict(run, prep, files, names, min(config.tools.top_k, spec.num_classes),
                               config.data.batch_size))

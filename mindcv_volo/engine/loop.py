@@ -17,7 +17,7 @@ from .metrics import MetricsLog
 from .model_spec import follow_checkpoint, preprocessing, resolve
 from .prepare import build_train_model, epoch_steps, log_options_that_do_not_apply, open_splits, \
     warn_what_is_not_reproduced
-from .runtime import add_log_file, describe, release_free_heap, setup_runtime, under_msrun
+from .runtime import add_log_file, compile_before_first_run, describe, setup_runtime, under_msrun
 from .step import build_training
 from .stopping import StopRequests
 
@@ -267,14 +267,14 @@ class Run:
             for step, batch in enumerate(whole_updates(batches, accumulation), start=first):
                 applies = (step + 1) % accumulation == 0
                 cell = training.update_step if applies else training.micro_step
-                loss, norm, overflow, scale = cell(*training.loss_network.step_inputs(batch, epoch, step))
+                inputs = training.loss_network.step_inputs(batch, epoch, step)
+                compile_before_first_run(cell, *inputs)
+                loss, norm, overflow, scale = cell(*inputs)
                 lr = training.lrs[min(self.global_step, len(training.lrs) - 1)]
                 losses.add(epoch, step, lr, loss, overflow, scale)
                 if applies:
                     self.global_step += 1
                 self.steps_done += 1
-                if self.steps_done == 1:
-                    release_free_heap()  # what compiling the step left freed but held
                 steps_done = step + 1
                 if (step + 1) % log_interval == 0 or step + 1 == self.steps:
                     last_loss = losses.settle()

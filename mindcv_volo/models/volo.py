@@ -10,6 +10,7 @@ every block, which builds the cells of that formulation; `model.backend` says wh
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
+from mindspore.ops import constexpr
 
 from mindcv.models.model_factory import create_model
 from mindcv.models.registry import register_model
@@ -20,7 +21,7 @@ from . import cpu_kernels
 from .backend import Backend, resolve_backend
 from .layers import (DropPath, FusedBatchNormRelu, batch_matmul, batch_norm, batch_norm_relu_channels_last, dense,
                      dense_plus_residual, layer_norm, mlp, softmax, split_class_token, swap_axes_kernel, transpose)
-from .windows import ChannelsLastFold, ChannelsLastUnfold, conv2d
+from .windows import ChannelsLastFold, ChannelsLastUnfold, conv2d, output_size
 
 PATCH_SIZE = 8  # stem + projection stride; the outlooker works on the img/8 grid
 POOLING_SCALE = 2  # the downsample to the img/16 grid of the transformers
@@ -377,6 +378,17 @@ class PatchEmbed(nn.Cell):
         return self.construct(x).transpose(0, 2, 3, 1)
 
 
+STEM_CHUNK_BYTES = 64 * 2 ** 20  # the 3x3 convolutions' float32 patches one inference chunk of the stem may hold
+
+
+@constexpr
+def _stem_images_per_chunk(image_shape, hidden_dim):
+    """How many images of an (B, C, H, W) batch give at most STEM_CHUNK_BYTES of patches to the stem's 3x3
+    convolutions (on the 7x7/2 convolution's output; at least one image)."""
+    height, width = (output_size(n, 7, 3, 2) for n in image_shape[2:])
+    return max(1, STEM_CHUNK_BYTES // (height * width * 9 * hidden_dim * 4))
+
+
 class ChannelsLastPatchEmbed(PatchEmbed):
     """The stem of the CPU backends, whose `channels_last` transposes the image once (3 channels) and runs every
     convolution channels-last (`MatmulConv2d.channels_last`), with no transpose between them; with the fused CPU
@@ -386,8 +398,25 @@ class ChannelsLastPatchEmbed(PatchEmbed):
         super().__init__(in_channels, hidden_dim, embed_dim, backend)
         self.bn_relu = FusedBatchNormRelu() if backend.fused_kernels else None  # no parameters
         self.swap = swap_axes_kernel(backend)
+        self.chunks_batch = backend.fused_kernels  # not in the ONNX export, whose graph stays the plain one
 
     def channels_last(self, x):
+        """With the fused kernels, in inference, the batch goes through the stem in chunks of images, one after
+        the other (each waits for the previous one's tokens), so one chunk's maps and patches live at a time: the
+        3x3 convolutions' patches are 27.6 MB per image at 224 px, 231 MB for a batch of 8 at once. Not in
+        training, where BatchNorm takes the statistics of the whole batch."""
+        images = _stem_images_per_chunk(x.shape, self.conv[0].out_channels)
+        if self.training or not self.chunks_batch or images >= x.shape[0]:
+            return self.images_to_tokens(x)
+        tokens = []
+        for part in ops.split(x, images, 0):
+            if tokens:
+                part = ops.depend(part, tokens[-1])
+            tokens.append(self.images_to_tokens(part))
+        return ops.concat(tokens, 0)
+
+    def images_to_tokens(self, x):
+        """Images (B, C, H, W) -> tokens (B, H/8, W/8, embed_dim)."""
         conv = self.conv
         x = transpose(x, (0, 2, 3, 1), self.swap)
         x = batch_norm_relu_channels_last(conv[1], conv[0].channels_last(x), self.bn_relu)
