@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from mindcv_volo.engine.augment import GEOMETRIC_OPS, RAND_AUGMENT_OPS, Geometry, TrainAugmentation, resized_crop_box
 from mindcv_volo.engine.config import parse_config
@@ -295,7 +296,9 @@ def reference_follow_image(indices, scores, geometry, out_size, topk):
     classes, slot = np.unique(indices, return_inverse=True)
     dense = np.zeros((grid_h * grid_w, classes.size))
     np.add.at(dense, (np.repeat(np.arange(grid_h * grid_w), k), slot.reshape(-1)), scores.reshape(-1))
-    out = np.concatenate([weights @ dense, np.zeros((out_h * out_w, max(topk - classes.size, 0)))], axis=-1)
+    with threadpool_limits(1, user_api="blas"):  # as the implementation: OpenBLAS's threads change the last bits
+        product = weights @ dense
+    out = np.concatenate([product, np.zeros((out_h * out_w, max(topk - classes.size, 0)))], axis=-1)
     classes = np.concatenate([classes, np.full(max(topk - classes.size, 0), classes[0])])
     order = np.argsort(-out, axis=-1, kind="stable")[:, :topk]
     return (classes[order].astype(np.int32).reshape(out_h, out_w, topk),
